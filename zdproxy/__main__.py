@@ -1,0 +1,3 @@
+from zdproxy.cli import main
+
+raise SystemExit(main())

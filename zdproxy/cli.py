@@ -1,0 +1,72 @@
+"""The `zdproxy` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zdproxy import __version__
+from zdproxy.config.loader import ConfigError, load_settings
+from zdproxy.config.settings import Settings
+from zdproxy.ops.logs import setup_logging
+
+EXIT_INVALID_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zdproxy",
+        description="Zero-downtime blue/green and canary deploys: a reverse proxy in front of "
+        "two pools of app servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"zdproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("--config", "-c", required=True, help="path to the TOML config file")
+
+    check = commands.add_parser(
+        "check", help="validate a config file; print every error and exit 2 if it is invalid"
+    )
+    check.add_argument("--config", "-c", required=True, help="path to the TOML config file")
+
+    demo = commands.add_parser(
+        "demo", help="run blue and green sample apps behind zdproxy on 127.0.0.1:8080"
+    )
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument(
+        "--dir", default=".demo", help="where the demo writes its runtime files (default .demo)"
+    )
+    return parser
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        settings = _load(args.config)
+        if settings is None:
+            return EXIT_INVALID_CONFIG
+        print(f"{args.config}: ok")
+        return 0
+    if args.command == "run":
+        settings = _load(args.config)
+        if settings is None:
+            return EXIT_INVALID_CONFIG
+        setup_logging(settings.log.level)
+        from zdproxy.ops.daemon import run
+
+        return run(settings)
+    if args.command == "demo":
+        setup_logging("info")
+        from zdproxy.ops.demo import run_demo
+
+        return run_demo(port=args.port, directory=args.dir)
+    raise AssertionError(args.command)

@@ -1,0 +1,196 @@
+"""The settings model: one class per config file section, every option with a default.
+
+The TOML file is the source of truth; `ZDPROXY_<SECTION>__<OPTION>` environment
+variables override single options (e.g. `ZDPROXY_PROXY__LISTEN=127.0.0.1:8081`).
+Unknown keys are errors so that a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from zdproxy.config.units import Address, AddressField, Duration, Size
+
+Color = Literal["blue", "green"]
+COLORS: tuple[Color, Color] = ("blue", "green")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxySettings(Section):
+    """The client-facing listener and the limits that protect it."""
+
+    listen: AddressField = Field(
+        default=Address.parse("127.0.0.1:8080"),
+        description="Where clients connect: host:port or unix:/path.",
+    )
+    backlog: int = Field(default=1024, ge=1, description="Listen backlog of the proxy socket.")
+    header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="A request head must arrive in full within this time (slowloris guard); 408.",
+    )
+    idle_timeout: Duration = Field(
+        default=60.0, gt=0, description="An idle keep-alive client connection is closed after this."
+    )
+    max_header_bytes: Size = Field(
+        default=16384, ge=1024, description="Largest request line plus headers; larger gets 431."
+    )
+    max_body_bytes: Size = Field(
+        default=0,
+        ge=0,
+        description="Largest request body; larger gets 413. 0 means no limit (bodies stream).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Networks (CIDR) of proxies in front of zdproxy whose X-Forwarded-For/Proto/Host "
+            "are kept and appended to; from anyone else they are replaced."
+        ),
+    )
+    via: str = Field(
+        default="zdproxy",
+        pattern=r"^[!#-'*+.0-9A-Z^-z|~-]*$",
+        description="Pseudonym in the Via header added both ways; empty disables Via.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for text in value:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{text!r} is not a network: {exc}") from None
+        return value
+
+
+class UpstreamSettings(Section):
+    """How zdproxy talks to the app servers of both pools."""
+
+    connect_timeout: Duration = Field(
+        default=3.0, gt=0, description="Connecting to an upstream; past it the client gets 504."
+    )
+    timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Longest silence from an upstream while a request is in flight: waiting for the "
+            "response head (504) or between body bytes (the connection is cut)."
+        ),
+    )
+    idle_timeout: Duration = Field(
+        default=1.5,
+        gt=0,
+        description=(
+            "An idle pooled upstream connection is closed after this. Keep it below the app "
+            "server's own keep-alive timeout (gunicorn 2s, node 5s) so zdproxy never reuses a "
+            "connection the app is closing."
+        ),
+    )
+    max_idle_per_upstream: int = Field(
+        default=512,
+        ge=0,
+        description="Idle connections kept per upstream; size it to the peak concurrency.",
+    )
+    tunnel_idle_timeout: Duration = Field(
+        default=3600.0,
+        gt=0,
+        description="An Upgrade (WebSocket) tunnel silent this long is closed.",
+    )
+
+
+class UpstreamEntry(Section):
+    address: AddressField
+    weight: int = Field(default=100, ge=1, le=10000, description="Relative share within the pool.")
+
+
+def _entry(value: Any) -> Any:
+    return {"address": value} if isinstance(value, str) else value
+
+
+class PoolSettings(Section):
+    """One color's app servers."""
+
+    upstreams: list[Annotated[UpstreamEntry, Field(json_schema_extra={"type": "string"})]] = Field(
+        default_factory=list,
+        description='Addresses ("127.0.0.1:9001", "unix:/run/app.sock") or {address, weight}.',
+    )
+    version: str = Field(default="", description="Label of the build deployed to this pool.")
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _entries(cls, value: Any) -> Any:
+        return [_entry(item) for item in value] if isinstance(value, list) else value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique(cls, value: list[UpstreamEntry]) -> list[UpstreamEntry]:
+        seen: set[str] = set()
+        for entry in value:
+            if str(entry.address) in seen:
+                raise ValueError(f"{entry.address} is listed twice")
+            seen.add(str(entry.address))
+        return value
+
+
+class Pools(Section):
+    blue: PoolSettings = PoolSettings()
+    green: PoolSettings = PoolSettings()
+
+
+class SplitSettings(Section):
+    """Which color is live and how much traffic the other one (the candidate) gets."""
+
+    live: Color = Field(default="blue", description="The color that takes traffic by default.")
+    candidate_weight: int = Field(
+        default=0,
+        ge=0,
+        le=10000,
+        description="The candidate's share in basis points: 0 = none, 10000 = all.",
+    )
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """The whole config file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZDPROXY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    proxy: ProxySettings = ProxySettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    pools: Pools = Pools()
+    split: SplitSettings = SplitSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init values; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _listener_is_not_an_upstream(self) -> Settings:
+        listen = str(self.proxy.listen)
+        for color in COLORS:
+            for entry in getattr(self.pools, color).upstreams:
+                if str(entry.address) == listen:
+                    raise ValueError(f"pools.{color}: {listen} is zdproxy's own listener")
+        return self

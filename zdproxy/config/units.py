@@ -1,0 +1,146 @@
+"""Value types that config files spell as strings: durations, sizes and addresses.
+
+Each parser accepts the spelling an operator would write ("500ms", "16KiB",
+"[::1]:9001", "unix:/run/app.sock") and raises ValueError with the reason, which
+pydantic turns into an error that names the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BeforeValidator, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic_settings import NoDecode
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "500ms", "30s", "2m", "1h" or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '500ms' or '30s'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}: expected e.g. '500ms', '30s', '2m' or '1h'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from "16KiB", "100MiB", "1GB" or a bare number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '16KiB' or '10MiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"invalid size {value!r}: expected e.g. '16KiB', '10MiB' or 1048576")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A TCP endpoint (host, port) or a unix socket path (host is None)."""
+
+    host: str | None
+    port: int = 0
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        if not isinstance(text, str) or not text:
+            raise ValueError("expected an address: host:port, [::1]:port or unix:/path")
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path.startswith("/"):
+                raise ValueError(f"invalid address {text!r}: unix socket paths must be absolute")
+            return cls(host=None, path=path)
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"invalid address {text!r}: expected [ipv6]:port")
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"invalid address {text!r}: {host!r} is not IPv6") from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"invalid address {text!r}: expected host:port or unix:/path")
+            if ":" in host:
+                raise ValueError(f"invalid address {text!r}: write IPv6 hosts as [::1]:port")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"invalid address {text!r}: port must be 0-65535")
+        return cls(host=host, port=int(port_text))
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.is_unix:
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "").is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _to_address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    return Address.parse(value)  # type: ignore[arg-type]
+
+
+AddressField = Annotated[
+    Address,
+    NoDecode,  # an environment value is the address text, not JSON
+    PlainValidator(_to_address),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9001", "unix:/run/app.sock"]}),
+]

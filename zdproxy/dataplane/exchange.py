@@ -1,0 +1,105 @@
+"""One request/response exchange: the state both protocols share while a request is served."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zdproxy.dataplane.http import CRLF, LAST_CHUNK
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from zdproxy.dataplane.client import ClientConnection
+    from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+
+
+class Exchange:
+    """A parsed request on its way to an upstream, and the facts needed to answer it.
+
+    The client connection creates it when a request head is complete; an upstream
+    connection attaches to it, writes the head and the body, and answers the client.
+    Body bytes that arrive before an upstream is attached wait in `pending`.
+    """
+
+    __slots__ = (
+        "attempts",
+        "body_expected",
+        "chunked",
+        "client",
+        "client_keep_alive",
+        "connecting",
+        "expect_continue",
+        "head",
+        "http10",
+        "is_head",
+        "pending",
+        "pending_bytes",
+        "pool",
+        "request_complete",
+        "response_started",
+        "reused",
+        "started",
+        "upgrade",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        head: bytes,
+        *,
+        is_head: bool,
+        chunked: bool,
+        body_expected: bool,
+        keep_alive: bool,
+        http10: bool,
+        upgrade: bool,
+        started: float,
+    ) -> None:
+        self.client = client
+        self.head = head
+        self.is_head = is_head
+        self.chunked = chunked
+        self.body_expected = body_expected
+        self.client_keep_alive = keep_alive
+        self.http10 = http10
+        self.upgrade = upgrade
+        self.expect_continue = False
+        self.started = started
+        self.request_complete = False
+        self.response_started = False
+        self.reused = False
+        self.attempts = 0
+        self.pool: UpstreamPool | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.connecting: asyncio.Future[object] | None = None
+        self.pending: list[bytes] | None = None
+        self.pending_bytes = 0
+
+    def send_body(self, data: bytes) -> None:
+        """Forward request body bytes (already de-chunked by the parser) to the upstream."""
+        framed = [b"%x\r\n" % len(data), data, CRLF] if self.chunked else [data]
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.writelines(framed)
+            return
+        if self.pending is None:
+            self.pending = []
+        self.pending.extend(framed)
+        self.pending_bytes += len(data)
+
+    def finish_body(self) -> None:
+        """The client's request message is complete."""
+        self.request_complete = True
+        if self.chunked:
+            if self.upstream is not None:
+                self.upstream.transport.write(LAST_CHUNK)
+            else:
+                if self.pending is None:
+                    self.pending = []
+                self.pending.append(LAST_CHUNK)
+
+    @property
+    def replayable(self) -> bool:
+        """The whole request can be sent again: nothing of a body was consumed."""
+        return not self.body_expected and self.request_complete

@@ -1,0 +1,95 @@
+"""HTTP/1.1 vocabulary shared by both sides of the proxy: header classes and canned replies."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+CRLF = b"\r\n"
+
+# Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
+# Each maps to a code so that on_header does one dict lookup per header.
+H_CONNECTION = 1
+H_DROP = 2  # keep-alive, proxy-connection, te, trailer
+H_TRANSFER_ENCODING = 3
+H_UPGRADE = 4
+H_CONTENT_LENGTH = 5
+H_HOST = 6
+H_EXPECT = 7
+H_X_FORWARDED_FOR = 8
+H_X_FORWARDED_PROTO = 9
+H_X_FORWARDED_HOST = 10
+
+REQUEST_HEADERS: dict[bytes, int] = {
+    b"connection": H_CONNECTION,
+    b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP,
+    b"te": H_DROP,
+    b"trailer": H_DROP,
+    b"transfer-encoding": H_TRANSFER_ENCODING,
+    b"upgrade": H_UPGRADE,
+    b"content-length": H_CONTENT_LENGTH,
+    b"host": H_HOST,
+    b"expect": H_EXPECT,
+    b"x-forwarded-for": H_X_FORWARDED_FOR,
+    b"x-forwarded-proto": H_X_FORWARDED_PROTO,
+    b"x-forwarded-host": H_X_FORWARDED_HOST,
+}
+
+RESPONSE_HEADERS: dict[bytes, int] = {
+    b"connection": H_CONNECTION,
+    b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP,
+    b"te": H_DROP,
+    b"trailer": H_DROP,
+    b"transfer-encoding": H_TRANSFER_ENCODING,
+    b"upgrade": H_UPGRADE,
+    b"content-length": H_CONTENT_LENGTH,
+}
+
+# Connection options that are about this hop only and name no header to strip.
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def connection_tokens(value: bytes) -> list[bytes]:
+    return [token.strip().lower() for token in value.split(b",") if token.strip()]
+
+
+def strip_named_headers(lines: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Remove the header lines whose names a Connection header listed (rare, so not hot)."""
+    return [line for line in lines if line.split(b":", 1)[0].strip().lower() not in names]
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def error_response(status: int, detail: str, *, close: bool) -> bytes:
+    """A short plain-text reply zdproxy writes itself, saying which failure happened."""
+    phrase = HTTPStatus(status).phrase
+    body = f"{status} {phrase}: {detail}\n".encode()
+    return b"".join(
+        (
+            status_line(status, phrase.encode()),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Cache-Control: no-store\r\n",
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Reject(Exception):
+    """Raised inside a parser callback: answer `status` with `detail` and close the connection."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail

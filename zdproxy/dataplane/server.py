@@ -1,0 +1,195 @@
+"""The data plane's owner: listeners, live connections, upstream pools and the timeout sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from math import inf
+
+from zdproxy.config.settings import Settings
+from zdproxy.config.units import Address
+from zdproxy.dataplane.balancer import RoutingTable
+from zdproxy.dataplane.client import ClientConnection
+from zdproxy.dataplane.upstream import UpstreamPool
+from zdproxy.routing.records import IntervalRecord
+from zdproxy.routing.snapshot import RoutingSnapshot
+
+log = logging.getLogger("zdproxy.dataplane")
+
+_EMPTY = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
+
+
+class ProxyServer:
+    """Accepts clients and forwards their requests as the current routing snapshot says.
+
+    Timeouts cost the hot path one float store: each connection keeps a `deadline`,
+    and a periodic sweep (a plain loop callback, no task per request) acts on the
+    ones that have passed.
+    """
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.connections: set[ClientConnection] = set()
+        self.pools: dict[str, UpstreamPool] = {}
+        self._retired: set[UpstreamPool] = set()
+        self.table = RoutingTable(_EMPTY, {})
+        self.stopping = False
+        self._servers: list[asyncio.base_events.Server] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Take limits and timeouts from the settings (listeners are not touched)."""
+        proxy, upstream = settings.proxy, settings.upstream
+        self.header_timeout = proxy.header_timeout
+        self.idle_timeout = proxy.idle_timeout
+        self.max_header_bytes = proxy.max_header_bytes
+        self.max_body_bytes = proxy.max_body_bytes
+        self.connect_timeout = upstream.connect_timeout
+        self.upstream_timeout = upstream.timeout
+        self.upstream_idle_timeout = upstream.idle_timeout
+        self.max_idle_per_upstream = upstream.max_idle_per_upstream
+        self.tunnel_idle_timeout = upstream.tunnel_idle_timeout
+        self.via_line = b"Via: 1.1 %s\r\n" % proxy.via.encode() if proxy.via else b""
+        self.xfp_line = b"X-Forwarded-Proto: http\r\n"
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
+        shortest = min(
+            self.header_timeout,
+            self.idle_timeout,
+            self.connect_timeout,
+            self.upstream_timeout,
+            self.upstream_idle_timeout,
+        )
+        # Timeouts fire within a quarter of the shortest one; never spin faster than 5 ms.
+        self.tick = min(max(shortest / 4, 0.005), 0.5)
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    # -- routing snapshots (from the control plane) ------------------------------------
+
+    def apply(self, snapshot: RoutingSnapshot) -> None:
+        """Swap in a new snapshot. Requests in flight finish where they are."""
+        pools: dict[str, UpstreamPool] = {}
+        for targets in snapshot.pools.values():
+            for target in targets:
+                pool = self.pools.get(target.id)
+                if pool is None:
+                    pool = UpstreamPool(target, self)
+                else:
+                    pool.target = target  # the weight may have changed
+                pools[target.id] = pool
+        for upstream_id, pool in self.pools.items():
+            if upstream_id not in pools:
+                pool.retired = True
+                pool.close_idle()
+                self._retired.add(pool)
+        self.pools = pools
+        self.table = RoutingTable(snapshot, pools)
+
+    @property
+    def snapshot(self) -> RoutingSnapshot:
+        return self.table.snapshot
+
+    def collect(self) -> list[IntervalRecord]:
+        """Response records since the last call, one per upstream that had traffic."""
+        records = [pool.stats.take() for pool in (*self.pools.values(), *self._retired)]
+        self._retired = {pool for pool in self._retired if pool.outstanding}
+        return [record for record in records if record.responses or record.failures]
+
+    # -- listeners ---------------------------------------------------------------------
+
+    async def listen(self, address: Address, backlog: int = 1024) -> list[str]:
+        """Start accepting on an address; returns the bound addresses (port 0 resolved)."""
+        server: asyncio.base_events.Server
+        if address.path is not None:
+            _remove_stale_socket(address.path)
+            server = await self.loop.create_unix_server(
+                lambda: ClientConnection(self), address.path, backlog=backlog
+            )
+        else:
+            server = await self.loop.create_server(
+                lambda: ClientConnection(self),
+                address.host,
+                address.port,
+                backlog=backlog,
+                reuse_address=True,
+            )
+        self._servers.append(server)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.tick, self._sweep)
+        return [_describe(sock) for sock in server.sockets]
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        expired = [conn for conn in self.connections if conn.deadline <= now]
+        for conn in expired:
+            conn.on_timeout()
+        for pool in self.pools.values():
+            if pool.idle:
+                pool.sweep(now)
+        self._timer = self.loop.call_later(self.tick, self._sweep)
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    async def stop(self, grace: float) -> int:
+        """Stop accepting, finish what is in flight within `grace`, then cut the rest.
+
+        Returns how many connections had to be cut.
+        """
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.active is None and not conn.queue and conn.tunnel_peer is None:
+                conn.transport.close()
+        cut = 0
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+            except TimeoutError:
+                cut = len(self.connections)
+                for conn in list(self.connections):
+                    conn.transport.abort()
+        for pool in (*self.pools.values(), *self._retired):
+            pool.close_idle()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for server in self._servers:
+            await server.wait_closed()
+        return cut
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        conn.deadline = inf
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _describe(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

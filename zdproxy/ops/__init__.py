@@ -1,0 +1,1 @@
+"""Running zdproxy: the daemon's lifecycle, logging and the demo."""

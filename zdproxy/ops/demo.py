@@ -1,0 +1,121 @@
+"""`zdproxy demo`: blue and green sample apps on loopback with zdproxy in front.
+
+The apps are aiohttp servers in this process; zdproxy runs exactly as `zdproxy run`
+would run it, from a config file the demo writes under `.demo/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from zdproxy.config.loader import load_settings
+from zdproxy.ops.daemon import Daemon
+
+log = logging.getLogger("zdproxy.demo")
+
+DEMO_CONFIG = """\
+# Written by `zdproxy demo`; regenerated on every start.
+[proxy]
+listen = "127.0.0.1:{port}"
+
+[pools.blue]
+upstreams = ["127.0.0.1:{blue}"]
+version = "v1"
+
+[pools.green]
+upstreams = ["127.0.0.1:{green}"]
+version = "v2"
+
+[split]
+live = "blue"
+candidate_weight = 0
+"""
+
+
+def sample_app(color: str, version: str) -> web.Application:
+    """The app a team would deploy: answers its color and version, and a health check."""
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response({"color": color, "version": version, "path": request.path})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "color": color})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_route("*", "/{tail:.*}", index)
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _start_app(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+def _write_config(directory: Path, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "zdproxy.toml"
+    config.write_text(text)
+    return config
+
+
+async def _demo(port: int, directory: Path) -> None:
+    blue_port, green_port = _free_port(), _free_port()
+    runners = [
+        await _start_app(sample_app("blue", "v1"), blue_port),
+        await _start_app(sample_app("green", "v2"), green_port),
+    ]
+    config = _write_config(
+        directory, DEMO_CONFIG.format(port=port, blue=blue_port, green=green_port)
+    )
+    daemon = Daemon(load_settings(config))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop_requested.set)
+    await daemon.start()
+    print(
+        f"""
+zdproxy demo is running.
+  blue  (v1, live)      http://127.0.0.1:{blue_port}
+  green (v2, candidate) http://127.0.0.1:{green_port}
+  zdproxy               http://127.0.0.1:{port}
+  config                {config}
+
+Try:
+  curl -s http://127.0.0.1:{port}/           # answered by blue
+  curl -si http://127.0.0.1:{port}/ | grep -i via
+Send half of the traffic to green: stop the demo, then run
+  ZDPROXY_SPLIT__CANDIDATE_WEIGHT=5000 zdproxy run --config {config}
+  (with the demo's apps gone, green and blue answer 502: that is zdproxy telling you why)
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+    await daemon.stop_requested.wait()
+    await daemon.stop()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def run_demo(port: int, directory: str) -> int:
+    try:
+        uvloop.run(_demo(port, Path(directory)))
+    except OSError as exc:
+        log.error("cannot start the demo: %s", exc)
+        return 1
+    return 0

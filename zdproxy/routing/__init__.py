@@ -1,0 +1,10 @@
+"""The two interfaces between the planes: routing snapshots go down, response records come up.
+
+Both are small, immutable and serialisable to plain dicts, so the data plane can
+later run in worker processes with the control plane in the parent.
+"""
+
+from zdproxy.routing.records import FailureKind, IntervalRecord, UpstreamStats
+from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget
+
+__all__ = ["FailureKind", "IntervalRecord", "RoutingSnapshot", "UpstreamStats", "UpstreamTarget"]
