@@ -47,6 +47,8 @@ log = logging.getLogger("zdproxy.client")
 
 MAX_PIPELINE = 16  # queued requests behind the active one before we stop reading
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while no upstream is attached
+LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close
+LINGERING = b""  # owed_reply once the connection only waits for the client to stop
 
 
 class ClientConnection(asyncio.Protocol):
@@ -74,7 +76,7 @@ class ClientConnection(asyncio.Protocol):
         "peer_ip",
         "queue",
         "receiving",
-        "reply_after_queue",
+        "owed_reply",
         "server",
         "transport",
         "trusted",
@@ -93,7 +95,8 @@ class ClientConnection(asyncio.Protocol):
         self.active: Exchange | None = None  # the exchange being answered
         self.receiving: Exchange | None = None  # the exchange whose body is arriving
         self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting their turn
-        self.reply_after_queue: bytes | None = None
+        # A refusal owed after the responses in the queue; LINGERING once it has been sent.
+        self.owed_reply: bytes | None = None
         self.closing = False  # answer what is owed, then close
         self.in_head = False
         self.writing_paused = False
@@ -130,8 +133,8 @@ class ClientConnection(asyncio.Protocol):
             self.upgrade_buffer.append(data)
             self.gate.pause(BODY_WAITING)
             return
-        if self.reply_after_queue is not None:
-            return  # the request stream is already broken; ignore what follows
+        if self.owed_reply is not None:
+            return  # the request stream is broken; what follows is discarded
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -418,7 +421,7 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete on the wire (or queued in the transport)."""
         self.active = None
         if not exchange.client_keep_alive or self.transport.is_closing():
-            self.transport.close()
+            self._close(linger=self.receiving is not None or bool(self.queue) or self.in_head)
             return
         if self.queue:
             nxt = self.queue.popleft()
@@ -426,9 +429,9 @@ class ClientConnection(asyncio.Protocol):
                 self.gate.resume(PIPELINE_FULL)
             self._start(nxt)
             return
-        if self.reply_after_queue is not None:
-            self.transport.write(self.reply_after_queue)
-            self.transport.close()
+        if self.owed_reply is not None:
+            self.transport.write(self.owed_reply)
+            self._close(linger=True)
             return
         if self.closing or self.server.stopping:
             self.transport.close()
@@ -460,7 +463,7 @@ class ClientConnection(asyncio.Protocol):
         active = self.active
         if active is None:
             self.transport.write(reply)
-            self.transport.close()
+            self._close(linger=True)
         elif receiving is active:
             # Its body broke a limit while streaming: the upstream must not see the rest.
             self._abandon(active, None)
@@ -469,10 +472,30 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.write(reply)
-                self.transport.close()
+                self._close(linger=True)
         else:
-            self.reply_after_queue = reply
+            self.owed_reply = reply
             self.gate.pause(PIPELINE_FULL)
+
+    def _close(self, *, linger: bool) -> None:
+        """Close after the replies already written.
+
+        With `linger`, the client may still be sending (an unread body, pipelined
+        requests, a broken head). Closing a socket with unread input sends a reset,
+        which can destroy our reply before the client reads it; so half-close, discard
+        what arrives for a moment, and close on the client's EOF or the deadline.
+        """
+        transport = self.transport
+        if not linger or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        self.owed_reply = LINGERING
+        self.queue.clear()
+        self.receiving = None
+        self.in_head = False
+        transport.write_eof()
+        self.gate.clear()
+        self.deadline = self.server.loop.time() + LINGER_SECONDS
 
     def _abandon(self, exchange: Exchange, kind: FailureKind | None) -> None:
         """Drop an exchange's upstream side mid-flight (its connection cannot be reused)."""
@@ -529,9 +552,11 @@ class ClientConnection(asyncio.Protocol):
             return
         exchange = self.active
         if exchange is None:
-            if self.in_head or self.reply_after_queue is not None:
+            if self.in_head:
                 self.transport.write(error_response(408, "request header timeout", close=True))
-            self.transport.close()
+                self._close(linger=True)
+            else:
+                self.transport.close()  # idle keep-alive, or the end of lingering
             return
         pool = exchange.pool
         assert pool is not None

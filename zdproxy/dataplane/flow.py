@@ -34,6 +34,13 @@ class ReadGate:
         if not self._reasons and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def clear(self) -> None:
+        """Read again whatever the reasons were (the connection only drains input now)."""
+        if self._reasons:
+            self._reasons = 0
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
     @property
     def paused(self) -> bool:
         return bool(self._reasons)

@@ -48,9 +48,13 @@ class Daemon:
         await self.stop()
 
 
+async def _serve(settings: Settings) -> None:
+    await Daemon(settings).serve()
+
+
 def run(settings: Settings) -> int:
     try:
-        uvloop.run(Daemon(settings).serve())
+        uvloop.run(_serve(settings))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

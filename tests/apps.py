@@ -1,0 +1,133 @@
+"""The upstream app the tests put behind zdproxy: one aiohttp app, many behaviours by path."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+BLOCK = hashlib.sha256(b"zdproxy").digest() * 2048  # 64 KiB of fixed, non-trivial bytes
+
+
+def pattern(size: int) -> bytes:
+    """The first `size` bytes of the endless BLOCK pattern (for small bodies)."""
+    return (BLOCK * (size // len(BLOCK) + 1))[:size]
+
+
+def pattern_sha256(size: int) -> str:
+    digest = hashlib.sha256()
+    full, rest = divmod(size, len(BLOCK))
+    for _ in range(full):
+        digest.update(BLOCK)
+    digest.update(BLOCK[:rest])
+    return digest.hexdigest()
+
+
+def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.Application:
+    """`seen` gets one dict per request: method, path, headers, body size, upstream conn port."""
+
+    async def record(request: web.Request) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        entry = {
+            "name": name,
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": list(request.raw_headers),
+            "body_size": size,
+            "body_sha256": digest.hexdigest(),
+            "conn": peer[1] if peer else None,
+            "chunked": request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+        }
+        seen.append(entry)
+        return entry
+
+    async def echo(request: web.Request) -> web.Response:
+        entry = await record(request)
+        headers = {k.decode(): v.decode() for k, v in entry["headers"]}
+        return web.json_response(
+            {
+                "name": name,
+                "method": entry["method"],
+                "path": entry["path"],
+                "headers": headers,
+                "body_size": entry["body_size"],
+                "body_sha256": entry["body_sha256"],
+            }
+        )
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        if request.method != "HEAD":  # aiohttp would send it; a correct server does not
+            await _write_pattern(response, size)
+        await response.write_eof()
+        return response
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await _write_pattern(response, size)
+        await response.write_eof()
+        return response
+
+    async def status(request: web.Request) -> web.Response:
+        await record(request)
+        code = int(request.match_info["code"])
+        headers = {"ETag": '"v1"', "X-Status": str(code)}
+        if code in (204, 304):
+            return web.Response(status=code, headers=headers)
+        return web.Response(status=code, text=f"status {code} from {name}\n", headers=headers)
+
+    async def slow(request: web.Request) -> web.Response:
+        await record(request)
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.Response(text=f"slow {name}\n")
+
+    async def hop_headers(request: web.Request) -> web.Response:
+        await record(request)
+        return web.Response(
+            text="hop\n",
+            headers={"Connection": "X-Resp-Secret", "X-Resp-Secret": "1", "Keep-Alive": "5"},
+        )
+
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        await record(request)
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await ws.send_str(f"{name}:{message.data}")
+            elif message.type == WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
+    app = web.Application(client_max_size=1024**4)
+    app.router.add_get("/ws", websocket)
+    app.router.add_route("*", "/bytes/{size:\\d+}", sized)
+    app.router.add_route("*", "/chunked/{size:\\d+}", chunked)
+    app.router.add_route("*", "/status/{code:\\d+}", status)
+    app.router.add_route("*", "/slow/{ms:\\d+}", slow)
+    app.router.add_get("/hop-headers", hop_headers)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def _write_pattern(response: web.StreamResponse, size: int) -> None:
+    full, rest = divmod(size, len(BLOCK))
+    for _ in range(full):
+        await response.write(BLOCK)
+    if rest:
+        await response.write(BLOCK[:rest])

@@ -1,0 +1,278 @@
+"""Shared fixtures: zdproxy started as users start it, and real upstreams on loopback.
+
+- `zdproxy` starts `python -m zdproxy run --config FILE` as a subprocess with a config
+  written from a dict; the proxy binds port 0 and the fixture reads the bound address
+  from its log line.
+- `upstream` starts an aiohttp app (tests/apps.py) in the test's event loop on an
+  ephemeral port; `raw_upstream` starts a scripted asyncio server for misbehaving
+  upstreams and records every byte it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.apps import upstream_app
+
+READY = re.compile(r"listening on (\S+)")
+
+
+def toml_value(value: Any) -> str:
+    """A TOML value: JSON spelling for scalars, inline tables for dicts (e.g. in lists)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Enough TOML for our configs: nested tables of strings, numbers, bools and lists
+    (a dict inside a list becomes an inline table: `{address = "...", weight = 3}`)."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in scalars.items())
+        for key, value in values.items():
+            if isinstance(value, dict):
+                table(f"{prefix}.{key}" if prefix else key, value)
+
+    table("", config)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ZdProxy:
+    """A running `zdproxy run` process."""
+
+    process: subprocess.Popen[str]
+    config_path: Path
+    address: str
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_kib(self, field_name: str = "VmRSS") -> int:
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE)
+        assert match, status
+        return int(match.group(1))
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def start_zdproxy(
+    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
+) -> ZdProxy:
+    config = {"proxy": {"listen": "127.0.0.1:0"}, **config}
+    config.setdefault("log", {"level": "debug"})
+    path = tmp_path / f"zdproxy-{len(list(tmp_path.glob('zdproxy-*.toml')))}.toml"
+    path.write_text(to_toml(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zdproxy", "run", "--config", str(path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    for line in process.stderr:
+        lines.append(line)
+        if match := READY.search(line):
+            proxy = ZdProxy(process, path, match.group(1), lines)
+            # Keep draining stderr so the proxy never blocks on a full pipe.
+            _drain_in_background(process, lines)
+            return proxy
+    process.wait()
+    raise AssertionError("zdproxy did not start:\n" + "".join(lines))
+
+
+def _drain_in_background(process: subprocess.Popen[str], lines: list[str]) -> None:
+    import threading
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+@pytest.fixture
+def zdproxy(tmp_path: Path) -> Iterator[Callable[..., ZdProxy]]:
+    """Factory: zdproxy(config_dict, env=None) -> a running proxy, stopped at teardown."""
+    started: list[ZdProxy] = []
+
+    def factory(config: dict[str, Any], env: dict[str, str] | None = None) -> ZdProxy:
+        proxy = start_zdproxy(tmp_path, config, env)
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proxy.stop()
+
+
+@dataclass
+class Upstream:
+    """An aiohttp app on an ephemeral loopback port; `seen` records each request."""
+
+    address: str
+    runner: web.AppRunner
+    seen: list[dict[str, Any]]
+
+
+async def start_upstream(name: str = "blue", **options: Any) -> Upstream:
+    seen: list[dict[str, Any]] = []
+    app = upstream_app(name, seen, **options)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Upstream(f"127.0.0.1:{port}", runner, seen)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Factory: await upstream(name) -> an aiohttp upstream, cleaned up at teardown."""
+    started: list[Upstream] = []
+
+    async def factory(name: str = "blue", **options: Any) -> Upstream:
+        up = await start_upstream(name, **options)
+        started.append(up)
+        return up
+
+    yield factory
+    for up in started:
+        await up.runner.cleanup()
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    """A scripted TCP server: `received` holds every byte any connection sent it."""
+
+    address: str
+    server: asyncio.Server
+    received: bytearray
+    connections: int = 0
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUpstream]]]:
+    servers: list[asyncio.Server] = []
+
+    async def factory(handler: RawHandler) -> RawUpstream:
+        received = bytearray()
+        raw: RawUpstream
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            raw.connections += 1
+            recording = _RecordingReader(reader, received)
+            try:
+                await handler(recording, writer)  # type: ignore[arg-type]
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        raw = RawUpstream(f"127.0.0.1:{port}", server, received)
+        return raw
+
+    yield factory
+    for server in servers:
+        server.close()
+
+
+class _RecordingReader:
+    """Wraps a StreamReader so that every byte read is also recorded."""
+
+    def __init__(self, reader: asyncio.StreamReader, sink: bytearray) -> None:
+        self._reader = reader
+        self._sink = sink
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        data = await self._reader.readuntil(separator)
+        self._sink.extend(data)
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self._reader.readexactly(n)
+        self._sink.extend(data)
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        self._sink.extend(data)
+        return data
+
+
+def pools(blue: list[str] | None = None, green: list[str] | None = None) -> dict[str, Any]:
+    return {"blue": {"upstreams": blue or []}, "green": {"upstreams": green or []}}
+
+
+async def raw_exchange(
+    proxy: ZdProxy, data: bytes, *, timeout: float = 5.0, until_close: bool = True
+) -> bytes:
+    """Send raw bytes to the proxy and return everything it answers until it closes."""
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+                if not until_close:
+                    break
+    finally:
+        writer.close()
+    return b"".join(chunks)
