@@ -131,8 +131,7 @@ def _drain_in_background(process: subprocess.Popen[str], lines: list[str]) -> No
 
     def drain() -> None:
         assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
+        lines.extend(process.stderr)
 
     threading.Thread(target=drain, daemon=True).start()
 
@@ -255,12 +254,19 @@ class _RecordingReader:
         return data
 
 
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll a condition every 10 ms until it holds; fail after `within` seconds."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - the condition is plain state, no event to await
+            await asyncio.sleep(0.01)
+
+
 def pools(blue: list[str] | None = None, green: list[str] | None = None) -> dict[str, Any]:
     return {"blue": {"upstreams": blue or []}, "green": {"upstreams": green or []}}
 
 
 async def raw_exchange(
-    proxy: ZdProxy, data: bytes, *, timeout: float = 5.0, until_close: bool = True
+    proxy: ZdProxy, data: bytes, *, within: float = 5.0, until_close: bool = True
 ) -> bytes:
     """Send raw bytes to the proxy and return everything it answers until it closes."""
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
@@ -268,7 +274,7 @@ async def raw_exchange(
     await writer.drain()
     chunks = []
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while chunk := await reader.read(65536):
                 chunks.append(chunk)
                 if not until_close:

@@ -1,4 +1,4 @@
-"""HTTP/1.1 forwarding semantics: headers, keep-alive, pipelining, bodiless responses, 100-continue."""
+"""HTTP/1.1 forwarding: headers, keep-alive, pipelining, bodiless responses, 100-continue."""
 
 from __future__ import annotations
 

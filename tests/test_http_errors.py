@@ -10,7 +10,15 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import pytest
 
-from tests.conftest import RawHandler, RawUpstream, Upstream, ZdProxy, pools, raw_exchange
+from tests.conftest import (
+    RawHandler,
+    RawUpstream,
+    Upstream,
+    ZdProxy,
+    pools,
+    raw_exchange,
+    wait_until,
+)
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -242,7 +250,8 @@ async def cut_after(
     [
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", False),
         (
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n2000\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10\r\n0123456789abcdef\r\n2000\r\n",
             False,
         ),
         # A body delimited by the close itself ends like this on a FIN; only a reset is
@@ -310,8 +319,7 @@ async def test_graceful_stop_finishes_requests_in_flight(
     proxy = zdproxy({"pools": pools([blue.address])})
     async with aiohttp.ClientSession() as session:
         pending = asyncio.ensure_future(session.get(f"{proxy.url}/slow/500"))
-        while not blue.seen:  # the request has reached the upstream
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: bool(blue.seen))  # the request has reached the upstream
         loop = asyncio.get_running_loop()
         exit_code = await loop.run_in_executor(None, proxy.stop)
         response = await pending
