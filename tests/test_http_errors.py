@@ -105,6 +105,25 @@ async def test_oversized_headers_get_431(zdproxy: StartProxy, raw_upstream: Star
     assert up.received == b""
 
 
+async def test_head_near_the_limit_in_small_reads_passes(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    proxy = zdproxy({"pools": pools([blue.address]), "proxy": {"max_header_bytes": "16KiB"}})
+    head = b"GET /trickle HTTP/1.1\r\nHost: x\r\n"
+    head += b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(120))  # ~13 KiB
+    head += b"Connection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    for offset in range(0, len(head), 1000):
+        writer.write(head[offset : offset + 1000])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # separate reads on the proxy's side
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    assert blue.seen[-1]["path"] == "/trickle"
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_oversized_body_gets_413(
     zdproxy: StartProxy, upstream: StartUpstream, chunked: bool

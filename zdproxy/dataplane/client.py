@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         "_content_length",
         "_expect",
         "_head_bytes",
+        "_head_raw",
         "_host",
         "_host_count",
         "_lines",
@@ -102,7 +103,8 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self.tunnel_peer: UpstreamConnection | None = None
         self.upgrade_buffer: list[bytes] | None = None
-        self._head_bytes = 0
+        self._head_bytes = 0  # parsed head bytes (request target aside)
+        self._head_raw = 0  # raw bytes of reads that fell wholly inside the head
         self._body_bytes = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -135,15 +137,18 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.owed_reply is not None:
             return  # the request stream is broken; what follows is discarded
+        head_continues = self.in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_requested(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
-            if not isinstance(cause, Reject):
-                raise
-            self._reject(cause.status, cause.detail)
+            if isinstance(cause, Reject):
+                self._reject(cause.status, cause.detail)
+            else:
+                log.error("bug while parsing a request", exc_info=cause)
+                self._reject(500, "internal proxy error")
         except httptools.HttpParserInvalidMethodError:
             self._reject(400, "invalid request method")
         except httptools.HttpParserInvalidURLError:
@@ -151,10 +156,11 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
         else:
-            if self.in_head:
-                # httptools buffers a header line until it ends: bound what it may hold.
-                self._head_bytes += len(data)
-                if self._head_bytes > self.server.max_header_bytes * 2 + 65536:
+            if head_continues and self.in_head:
+                # Every byte of this read belongs to an unfinished head. httptools holds a
+                # header line until its end, so bound that here, not only in on_header.
+                self._head_raw += len(data)
+                if self._head_raw > self.server.max_header_bytes:
                     self._reject(431, "request header fields too large")
 
     def eof_received(self) -> bool:
@@ -198,6 +204,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.in_head = True
         self._head_bytes = 0
+        self._head_raw = 0
         self._body_bytes = 0
         self._url = b""
         self._lines: list[bytes] = []
