@@ -1,0 +1,110 @@
+"""`zdproxy demo`: sample blue and green apps behind zdproxy, started and stopped as users do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+READY_LINE = "zdproxy demo is running."
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ZDPROXY_")}
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, within: float) -> list[str]:
+    """Lines from `stream` up to and including the one containing `marker`."""
+    lines: list[str] = []
+    async with asyncio.timeout(within):
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                raise AssertionError("demo exited before it was ready:\n" + "".join(lines))
+            lines.append(raw.decode())
+            if marker in lines[-1]:
+                return lines
+
+
+@pytest.fixture
+async def demo(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, Path]]:
+    port = free_port()
+    directory = tmp_path / "demo"
+    with (tmp_path / "demo.stderr").open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "zdproxy",
+            "demo",
+            "--port",
+            str(port),
+            "--dir",
+            str(directory),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env=clean_env(),
+        )
+        try:
+            yield process, port, directory
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def test_demo_serves_blue_and_stops_cleanly(
+    demo: tuple[asyncio.subprocess.Process, int, Path], tmp_path: Path
+) -> None:
+    process, port, directory = demo
+    assert process.stdout is not None
+    try:
+        banner = await read_until(process.stdout, "Ctrl-C stops everything", within=15)
+    except AssertionError:
+        raise AssertionError((tmp_path / "demo.stderr").read_text()) from None
+    text = "".join(banner)
+    assert READY_LINE in text
+    assert f"http://127.0.0.1:{port}" in text
+
+    async with aiohttp.ClientSession() as session:
+        for path in ("/", "/pricing"):
+            async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                assert resp.status == 200
+                assert resp.headers["Via"] == "1.1 zdproxy"  # answered through the proxy
+                body = await resp.json()
+            assert body == {"color": "blue", "version": "v1", "path": path}
+
+    config = directory / "zdproxy.toml"
+    assert str(config) in text
+    check = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "zdproxy", "check", "--config", str(config)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+    )
+    async with asyncio.timeout(15):
+        out, err = await check.communicate()
+    assert check.returncode == 0, err.decode()
+    assert out.decode().strip() == f"{config}: ok"
+    assert f'listen = "127.0.0.1:{port}"' in config.read_text()
+
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(5):
+        assert await process.wait() == 0
+    with socket.socket() as sock, contextlib.suppress(ConnectionRefusedError):
+        sock.settimeout(2)
+        sock.connect(("127.0.0.1", port))
+        raise AssertionError(f"port {port} still accepts connections after the demo exited")
