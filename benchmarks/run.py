@@ -37,7 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 SMALL_BODY = ("zdproxy benchmark small body " * 4)[:100]
 SIZES = {"/small": len(SMALL_BODY), "/16k": 16384, "/1m": 1048576}
-CONFIGS = ("direct", "zdproxy", "nginx")
+# "baseline" is zdproxy from another source tree (--baseline), for A/B of a change.
+CONFIGS = ("direct", "zdproxy", "baseline", "nginx")
 OTHER_LOAD_LIMIT = 0.15  # cores used by processes we did not start before a row is flagged
 GOALS = (  # (label, scenario, kind, bound): a "ratio" is a floor, a "cpu" figure a ceiling
     ("zdproxy/nginx req/s, 100 B c64 >= 0.7", "small-c64", "ratio", 0.7),
@@ -114,6 +115,7 @@ class Env:
     raw_upstream: bool
     upstream_port: int = 0
     notes: list[str] = field(default_factory=list)
+    baseline: Path | None = None
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -231,7 +233,9 @@ def nginx_argv(env: Env, conf: Path) -> list[str]:
     return [env.nginx, "-p", str(env.tmp), "-e", str(error_log), "-c", str(conf)]
 
 
-def start_child(env: Env, name: str, argv: list[str], port: int) -> Child:
+def start_child(
+    env: Env, name: str, argv: list[str], port: int, extra_env: dict[str, str] | None = None
+) -> Child:
     """Start a server with the malloc env and wait until its port accepts."""
     log = env.tmp / f"{name}.log"
     with log.open("wb") as out:
@@ -240,7 +244,7 @@ def start_child(env: Env, name: str, argv: list[str], port: int) -> Child:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=env.tmp,
-            env={**os.environ, **MALLOC_ENV},
+            env={**os.environ, **MALLOC_ENV, **(extra_env or {})},
             start_new_session=True,
         )
     child = Child(name, proc)
@@ -291,7 +295,7 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
     if config == "direct":
         return None, env.upstream_port
     port = free_port()
-    if config == "zdproxy":
+    if config in ("zdproxy", "baseline"):
         conf = env.tmp / "zdproxy.toml"
         conf.write_text(
             f'[proxy]\nlisten = "127.0.0.1:{port}"\n'
@@ -301,7 +305,9 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
         )
         # The zdproxy installed next to this python: started exactly as users start it.
         argv = [str(Path(sys.executable).with_name("zdproxy")), "run", "--config", str(conf)]
-        return start_child(env, "zdproxy", argv, port), port
+        # The baseline tree comes first on the import path, ahead of the installed zdproxy.
+        extra = {"PYTHONPATH": str(env.baseline)} if config == "baseline" else None
+        return start_child(env, config, argv, port, extra), port
     upstream = (  # idle keepalive >= the highest concurrency, like zdproxy's idle pool
         f"  upstream backend {{ server 127.0.0.1:{env.upstream_port}; keepalive 1024;\n"
         "    keepalive_requests 100000000; keepalive_timeout 60s; }"
@@ -451,20 +457,16 @@ def run_one(
 
 
 def ratios(rows: list[Row]) -> list[Row]:
-    """zdproxy over nginx and over direct, numerator and denominator from the same round."""
+    """zdproxy over nginx, direct and baseline, numerator and denominator from one round."""
     rps = {(r["round"], r["config"], r["scenario"]): r["rps"] for r in rows}
     out = []
     for (rnd, config, scen), value in rps.items():
-        nginx, direct = rps.get((rnd, "nginx", scen)), rps.get((rnd, "direct", scen))
         if config == "zdproxy":
-            out.append(
-                {
-                    "scenario": scen,
-                    "round": rnd,
-                    "zdproxy_over_nginx": value / nginx if nginx else None,
-                    "zdproxy_over_direct": value / direct if direct else None,
-                }
-            )
+            row: Row = {"scenario": scen, "round": rnd}
+            for other in ("nginx", "direct", "baseline"):
+                base = rps.get((rnd, other, scen))
+                row[f"zdproxy_over_{other}"] = value / base if base else None
+            out.append(row)
     return out
 
 
@@ -506,8 +508,8 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
     ]
     lines += [
         "",
-        _line("scenario", "round", "zdproxy ÷ nginx", "zdproxy ÷ direct"),
-        "|---|--:|--:|--:|",
+        _line("scenario", "round", "zdproxy ÷ nginx", "zdproxy ÷ direct", "zdproxy ÷ baseline"),
+        "|---|--:|--:|--:|--:|",
     ]
     lines += [
         _line(
@@ -515,6 +517,7 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
             r["round"],
             _cell(r["zdproxy_over_nginx"]),
             _cell(r["zdproxy_over_direct"]),
+            _cell(r["zdproxy_over_baseline"]),
         )
         for r in sorted(rats, key=key)
     ]
@@ -596,6 +599,8 @@ def parse_args() -> argparse.Namespace:
     quiet = "before each row, wait up to S s for other processes' load to stop (0: never)"
     p.add_argument("--quiet-wait", type=float, default=120.0, metavar="S", help=quiet)
     p.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    base = "source tree of another zdproxy revision, measured as config 'baseline' (A/B)"
+    p.add_argument("--baseline", type=Path, metavar="DIR", help=base)
     p.add_argument("--serve-raw", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -621,7 +626,11 @@ def main() -> int:
     notes: list[str] = []
     wrk, nginx = ensure_tools(notes)
     scenarios = [SCENARIOS[s] for s in args.scenarios.split(",")]
-    configs = [c for c in args.configs.split(",") if c != "nginx" or nginx]
+    configs = [
+        c
+        for c in args.configs.split(",")
+        if (c != "nginx" or nginx) and (c != "baseline" or args.baseline)
+    ]
     if args.rounds < 2:
         notes.append("1 round: a smoke test only; draw no conclusion from it")
     command = shlex.join([sys.executable, *sys.argv])
@@ -629,6 +638,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="zdbench-") as tmp:
         os.chmod(tmp, 0o755)  # nginx workers (user nobody) read the static files
         env = Env(Path(tmp), wrk, nginx, args.upstream == "raw" or nginx is None, notes=notes)
+        env.baseline = args.baseline.resolve() if args.baseline else None
         facts = machine_facts(env)
         print(f"command: {command}\nmachine: {json.dumps(facts)}", flush=True)
         try:

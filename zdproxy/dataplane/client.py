@@ -31,7 +31,9 @@ from zdproxy.dataplane.http import (
     H_X_FORWARDED_FOR,
     H_X_FORWARDED_HOST,
     H_X_FORWARDED_PROTO,
+    PLAIN_CONNECTION_VALUES,
     REQUEST_HEADERS,
+    SEP,
     Reject,
     connection_tokens,
     error_response,
@@ -71,6 +73,7 @@ class ClientConnection(asyncio.Protocol):
         "active",
         "closing",
         "deadline",
+        "forwarded",
         "gate",
         "in_head",
         "owed_reply",
@@ -84,7 +87,6 @@ class ClientConnection(asyncio.Protocol):
         "tunnel_peer",
         "upgrade_buffer",
         "writing_paused",
-        "xff_line",
     )
 
     def __init__(self, server: ProxyServer) -> None:
@@ -121,7 +123,10 @@ class ClientConnection(asyncio.Protocol):
             ip = "127.0.0.1"
             self.trusted = True
         self.peer_ip = ip.encode()
-        self.xff_line = b"X-Forwarded-For: %s\r\n" % self.peer_ip
+        self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+            self.peer_ip,
+            server.scheme,
+        )
         server.connections.add(self)
         self.deadline = server.loop.time() + server.header_timeout
 
@@ -215,9 +220,10 @@ class ClientConnection(asyncio.Protocol):
         self._expect: bytes | None = None
         self._upgrade: bytes | None = None
         self._conn_tokens: list[bytes] | None = None
-        self._xff: bytes | None = None
-        self._xfp: bytes | None = None
-        self._xfh: bytes | None = None
+        if self.trusted:  # only a trusted peer's X-Forwarded-* are ever read
+            self._xff: bytes | None = None
+            self._xfp: bytes | None = None
+            self._xfh: bytes | None = None
         if self.active is None:
             self.deadline = self.server.loop.time() + self.server.header_timeout
 
@@ -234,17 +240,19 @@ class ClientConnection(asyncio.Protocol):
             raise Reject(431, "request header fields too large")
         kind = REQUEST_HEADERS.get(name.lower())
         if kind is None:
-            self._lines.append(b"%s: %s\r\n" % (name, value))
+            self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_HOST:
             self._host = value
             self._host_count += 1
-            self._lines.append(b"%s: %s\r\n" % (name, value))
+            self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_CONTENT_LENGTH:
             self._content_length = int(value)  # llhttp has checked it is all digits
-            self._lines.append(b"%s: %s\r\n" % (name, value))
+            self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_TRANSFER_ENCODING:
             self._chunked = True  # llhttp refuses any request coding that is not chunked
         elif kind == H_CONNECTION:
+            if value.lower() in PLAIN_CONNECTION_VALUES:
+                return  # llhttp already knows keep-alive, close and upgrade
             if self._conn_tokens is None:
                 self._conn_tokens = connection_tokens(value)
             else:
@@ -301,19 +309,13 @@ class ClientConnection(asyncio.Protocol):
             head.append(b"Upgrade: %s\r\nConnection: upgrade\r\n" % self._upgrade)
         if self._chunked:
             head.append(b"Transfer-Encoding: chunked\r\n")
-        if self._xff is not None:
-            head.append(b"X-Forwarded-For: %s, %s\r\n" % (self._xff, self.peer_ip))
+        if self.trusted and (self._xff or self._xfp or self._xfh):
+            head.append(self._forwarded_from_trusted())
         else:
-            head.append(self.xff_line)
-        head.append(
-            server.xfp_line if self._xfp is None else b"X-Forwarded-Proto: %s\r\n" % self._xfp
-        )
-        forwarded_host = self._xfh or self._host
-        if forwarded_host is not None:
-            head.append(b"X-Forwarded-Host: %s\r\n" % forwarded_host)
-        if server.via_line:
-            head.append(server.via_line)
-        head.append(CRLF)
+            head.append(self.forwarded)
+            if self._host is not None:
+                head += (b"X-Forwarded-Host: ", self._host, CRLF)
+        head.append(server.head_end)
 
         exchange = Exchange(
             self,
@@ -325,7 +327,6 @@ class ClientConnection(asyncio.Protocol):
             keep_alive=bool(parser.should_keep_alive()) and not upgrade and not server.stopping,
             http10=http10,
             upgrade=upgrade,
-            started=server.loop.time(),
         )
         exchange.expect_continue = expect_continue
         self.receiving = exchange
@@ -335,6 +336,14 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(exchange)
             if len(self.queue) >= MAX_PIPELINE:
                 self.gate.pause(PIPELINE_FULL)
+
+    def _forwarded_from_trusted(self) -> bytes:
+        """X-Forwarded-* from a trusted proxy: append our peer to its chain, keep the rest."""
+        chain = self.peer_ip if self._xff is None else self._xff + b", " + self.peer_ip
+        proto = self._xfp or self.server.scheme
+        host = self._xfh or self._host
+        lines = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (chain, proto)
+        return lines if host is None else lines + b"X-Forwarded-Host: %s\r\n" % host
 
     def _origin_form(
         self, method: bytes, url: bytes, lines: list[bytes]
@@ -349,8 +358,8 @@ class ClientConnection(asyncio.Protocol):
         if not authority:
             raise Reject(400, "invalid request target")
         # The target's authority replaces any Host header (RFC 9112 3.2.2).
-        lines = [line for line in lines if line[:5].lower() != b"host:"]
-        lines.append(b"Host: %s\r\n" % authority)
+        lines = strip_named_headers(lines, {b"host"})
+        lines.extend((b"Host", SEP, authority, CRLF))
         self._host = authority
         self._host_count = 1
         return b"/" + path if slash else b"/", lines
@@ -380,6 +389,7 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, exchange: Exchange) -> None:
         self.active = exchange
         server = self.server
+        exchange.started = now = server.loop.time()
         pool = server.table.pick()
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
@@ -391,11 +401,12 @@ class ClientConnection(asyncio.Protocol):
         conn = pool.take_idle()
         if conn is not None:
             exchange.reused = True
-            self.deadline = server.loop.time() + server.upstream_timeout
+            self.deadline = now + server.upstream_timeout
             conn.attach(exchange)
-            self.gate.resume(BODY_WAITING)
+            if self.gate.reasons:
+                self.gate.resume(BODY_WAITING)
         else:
-            self.deadline = server.loop.time() + server.connect_timeout
+            self.deadline = now + server.connect_timeout
             pool.connect(exchange)
 
     def upstream_connected(self, exchange: Exchange, future: asyncio.Future[object]) -> None:
@@ -424,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
         conn.attach(exchange)
         self.gate.resume(BODY_WAITING)
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, now: float) -> None:
         """The response is complete on the wire (or queued in the transport)."""
         self.active = None
         if not exchange.client_keep_alive or self.transport.is_closing():
@@ -444,8 +455,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         server = self.server
-        timeout = server.header_timeout if self.in_head else server.idle_timeout
-        self.deadline = server.loop.time() + timeout
+        self.deadline = now + (server.header_timeout if self.in_head else server.idle_timeout)
 
     def _respond_locally(self, exchange: Exchange, status: int, detail: str) -> None:
         """Answer the active exchange with zdproxy's own error reply."""
@@ -459,7 +469,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(
                 error_response(status, detail, close=not exchange.client_keep_alive)
             )
-        self.exchange_done(exchange)
+        self.exchange_done(exchange, self.server.loop.time())
 
     def _reject(self, status: int, detail: str) -> None:
         """A request we refuse to forward: reply after the responses already owed, then close."""

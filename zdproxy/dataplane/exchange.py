@@ -54,7 +54,6 @@ class Exchange:
         keep_alive: bool,
         http10: bool,
         upgrade: bool,
-        started: float,
     ) -> None:
         self.client = client
         self.head = head
@@ -65,7 +64,7 @@ class Exchange:
         self.http10 = http10
         self.upgrade = upgrade
         self.expect_continue = False
-        self.started = started
+        self.started = 0.0  # set when it is dispatched to an upstream
         self.request_complete = False
         self.response_started = False
         self.reused = False

@@ -16,31 +16,27 @@ BODY_WAITING = 4  # request body is buffered while no upstream connection is att
 
 
 class ReadGate:
-    __slots__ = ("_reasons", "transport")
+    __slots__ = ("reasons", "transport")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self._reasons = 0
+        self.reasons = 0
 
     def pause(self, reason: int) -> None:
-        if not self._reasons and not self.transport.is_closing():
+        if not self.reasons and not self.transport.is_closing():
             self.transport.pause_reading()
-        self._reasons |= reason
+        self.reasons |= reason
 
     def resume(self, reason: int) -> None:
-        if not self._reasons & reason:
+        if not self.reasons & reason:
             return
-        self._reasons &= ~reason
-        if not self._reasons and not self.transport.is_closing():
+        self.reasons &= ~reason
+        if not self.reasons and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def clear(self) -> None:
         """Read again whatever the reasons were (the connection only drains input now)."""
-        if self._reasons:
-            self._reasons = 0
+        if self.reasons:
+            self.reasons = 0
             if not self.transport.is_closing():
                 self.transport.resume_reading()
-
-    @property
-    def paused(self) -> bool:
-        return bool(self._reasons)

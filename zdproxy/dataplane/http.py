@@ -52,17 +52,39 @@ CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
+# Connection values that name no header: nothing to parse.
+PLAIN_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade"})
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
     return [token.strip().lower() for token in value.split(b",") if token.strip()]
 
 
-def strip_named_headers(lines: list[bytes], names: set[bytes]) -> list[bytes]:
-    """Remove the header lines whose names a Connection header listed (rare, so not hot)."""
-    return [line for line in lines if line.split(b":", 1)[0].strip().lower() not in names]
+# Header fields are kept flat, four items a field: name, b": ", value, CRLF. Appending
+# them is cheaper than formatting a line per field; one join builds the whole head.
+SEP = b": "
+
+
+def strip_named_headers(fields: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Remove the fields whose names a Connection header listed (rare, so not hot)."""
+    kept: list[bytes] = []
+    for i in range(0, len(fields), 4):
+        if fields[i].lower() not in names:
+            kept.extend(fields[i : i + 4])
+    return kept
+
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 
 
 def status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % key
+        if len(_STATUS_LINES) < 256:  # reason phrases are the upstream's: bound the cache
+            _STATUS_LINES[key] = line
+    return line
 
 
 def error_response(status: int, detail: str, *, close: bool) -> bytes:

@@ -56,7 +56,8 @@ class ProxyServer:
         self.max_idle_per_upstream = upstream.max_idle_per_upstream
         self.tunnel_idle_timeout = upstream.tunnel_idle_timeout
         self.via_line = b"Via: 1.1 %s\r\n" % proxy.via.encode() if proxy.via else b""
-        self.xfp_line = b"X-Forwarded-Proto: http\r\n"
+        self.head_end = self.via_line + b"\r\n"  # the last bytes of every upstream request head
+        self.scheme = b"http"
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         shortest = min(
             self.header_timeout,

@@ -19,7 +19,9 @@ from zdproxy.dataplane.http import (
     H_TRANSFER_ENCODING,
     H_UPGRADE,
     LAST_CHUNK,
+    PLAIN_CONNECTION_VALUES,
     RESPONSE_HEADERS,
+    SEP,
     connection_tokens,
     status_line,
     strip_named_headers,
@@ -57,11 +59,11 @@ class UpstreamPool:
                 return conn
         return None
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, now: float) -> None:
         if self.retired or len(self.idle) >= self.server.max_idle_per_upstream:
             conn.transport.close()
             return
-        conn.idle_since = self.server.loop.time()
+        conn.idle_since = now
         self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
@@ -173,11 +175,12 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client = exchange.client
         server = client.server
+        now = server.loop.time()
         if self.tunnel:
             client.transport.write(data)
-            client.deadline = server.loop.time() + server.tunnel_idle_timeout
+            client.deadline = now + server.tunnel_idle_timeout
             return
-        client.deadline = server.loop.time() + server.upstream_timeout
+        client.deadline = now + server.upstream_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -193,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._out:
             self._flush(client.transport)
         if self._complete:
-            self._finish()
+            self._finish(now)
 
     def _flush(self, transport: asyncio.Transport) -> None:
         transport.writelines(self._out)
@@ -217,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._out.append(LAST_CHUNK)
             self._flush(client.transport)
             self._keep_alive = False
-            self._finish()
+            self._finish(client.server.loop.time())
             return
         self.exchange = None
         client.upstream_lost(exchange, self, "upstream closed the connection")
@@ -234,11 +237,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    def on_status(self, reason: bytes) -> None:
         if self._complete:
             self._garbage = True  # bytes after a complete response: never reuse this connection
-
-    def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -246,8 +247,10 @@ class UpstreamConnection(asyncio.Protocol):
         if kind is None or kind == H_CONTENT_LENGTH:
             if kind is not None:
                 self._has_length = True
-            self._lines.append(b"%s: %s\r\n" % (name, value))
+            self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_CONNECTION:
+            if value.lower() in PLAIN_CONNECTION_VALUES:
+                return  # llhttp already knows keep-alive from close
             tokens = connection_tokens(value)
             if self._conn_tokens is None:
                 self._conn_tokens = tokens
@@ -274,7 +277,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._info = True
             # 100 answers an Expect that zdproxy already answered itself; HTTP/1.0 knows no 1xx.
             if status != 100 and not exchange.http10:
-                self._out.extend((status_line(status, self._reason), *lines, CRLF))
+                self._out.append(b"".join((status_line(status, self._reason), *lines, CRLF)))
             return
         exchange.response_started = True
         self._keep_alive = self.parser.should_keep_alive()
@@ -331,13 +334,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- ending the exchange -----------------------------------------------------------
 
-    def _finish(self) -> None:
+    def _finish(self, now: float) -> None:
         exchange = self.exchange
         assert exchange is not None
         pool = self.pool
         pool.outstanding -= 1
         client = exchange.client
-        pool.stats.observe(self._status, client.server.loop.time() - exchange.started)
+        pool.stats.observe(self._status, now - exchange.started)
         reusable = (
             self._keep_alive
             and exchange.request_complete
@@ -352,10 +355,10 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.upstream = None
         self._reset_response()
         if reusable:
-            pool.release(self)
+            pool.release(self, now)
         else:
             self.transport.close()
-        client.exchange_done(exchange)
+        client.exchange_done(exchange, now)
 
     def _fail(self, kind: FailureKind, detail: str) -> None:
         exchange = self.exchange

@@ -1,0 +1,140 @@
+"""Instructions per proxied request, counted by callgrind: repeatable where CPU time is not.
+
+On a shared 2-core VM the CPU microseconds per request of one build move by 30%
+between rounds, more than most hot-path changes gain or lose. Callgrind counts
+the instructions the proxy executes, which depend only on the code and the
+input. The script runs zdproxy under callgrind twice, for N1 and N2 small
+requests (keep-alive, a fixed number of connections, a raw upstream), and
+reports (Ir(N2) - Ir(N1)) / (N2 - N1): start-up and shutdown cancel out.
+
+    .venv/bin/python benchmarks/instructions.py [--baseline DIR] [--requests 20000]
+
+With --baseline, a second source tree (e.g. `git worktree add /tmp/base HEAD~1`)
+is measured the same way, for an A/B of a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONNECTIONS = 8
+REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\nUser-Agent: zdproxy-instructions\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"port {port} not accepting after {limit:.0f} s")
+
+
+def drive(port: int, total: int) -> None:
+    """`total` requests over CONNECTIONS keep-alive connections, one in flight on each."""
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTIONS)]
+    try:
+        for i in range(total):
+            sock = socks[i % CONNECTIONS]
+            sock.sendall(REQUEST)
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                buffer += sock.recv(65536)
+            head, _, body = buffer.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += sock.recv(65536)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {head[:80]!r}")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def count(tree: Path | None, upstream_port: int, requests: int, tmp: Path) -> int:
+    """Total instructions of one zdproxy process that served `requests` requests."""
+    port = free_port()
+    conf = tmp / "zdproxy.toml"
+    conf.write_text(
+        f'[proxy]\nlisten = "127.0.0.1:{port}"\n[upstream]\nidle_timeout = "60s"\n'
+        f'[pools.blue]\nupstreams = ["127.0.0.1:{upstream_port}"]\n[log]\nlevel = "warning"\n'
+    )
+    out = tmp / f"callgrind.{requests}.out"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    argv += [sys.executable, "-m", "zdproxy", "run", "--config", str(conf)]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, cwd=tmp)
+    try:
+        wait_port(port, proc, 120)
+        drive(port, requests)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    match = re.search(r"^totals: (\d+)", out.read_text(), re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"no totals in {out}")
+    return int(match.group(1))
+
+
+def per_request(tree: Path | None, upstream_port: int, n: int, tmp: Path) -> float:
+    small, large = n // 10, n
+    return (count(tree, upstream_port, large, tmp) - count(tree, upstream_port, small, tmp)) / (
+        large - small
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000, help="N2; N1 is a tenth")
+    parser.add_argument("--baseline", type=Path, metavar="DIR", help="another source tree")
+    args = parser.parse_args()
+    if not shutil.which("valgrind"):
+        print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
+        return 1
+    upstream_port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, str(HERE / "run.py"), "--serve-raw", str(upstream_port)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(upstream_port, upstream, 15)
+        with tempfile.TemporaryDirectory(prefix="zdinstr-") as tmp:
+            results = {"zdproxy": per_request(None, upstream_port, args.requests, Path(tmp))}
+            if args.baseline:
+                results["baseline"] = per_request(
+                    args.baseline.resolve(), upstream_port, args.requests, Path(tmp)
+                )
+    finally:
+        upstream.terminate()
+        upstream.wait(10)
+    for name, value in results.items():
+        print(f"{name:9} {value:12,.0f} instructions per small request")
+    if "baseline" in results:
+        print(f"zdproxy / baseline = {results['zdproxy'] / results['baseline']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
