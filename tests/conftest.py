@@ -66,6 +66,7 @@ class ZdProxy:
     config_path: Path
     address: str
     log_lines: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
@@ -88,6 +89,16 @@ class ZdProxy:
         match = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.MULTILINE)
         assert match, status
         return int(match.group(1))
+
+    async def reload(self, config: dict[str, Any]) -> bool:
+        """Rewrite the config file (same listener), send SIGHUP; True if it was applied."""
+        self.config = {**config, "proxy": {**config.get("proxy", {}), "listen": self.address}}
+        self.config.setdefault("log", {"level": "debug"})
+        self.config_path.write_text(to_toml(self.config))
+        before = sum("reload" in line for line in self.log_lines)
+        self.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: sum("reload" in line for line in self.log_lines) > before)
+        return any("reload: applied" in line for line in self.log_lines[-3:])
 
     def stop(self, timeout: float = 15) -> int:
         if self.process.poll() is None:
@@ -118,7 +129,7 @@ def start_zdproxy(
     for line in process.stderr:
         lines.append(line)
         if match := READY.search(line):
-            proxy = ZdProxy(process, path, match.group(1), lines)
+            proxy = ZdProxy(process, path, match.group(1), lines, config)
             # Keep draining stderr so the proxy never blocks on a full pipe.
             _drain_in_background(process, lines)
             return proxy

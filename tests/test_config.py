@@ -98,6 +98,7 @@ candidate_weight = 20000
         ("30s", 30.0),
         ("2m", 120.0),
         ("1h", 3600.0),
+        ("30d", 30 * 86400.0),
         ("1.5s", 1.5),
         (" 10 s ", 10.0),
         ("7", 7.0),
@@ -114,7 +115,7 @@ def test_parse_duration_accepts(text: object, seconds: float) -> None:
     ("value", "reason"),
     [
         ("5 parsecs", "invalid duration"),
-        ("1d", "invalid duration"),
+        ("1w", "invalid duration"),
         ("ms", "invalid duration"),
         ("", "invalid duration"),
         ("-1s", "invalid duration"),

@@ -39,10 +39,13 @@ async def names(
     concurrency: int = 16,
     connector: aiohttp.BaseConnector | None = None,
 ) -> Counter[str]:
-    """Send `count` GETs (at most `concurrency` at once); count the answering apps' names."""
-    limit = asyncio.Semaphore(concurrency)
+    """Send `count` GETs (at most `concurrency` at once); count the answering apps' names.
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    No cookie is kept, so every request is a new user with a bucket of its own.
+    """
+    limit = asyncio.Semaphore(concurrency)
+    jar = aiohttp.DummyCookieJar()
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
 
         async def one(i: int) -> str:
             async with limit, session.get(f"{url}/n/{i}") as resp:

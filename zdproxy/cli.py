@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from zdproxy import __version__
 from zdproxy.config.loader import ConfigError, load_settings
@@ -22,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zdproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run = commands.add_parser(
+        "run",
+        help="run the proxy in the foreground (SIGTERM: graceful stop, SIGHUP: reload)",
+    )
     run.add_argument("--config", "-c", required=True, help="path to the TOML config file")
 
     check = commands.add_parser(
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings.log.level)
         from zdproxy.ops.daemon import run
 
-        return run(settings)
+        return run(settings, Path(args.config))
     if args.command == "demo":
         setup_logging("info")
         from zdproxy.ops.demo import run_demo

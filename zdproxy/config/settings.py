@@ -145,8 +145,12 @@ class Pools(Section):
     green: PoolSettings = PoolSettings()
 
 
+TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"  # an HTTP token (RFC 9110 5.6.2): header and cookie names
+
+
 class SplitSettings(Section):
-    """Which color is live and how much traffic the other one (the candidate) gets."""
+    """Which color is live, how much traffic the other one (the candidate) gets, and what
+    keeps each user on one color while that share moves."""
 
     live: Color = Field(default="blue", description="The color that takes traffic by default.")
     candidate_weight: int = Field(
@@ -154,6 +158,28 @@ class SplitSettings(Section):
         ge=0,
         le=10000,
         description="The candidate's share in basis points: 0 = none, 10000 = all.",
+    )
+    sticky_key: str = Field(
+        default="bucket-cookie",
+        pattern=rf"^(bucket-cookie|client-ip|cookie:{TOKEN}|header:{TOKEN})$",
+        description=(
+            "What a user's bucket is hashed from: 'cookie:NAME', 'header:NAME', 'client-ip', "
+            "or 'bucket-cookie' (zdproxy's own cookie). A request without the named cookie "
+            "or header gets zdproxy's own bucket cookie."
+        ),
+    )
+    bucket_cookie: str = Field(
+        default="zd_bucket",
+        pattern=rf"^{TOKEN}$",
+        description="Name of the cookie zdproxy issues to users without another key.",
+    )
+    bucket_cookie_max_age: Duration = Field(
+        default=30 * 86400.0, gt=0, description="Lifetime of zdproxy's bucket cookie."
+    )
+    salt: str = Field(
+        default="zdproxy",
+        min_length=1,
+        description="Mixed into every bucket hash. Changing it reshuffles users between colors.",
     )
 
 

@@ -15,8 +15,8 @@ from typing import Annotated
 from pydantic import BeforeValidator, PlainSerializer, PlainValidator, WithJsonSchema
 from pydantic_settings import NoDecode
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {
@@ -32,7 +32,7 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from "500ms", "30s", "2m", "1h" or a bare number of seconds."""
+    """Seconds from "500ms", "30s", "2m", "1h", "30d" or a bare number of seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '500ms' or '30s'")
     if isinstance(value, int | float):
@@ -40,7 +40,7 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
-        raise ValueError(f"invalid duration {value!r}: expected e.g. '500ms', '30s', '2m' or '1h'")
+        raise ValueError(f"invalid duration {value!r}: expected e.g. '500ms', '30s', '2m', '1h'")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -8,7 +8,7 @@ from itertools import count
 from zdproxy.config.settings import COLORS, Settings
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.routing.records import IntervalRecord
-from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget, upstream_id
+from zdproxy.routing.snapshot import RoutingSnapshot, StickyPolicy, UpstreamTarget, upstream_id
 
 log = logging.getLogger("zdproxy.control")
 
@@ -34,7 +34,12 @@ class ControlPlane:
             for color in COLORS
         }
         split = self.settings.split
-        return RoutingSnapshot(next(self._versions), split.live, split.candidate_weight, pools)
+        sticky = StickyPolicy(
+            split.sticky_key, split.bucket_cookie, round(split.bucket_cookie_max_age), split.salt
+        )
+        return RoutingSnapshot(
+            next(self._versions), split.live, split.candidate_weight, pools, sticky
+        )
 
     def publish(self) -> RoutingSnapshot:
         snapshot = self.snapshot_from_settings()

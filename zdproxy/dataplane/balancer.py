@@ -10,6 +10,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from random import random
 
+from zdproxy.dataplane.steering import Steering
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.snapshot import BASIS_POINTS, RoutingSnapshot
 
@@ -53,7 +54,14 @@ class ColorPool:
 class RoutingTable:
     """The data plane's view of one snapshot: live and candidate pools and the split."""
 
-    __slots__ = ("candidate", "candidate_weight", "live", "snapshot")
+    __slots__ = (
+        "all_to_candidate",
+        "candidate",
+        "candidate_weight",
+        "live",
+        "snapshot",
+        "steering",
+    )
 
     def __init__(self, snapshot: RoutingSnapshot, pools: dict[str, UpstreamPool]) -> None:
         self.snapshot = snapshot
@@ -61,12 +69,18 @@ class RoutingTable:
         candidate = tuple(pools[t.id] for t in snapshot.pools.get(snapshot.candidate, ()))
         self.live = ColorPool(live) if live else None
         self.candidate = ColorPool(candidate) if candidate else None
-        self.candidate_weight = snapshot.candidate_weight / BASIS_POINTS
+        self.candidate_weight = weight = snapshot.candidate_weight
+        self.all_to_candidate = weight >= BASIS_POINTS
+        self.steering = Steering(snapshot.sticky, 0 < weight < BASIS_POINTS)
 
-    def pick(self) -> UpstreamPool | None:
-        """An upstream for a new request; None when neither color has a routable one."""
-        weight = self.candidate_weight
-        if weight and (weight >= 1.0 or random() < weight):
+    def pick(self, bucket: int) -> UpstreamPool | None:
+        """An upstream for a request in `bucket` (-1: no bucket, the split is 0 or 100%);
+        None when neither color has a routable one."""
+        if bucket >= 0:  # noqa: SIM108 - reads as the rule it implements
+            to_candidate = bucket < self.candidate_weight
+        else:
+            to_candidate = self.all_to_candidate
+        if to_candidate:
             first, second = self.candidate, self.live
         else:
             first, second = self.live, self.candidate

@@ -24,15 +24,16 @@ from zdproxy.dataplane.http import (
     CRLF,
     H_CONNECTION,
     H_CONTENT_LENGTH,
+    H_COOKIE,
     H_EXPECT,
     H_HOST,
+    H_STICKY,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
     H_X_FORWARDED_FOR,
     H_X_FORWARDED_HOST,
     H_X_FORWARDED_PROTO,
     PLAIN_CONNECTION_VALUES,
-    REQUEST_HEADERS,
     SEP,
     Reject,
     connection_tokens,
@@ -59,12 +60,14 @@ class ClientConnection(asyncio.Protocol):
         "_chunked",
         "_conn_tokens",
         "_content_length",
+        "_cookie",
         "_expect",
         "_head_bytes",
         "_head_raw",
         "_host",
         "_host_count",
         "_lines",
+        "_sticky",
         "_upgrade",
         "_url",
         "_xff",
@@ -220,6 +223,8 @@ class ClientConnection(asyncio.Protocol):
         self._expect: bytes | None = None
         self._upgrade: bytes | None = None
         self._conn_tokens: list[bytes] | None = None
+        self._cookie: bytes | None = None
+        self._sticky: bytes | None = None
         if self.trusted:  # only a trusted peer's X-Forwarded-* are ever read
             self._xff: bytes | None = None
             self._xfp: bytes | None = None
@@ -238,7 +243,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.server.max_header_bytes:
             raise Reject(431, "request header fields too large")
-        kind = REQUEST_HEADERS.get(name.lower())
+        kind = self.server.request_headers.get(name.lower())
         if kind is None:
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_HOST:
@@ -247,6 +252,12 @@ class ClientConnection(asyncio.Protocol):
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_CONTENT_LENGTH:
             self._content_length = int(value)  # llhttp has checked it is all digits
+            self._lines.extend((name, SEP, value, CRLF))
+        elif kind == H_COOKIE:
+            self._cookie = value if self._cookie is None else self._cookie + b"; " + value
+            self._lines.extend((name, SEP, value, CRLF))
+        elif kind == H_STICKY:
+            self._sticky = value
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_TRANSFER_ENCODING:
             self._chunked = True  # llhttp refuses any request coding that is not chunked
@@ -329,6 +340,9 @@ class ClientConnection(asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
+        steering = server.table.steering
+        if steering.active:
+            exchange.bucket, exchange.set_cookie = steering.bucket(self, self._cookie, self._sticky)
         self.receiving = exchange
         if self.active is None:
             self._start(exchange)
@@ -390,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = exchange
         server = self.server
         exchange.started = now = server.loop.time()
-        pool = server.table.pick()
+        pool = server.table.pick(exchange.bucket)
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
             return

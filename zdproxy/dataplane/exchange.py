@@ -24,6 +24,7 @@ class Exchange:
     __slots__ = (
         "attempts",
         "body_expected",
+        "bucket",
         "chunked",
         "client",
         "client_keep_alive",
@@ -38,6 +39,7 @@ class Exchange:
         "request_complete",
         "response_started",
         "reused",
+        "set_cookie",
         "started",
         "upgrade",
         "upstream",
@@ -64,6 +66,8 @@ class Exchange:
         self.http10 = http10
         self.upgrade = upgrade
         self.expect_continue = False
+        self.bucket = -1  # the sticky bucket, or -1 while the split is not fractional
+        self.set_cookie = b""  # a bucket cookie to issue with the response
         self.started = 0.0  # set when it is dispatched to an upstream
         self.request_complete = False
         self.response_started = False

@@ -18,6 +18,8 @@ H_EXPECT = 7
 H_X_FORWARDED_FOR = 8
 H_X_FORWARDED_PROTO = 9
 H_X_FORWARDED_HOST = 10
+H_COOKIE = 11
+H_STICKY = 12  # the header the sticky policy hashes (configured, so added per snapshot)
 
 REQUEST_HEADERS: dict[bytes, int] = {
     b"connection": H_CONNECTION,
@@ -33,6 +35,7 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"x-forwarded-for": H_X_FORWARDED_FOR,
     b"x-forwarded-proto": H_X_FORWARDED_PROTO,
     b"x-forwarded-host": H_X_FORWARDED_HOST,
+    b"cookie": H_COOKIE,
 }
 
 RESPONSE_HEADERS: dict[bytes, int] = {

@@ -14,6 +14,7 @@ from zdproxy.config.settings import Settings
 from zdproxy.config.units import Address
 from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
+from zdproxy.dataplane.http import H_STICKY, REQUEST_HEADERS
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.records import IntervalRecord
 from zdproxy.routing.snapshot import RoutingSnapshot
@@ -37,6 +38,7 @@ class ProxyServer:
         self.pools: dict[str, UpstreamPool] = {}
         self._retired: set[UpstreamPool] = set()
         self.table = RoutingTable(_EMPTY, {})
+        self.request_headers = REQUEST_HEADERS  # plus what the snapshot's steering reads
         self.stopping = False
         self._servers: list[asyncio.base_events.Server] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -97,7 +99,10 @@ class ProxyServer:
                 pool.close_idle()
                 self._retired.add(pool)
         self.pools = pools
-        self.table = RoutingTable(snapshot, pools)
+        self.table = table = RoutingTable(snapshot, pools)
+        self.request_headers = dict(REQUEST_HEADERS)
+        if table.steering.header is not None:
+            self.request_headers[table.steering.header] = H_STICKY
 
     @property
     def snapshot(self) -> RoutingSnapshot:

@@ -287,6 +287,8 @@ class UpstreamConnection(asyncio.Protocol):
             head.append(b"Connection: upgrade\r\n")
         if server.via_line:
             head.append(server.via_line)
+        if exchange.set_cookie:
+            head.append(exchange.set_cookie)
         client_keep_alive = (
             exchange.client_keep_alive and exchange.request_complete and not server.stopping
         )

@@ -6,9 +6,8 @@ would run it, from a config file the demo writes under `.demo/`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
+import os
 import socket
 from pathlib import Path
 
@@ -83,10 +82,8 @@ async def _demo(port: int, directory: Path) -> None:
     config = _write_config(
         directory, DEMO_CONFIG.format(port=port, blue=blue_port, green=green_port)
     )
-    daemon = Daemon(load_settings(config))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop_requested.set)
+    daemon = Daemon(load_settings(config), config)
+    daemon.handle_signals()
     await daemon.start()
     print(
         f"""
@@ -98,10 +95,12 @@ zdproxy demo is running.
 
 Try:
   curl -s http://127.0.0.1:{port}/           # answered by blue
-  curl -si http://127.0.0.1:{port}/ | grep -i via
-Send half of the traffic to green: stop the demo, then run
-  ZDPROXY_SPLIT__CANDIDATE_WEIGHT=5000 zdproxy run --config {config}
-  (with the demo's apps gone, green and blue answer 502: that is zdproxy telling you why)
+  curl -si http://127.0.0.1:{port}/ | grep -i -e via -e set-cookie
+Send half of the users to green without a restart: set candidate_weight = 5000
+in {config}, then
+  kill -HUP {os.getpid()}
+Each user keeps their color (zdproxy's zd_bucket cookie):
+  curl -s -c /tmp/zd.jar -b /tmp/zd.jar http://127.0.0.1:{port}/   # repeat: same color
 Ctrl-C stops everything.
 """,
         flush=True,

@@ -5,6 +5,13 @@ later run in worker processes with the control plane in the parent.
 """
 
 from zdproxy.routing.records import FailureKind, IntervalRecord, UpstreamStats
-from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget
+from zdproxy.routing.snapshot import RoutingSnapshot, StickyPolicy, UpstreamTarget
 
-__all__ = ["FailureKind", "IntervalRecord", "RoutingSnapshot", "UpstreamStats", "UpstreamTarget"]
+__all__ = [
+    "FailureKind",
+    "IntervalRecord",
+    "RoutingSnapshot",
+    "StickyPolicy",
+    "UpstreamStats",
+    "UpstreamTarget",
+]

@@ -38,6 +38,24 @@ def upstream_id(color: Color, address: Address) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class StickyPolicy:
+    """How a request's bucket (0-9999) is found; see SplitSettings for the meaning."""
+
+    key: str = "bucket-cookie"  # "bucket-cookie", "client-ip", "cookie:NAME", "header:NAME"
+    bucket_cookie: str = "zd_bucket"
+    bucket_cookie_max_age: int = 30 * 86400
+    salt: str = "zdproxy"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "bucket_cookie": self.bucket_cookie,
+            "bucket_cookie_max_age": self.bucket_cookie_max_age,
+            "salt": self.salt,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingSnapshot:
     """Immutable; the control plane builds a new one for every change and swaps it in whole.
 
@@ -49,6 +67,7 @@ class RoutingSnapshot:
     live: Color
     candidate_weight: int
     pools: dict[Color, tuple[UpstreamTarget, ...]] = field(default_factory=dict)
+    sticky: StickyPolicy = StickyPolicy()
 
     def __post_init__(self) -> None:
         if not 0 <= self.candidate_weight <= BASIS_POINTS:
@@ -64,6 +83,7 @@ class RoutingSnapshot:
             "live": self.live,
             "candidate_weight": self.candidate_weight,
             "pools": {c: [t.to_dict() for t in self.pools.get(c, ())] for c in COLORS},
+            "sticky": self.sticky.to_dict(),
         }
 
     @classmethod
@@ -72,4 +92,5 @@ class RoutingSnapshot:
             color: tuple(UpstreamTarget.from_dict(t) for t in targets)
             for color, targets in data["pools"].items()
         }
-        return cls(data["version"], data["live"], data["candidate_weight"], pools)
+        sticky = StickyPolicy(**data.get("sticky", {}))
+        return cls(data["version"], data["live"], data["candidate_weight"], pools, sticky)

@@ -1,0 +1,79 @@
+"""Which side of the split a request belongs to: its sticky bucket.
+
+bucket = blake2b(key, key=salt) mod 10000, and the request goes to the candidate
+when its bucket is below the candidate's weight. A user's bucket never changes,
+so raising the weight only ever moves users from live to candidate, and lowering
+it only moves them back. The hash is computed only while the split is fractional.
+"""
+
+from __future__ import annotations
+
+import secrets
+from hashlib import blake2b
+from typing import TYPE_CHECKING
+
+from zdproxy.routing.snapshot import BASIS_POINTS, StickyPolicy
+
+if TYPE_CHECKING:
+    from zdproxy.dataplane.client import ClientConnection
+
+KEY_BUCKET_COOKIE, KEY_CLIENT_IP, KEY_COOKIE, KEY_HEADER = range(4)
+
+
+def bucket_of(salt: bytes, key: bytes) -> int:
+    digest = blake2b(key, digest_size=8, key=salt[:64]).digest()
+    return int.from_bytes(digest, "big") % BASIS_POINTS
+
+
+def cookie_value(header: bytes, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header, or None."""
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return value.strip().strip(b'"') or None
+    return None
+
+
+class Steering:
+    """The sticky policy of one snapshot, compiled for the hot path."""
+
+    __slots__ = ("_cookie", "_kind", "_name", "_salt", "_set_cookie", "active", "header")
+
+    def __init__(self, policy: StickyPolicy, fractional: bool) -> None:
+        self.active = fractional  # only a fractional split needs buckets
+        kind, _, name = policy.key.partition(":")
+        self._kind = {
+            "bucket-cookie": KEY_BUCKET_COOKIE,
+            "client-ip": KEY_CLIENT_IP,
+            "cookie": KEY_COOKIE,
+            "header": KEY_HEADER,
+        }[kind]
+        self._name = name.encode()
+        # The request header the client connection must capture for us, if any.
+        self.header = name.lower().encode() if self._kind == KEY_HEADER else None
+        self._salt = policy.salt.encode()
+        self._cookie = policy.bucket_cookie.encode()
+        self._set_cookie = b"Set-Cookie: %s=%%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
+            self._cookie,
+            policy.bucket_cookie_max_age,
+        )
+
+    def bucket(
+        self, conn: ClientConnection, cookies: bytes | None, header: bytes | None
+    ) -> tuple[int, bytes]:
+        """(bucket, Set-Cookie header line or b"") for one request."""
+        kind = self._kind
+        if kind == KEY_CLIENT_IP:
+            return bucket_of(self._salt, conn.peer_ip), b""
+        key: bytes | None = None
+        if kind == KEY_HEADER:
+            key = header
+        elif kind == KEY_COOKIE and cookies is not None:
+            key = cookie_value(cookies, self._name)
+        if key is not None:
+            return bucket_of(self._salt, key), b""
+        token = cookie_value(cookies, self._cookie) if cookies is not None else None
+        if token is not None:
+            return bucket_of(self._salt, token), b""
+        token = secrets.token_hex(12).encode()
+        return bucket_of(self._salt, token), self._set_cookie % token
