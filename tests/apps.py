@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from functools import partial
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -62,24 +63,18 @@ def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.A
             }
         )
 
-    async def sized(request: web.Request) -> web.StreamResponse:
+    async def stream(request: web.Request, *, chunked: bool) -> web.StreamResponse:
+        """`size` bytes of the pattern, framed by Content-Length or chunked."""
         await record(request)
         size = int(request.match_info["size"])
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.content_length = size
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = size
         await response.prepare(request)
         if request.method != "HEAD":  # aiohttp would send it; a correct server does not
             await _write_pattern(response, size)
-        await response.write_eof()
-        return response
-
-    async def chunked(request: web.Request) -> web.StreamResponse:
-        await record(request)
-        size = int(request.match_info["size"])
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        await _write_pattern(response, size)
         await response.write_eof()
         return response
 
@@ -114,10 +109,18 @@ def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.A
                 await ws.send_bytes(message.data)
         return ws
 
+    readiness: dict[str, Any] = options.get("readiness", {"status": 200, "db": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        """Readiness as the test sets it: `readiness` is shared and mutable."""
+        body = {k: v for k, v in readiness.items() if k != "status"}
+        return web.json_response(body, status=int(readiness.get("status", 200)))
+
     app = web.Application(client_max_size=1024**4)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", websocket)
-    app.router.add_route("*", "/bytes/{size:\\d+}", sized)
-    app.router.add_route("*", "/chunked/{size:\\d+}", chunked)
+    app.router.add_route("*", "/bytes/{size:\\d+}", partial(stream, chunked=False))
+    app.router.add_route("*", "/chunked/{size:\\d+}", partial(stream, chunked=True))
     app.router.add_route("*", "/status/{code:\\d+}", status)
     app.router.add_route("*", "/slow/{ms:\\d+}", slow)
     app.router.add_get("/hop-headers", hop_headers)

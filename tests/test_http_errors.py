@@ -152,10 +152,10 @@ async def test_slowloris_is_disconnected_after_the_header_timeout(
 ) -> None:
     up = await recording_upstream(raw_upstream)
     proxy = zdproxy({"pools": pools([up.address]), "proxy": FAST_TIMEOUTS})
+    loop = asyncio.get_running_loop()
+    started = loop.time()  # the proxy's deadlines count from the connection
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     answer = b""
     async with asyncio.timeout(5):
         # Keep trickling header bytes: the deadline covers the whole head, not each byte.
@@ -173,7 +173,7 @@ async def test_slowloris_is_disconnected_after_the_header_timeout(
     elapsed = loop.time() - started
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408")
-    assert 0.3 <= elapsed < 2.0
+    assert 0.3 <= elapsed < 5.0  # the upper bound only catches "never"
     assert up.received == b""
 
 
@@ -182,15 +182,15 @@ async def test_idle_keep_alive_connection_is_closed(
 ) -> None:
     blue = await upstream("blue")
     proxy = zdproxy({"pools": pools([blue.address]), "proxy": {"idle_timeout": "300ms"}})
+    loop = asyncio.get_running_loop()
+    started = loop.time()  # the proxy's deadlines count from the connection
     reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await reader.readuntil(b"\r\n\r\n")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     async with asyncio.timeout(5):
         while await reader.read(65536):
             pass  # the rest of the body, then EOF when the proxy closes the idle connection
-    assert 0.3 <= loop.time() - started < 2.0
+    assert 0.3 <= loop.time() - started < 5.0
     writer.close()
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from zdproxy.config.overrides import PinSettings, PreviewSettings
 from zdproxy.config.units import Address, AddressField, Duration, Size
 
 Color = Literal["blue", "green"]
@@ -115,6 +116,51 @@ def _entry(value: Any) -> Any:
     return {"address": value} if isinstance(value, str) else value
 
 
+class HealthSettings(Section):
+    """Active health checks of one pool's upstreams. Off unless `path` is set.
+
+    An upstream is routable only after `rise` passing checks in a row, and leaves
+    rotation after `fall` failing ones. A check passes when the answer comes
+    within `timeout`, its status is one of `expect_status`, and, if `expect_json`
+    is set, the JSON body has those values (dotted keys reach into objects), so a
+    readiness endpoint can report its database and queue.
+    """
+
+    path: str = Field(
+        default="",
+        pattern=r"^(/[^\s]*)?$",
+        description='Path to probe, e.g. "/readyz"; empty turns active checks off.',
+    )
+    method: Literal["GET", "HEAD", "OPTIONS"] = Field(default="GET", description="Probe method.")
+    interval: Duration = Field(default=2.0, gt=0, description="Time between two probes.")
+    jitter: Duration = Field(
+        default=0.2, ge=0, description="Up to this much is added to each interval, at random."
+    )
+    timeout: Duration = Field(default=1.0, gt=0, description="A slower answer is a failure.")
+    rise: int = Field(default=2, ge=1, le=100, description="Passes in a row to become routable.")
+    fall: int = Field(default=3, ge=1, le=100, description="Failures in a row to leave rotation.")
+    expect_status: list[int] = Field(
+        default_factory=lambda: [200], min_length=1, description="Statuses that pass."
+    )
+    expect_json: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description='Body fields that must have these values, e.g. {db = "ok", queue = "ok"}.',
+    )
+    host: str = Field(default="", description="Host header of the probes; default the address.")
+
+    @field_validator("expect_status")
+    @classmethod
+    def _statuses(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 100 <= status <= 599:
+                raise ValueError(f"{status} is not an HTTP status")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)
+
+
 class PoolSettings(Section):
     """One color's app servers."""
 
@@ -123,6 +169,7 @@ class PoolSettings(Section):
         description='Addresses ("127.0.0.1:9001", "unix:/run/app.sock") or {address, weight}.',
     )
     version: str = Field(default="", description="Label of the build deployed to this pool.")
+    health: HealthSettings = HealthSettings()
 
     @field_validator("upstreams", mode="before")
     @classmethod
@@ -198,6 +245,10 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     pools: Pools = Pools()
     split: SplitSettings = SplitSettings()
+    pins: list[PinSettings] = Field(
+        default_factory=list, description="Ordered pin rules ([[pins]]); the first match wins."
+    )
+    preview: PreviewSettings = PreviewSettings()
     log: LogSettings = LogSettings()
 
     @classmethod
@@ -219,4 +270,17 @@ class Settings(BaseSettings):
             for entry in getattr(self.pools, color).upstreams:
                 if str(entry.address) == listen:
                     raise ValueError(f"pools.{color}: {listen} is zdproxy's own listener")
+        return self
+
+    @model_validator(mode="after")
+    def _one_role_per_header(self) -> Settings:
+        # The data plane files each request header under one role; a header with two
+        # would silently lose one of them.
+        preview = self.preview.header.lower()
+        kind, _, sticky = self.split.sticky_key.partition(":")
+        if preview and kind == "header" and sticky.lower() == preview:
+            raise ValueError(f"preview.header: {self.preview.header!r} is also split.sticky_key")
+        for i, pin in enumerate(self.pins):
+            if preview and pin.header.lower() == preview:
+                raise ValueError(f"pins[{i}].header: {pin.header!r} is the preview header")
         return self

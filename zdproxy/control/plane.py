@@ -5,16 +5,26 @@ from __future__ import annotations
 import logging
 from itertools import count
 
-from zdproxy.config.settings import COLORS, Settings
+from zdproxy.config.settings import COLORS, HealthSettings, Settings
+from zdproxy.control.drain import DrainResult, wait_drained
+from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.routing.records import IntervalRecord
-from zdproxy.routing.snapshot import RoutingSnapshot, StickyPolicy, UpstreamTarget, upstream_id
+from zdproxy.routing.snapshot import (
+    PinRule,
+    PreviewPolicy,
+    RoutingSnapshot,
+    StickyPolicy,
+    UpstreamTarget,
+    upstream_id,
+)
 
 log = logging.getLogger("zdproxy.control")
 
 
 class ControlPlane:
-    """Holds the pools and the split, and pushes a fresh snapshot on every change.
+    """Holds the pools, the split and their health, and pushes a fresh snapshot on every
+    change. An upstream of a pool with health checks is in the snapshot only while up.
 
     The data plane is reached only through `apply` (snapshots down) and `collect`
     (records up), the two calls that would cross a process boundary.
@@ -24,12 +34,99 @@ class ControlPlane:
         self._dataplane = dataplane
         self._versions = count(1)
         self.settings = settings
+        self.health = HealthChecker(self._health_changed)
+        self.drained: set[str] = set()  # upstream ids the operator took out of rotation
+
+    def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]:
+        """Every configured upstream with its pool's health settings."""
+        return {
+            target.id: (target, pool.health)
+            for color in COLORS
+            for pool in (getattr(self.settings.pools, color),)
+            for target in (
+                UpstreamTarget(upstream_id(color, e.address), color, e.address, e.weight)
+                for e in pool.upstreams
+            )
+        }
+
+    def apply_settings(self, settings: Settings) -> RoutingSnapshot:
+        """Take new settings: start or stop health checks, then publish."""
+        self.settings = settings
+        checked = {uid: entry for uid, entry in self.configured().items() if entry[1].enabled}
+        self.health.sync(checked)
+        return self.publish()
+
+    async def first_checks(self) -> None:
+        """Wait (bounded) for the first verdict on every checked upstream, so that a
+        starting proxy does not answer 503 while its upstreams are already fine."""
+        pools = [getattr(self.settings.pools, color).health for color in COLORS]
+        longest = max((h.rise * h.timeout for h in pools if h.enabled), default=0.0)
+        if longest:
+            await self.health.settle(longest + 1.0)
+
+    def _health_changed(self, target: UpstreamTarget, state: UpstreamHealth) -> None:
+        self.publish()
+
+    def _routable(self, upstream: str) -> bool:
+        if upstream in self.drained:
+            return False
+        state = self.health.state(upstream)
+        return state is None or state.up
+
+    def resolve(self, color: str | None = None, upstream: str | None = None) -> set[str]:
+        """The upstream ids of a color, or the one upstream id given; ValueError if unknown."""
+        configured = self.configured()
+        if upstream is not None:
+            if upstream not in configured:
+                raise ValueError(f"unknown upstream {upstream!r}")
+            return {upstream}
+        if color not in COLORS:
+            raise ValueError(f"unknown color {color!r}: expected blue or green")
+        return {uid for uid, (target, _) in configured.items() if target.color == color}
+
+    async def drain(
+        self,
+        *,
+        color: str | None = None,
+        upstream: str | None = None,
+        cut_after: float = 30.0,
+        tunnel_grace: float = 5.0,
+    ) -> DrainResult:
+        """Take a color or one upstream out of rotation and wait until its work is done.
+
+        New requests go elsewhere at once; requests in flight finish; tunnels get
+        `tunnel_grace`; anything still running after `cut_after` seconds is cut and counted.
+        """
+        ids = self.resolve(color, upstream)
+        self.drained |= ids
+        self.publish()
+        result = await wait_drained(
+            self._dataplane, ids, cut_after=cut_after, tunnel_grace=tunnel_grace
+        )
+        log.info(
+            "drain: %s %s in %.2fs (%d cut, %d tunnels closed)",
+            ", ".join(result.upstreams),
+            "drained" if result.drained else "timed out",
+            result.seconds,
+            result.cut,
+            result.tunnels_closed,
+        )
+        return result
+
+    def undrain(self, *, color: str | None = None, upstream: str | None = None) -> set[str]:
+        """Put drained upstreams back into rotation (health checks still apply)."""
+        ids = self.resolve(color, upstream) & self.drained
+        self.drained -= ids
+        self.publish()
+        return ids
 
     def snapshot_from_settings(self) -> RoutingSnapshot:
+        configured = self.configured()
         pools = {
             color: tuple(
-                UpstreamTarget(upstream_id(color, e.address), color, e.address, e.weight)
-                for e in getattr(self.settings.pools, color).upstreams
+                target
+                for uid, (target, _) in configured.items()
+                if target.color == color and self._routable(uid)
             )
             for color in COLORS
         }
@@ -37,8 +134,10 @@ class ControlPlane:
         sticky = StickyPolicy(
             split.sticky_key, split.bucket_cookie, round(split.bucket_cookie_max_age), split.salt
         )
+        pins = tuple(PinRule.from_settings(i, pin) for i, pin in enumerate(self.settings.pins))
+        preview = PreviewPolicy.from_settings(self.settings.preview)
         return RoutingSnapshot(
-            next(self._versions), split.live, split.candidate_weight, pools, sticky
+            next(self._versions), split.live, split.candidate_weight, pools, sticky, pins, preview
         )
 
     def publish(self) -> RoutingSnapshot:

@@ -10,6 +10,7 @@ from bisect import bisect_right
 from itertools import accumulate
 from random import random
 
+from zdproxy.dataplane.pins import OverrideCounters, Overrides
 from zdproxy.dataplane.steering import Steering
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.snapshot import BASIS_POINTS, RoutingSnapshot
@@ -55,15 +56,23 @@ class RoutingTable:
     """The data plane's view of one snapshot: live and candidate pools and the split."""
 
     __slots__ = (
+        "_routes",
         "all_to_candidate",
         "candidate",
         "candidate_weight",
         "live",
+        "override_headers",
+        "overrides",
         "snapshot",
         "steering",
     )
 
-    def __init__(self, snapshot: RoutingSnapshot, pools: dict[str, UpstreamPool]) -> None:
+    def __init__(
+        self,
+        snapshot: RoutingSnapshot,
+        pools: dict[str, UpstreamPool],
+        counters: OverrideCounters | None = None,
+    ) -> None:
         self.snapshot = snapshot
         live = tuple(pools[t.id] for t in snapshot.pools.get(snapshot.live, ()))
         candidate = tuple(pools[t.id] for t in snapshot.pools.get(snapshot.candidate, ()))
@@ -72,10 +81,24 @@ class RoutingTable:
         self.candidate_weight = weight = snapshot.candidate_weight
         self.all_to_candidate = weight >= BASIS_POINTS
         self.steering = Steering(snapshot.sticky, 0 < weight < BASIS_POINTS)
+        overrides = Overrides(snapshot, counters or OverrideCounters(), self.steering.header)
+        self.override_headers = overrides.headers
+        # None unless there is something to decide: the hot path tests only this.
+        self.overrides = overrides if overrides.active else None
+        # What a pin or preview color means in this snapshot: (first choice, fallback).
+        to_live, to_candidate = (self.live, self.candidate), (self.candidate, self.live)
+        self._routes = {
+            "live": to_live,
+            snapshot.live: to_live,
+            "candidate": to_candidate,
+            snapshot.candidate: to_candidate,
+        }
 
-    def pick(self, bucket: int) -> UpstreamPool | None:
-        """An upstream for a request in `bucket` (-1: no bucket, the split is 0 or 100%);
-        None when neither color has a routable one."""
+    def pick(self, bucket: int, color: str | None = None) -> UpstreamPool | None:
+        """An upstream for a request in `bucket` (-1: no bucket, the split is 0 or 100%),
+        or for the color a pin or preview chose; None when neither color has a routable one."""
+        if color is not None:
+            return _either(*self._routes[color])
         if bucket >= 0:  # noqa: SIM108 - reads as the rule it implements
             to_candidate = bucket < self.candidate_weight
         else:
@@ -89,3 +112,12 @@ class RoutingTable:
         if second is not None:  # fail safe: an empty color's share goes to the other
             return second.pick()
         return None
+
+
+def _either(first: ColorPool | None, second: ColorPool | None) -> UpstreamPool | None:
+    """Fail safe for a pinned color: an empty color's requests go to the other."""
+    if first is not None:
+        return first.pick()
+    if second is not None:
+        return second.pick()
+    return None

@@ -27,6 +27,7 @@ from zdproxy.dataplane.http import (
     H_COOKIE,
     H_EXPECT,
     H_HOST,
+    H_PREVIEW,
     H_STICKY,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
@@ -57,6 +58,7 @@ LINGERING = b""  # owed_reply once the connection only waits for the client to s
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_body_bytes",
+        "_captured",
         "_chunked",
         "_conn_tokens",
         "_content_length",
@@ -225,6 +227,7 @@ class ClientConnection(asyncio.Protocol):
         self._conn_tokens: list[bytes] | None = None
         self._cookie: bytes | None = None
         self._sticky: bytes | None = None
+        self._captured: dict[int, bytes] | None = None  # headers pins and preview read
         if self.trusted:  # only a trusted peer's X-Forwarded-* are ever read
             self._xff: bytes | None = None
             self._xfp: bytes | None = None
@@ -272,6 +275,10 @@ class ClientConnection(asyncio.Protocol):
             self._upgrade = value
         elif kind == H_EXPECT:
             self._expect = value
+        elif kind >= H_PREVIEW:  # only configured pins and preview register these kinds
+            self._capture(kind, value)
+            if kind != H_PREVIEW:  # the preview header is ours; the app never sees it
+                self._lines.extend((name, SEP, value, CRLF))
         elif self.trusted:  # X-Forwarded-*: kept only from trusted proxies
             if kind == H_X_FORWARDED_FOR:
                 self._xff = value if self._xff is None else self._xff + b", " + value
@@ -340,8 +347,15 @@ class ClientConnection(asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
-        steering = server.table.steering
-        if steering.active:
+        table = server.table
+        overrides = table.overrides
+        if overrides is not None:
+            # Decided now: the head's facts are gone by the time a pipelined request starts.
+            exchange.color = overrides.decide(
+                self._host, url, self._cookie, self._captured, self._sticky, self.peer_ip
+            )
+        steering = table.steering
+        if steering.active and exchange.color is None:
             exchange.bucket, exchange.set_cookie = steering.bucket(self, self._cookie, self._sticky)
         self.receiving = exchange
         if self.active is None:
@@ -350,6 +364,15 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(exchange)
             if len(self.queue) >= MAX_PIPELINE:
                 self.gate.pause(PIPELINE_FULL)
+
+    def _capture(self, kind: int, value: bytes) -> None:
+        captured = self._captured
+        if captured is None:
+            self._captured = {kind: value}
+        elif kind in captured:  # a repeated field is one comma-separated list (RFC 9110 5.3)
+            captured[kind] += b", " + value
+        else:
+            captured[kind] = value
 
     def _forwarded_from_trusted(self) -> bytes:
         """X-Forwarded-* from a trusted proxy: append our peer to its chain, keep the rest."""
@@ -404,7 +427,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = exchange
         server = self.server
         exchange.started = now = server.loop.time()
-        pool = server.table.pick(exchange.bucket)
+        pool = server.table.pick(exchange.bucket, exchange.color)
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
             return
@@ -618,6 +641,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         pool.stats.observe(101, server.loop.time() - exchange.started)
         upstream.tunnel = True
+        pool.tunnels.add(upstream)
         exchange.upstream = None
         self.active = None
         self.tunnel_peer = upstream

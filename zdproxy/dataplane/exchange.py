@@ -28,6 +28,7 @@ class Exchange:
         "chunked",
         "client",
         "client_keep_alive",
+        "color",
         "connecting",
         "expect_continue",
         "head",
@@ -68,6 +69,7 @@ class Exchange:
         self.expect_continue = False
         self.bucket = -1  # the sticky bucket, or -1 while the split is not fractional
         self.set_cookie = b""  # a bucket cookie to issue with the response
+        self.color: str | None = None  # a pin's or preview's choice; beats the bucket
         self.started = 0.0  # set when it is dispatched to an upstream
         self.request_complete = False
         self.response_started = False

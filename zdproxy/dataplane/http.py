@@ -20,6 +20,10 @@ H_X_FORWARDED_PROTO = 9
 H_X_FORWARDED_HOST = 10
 H_COOKIE = 11
 H_STICKY = 12  # the header the sticky policy hashes (configured, so added per snapshot)
+# Configured per snapshot too: the preview header (captured, never forwarded), then the
+# headers pin rules read (captured and forwarded), H_PIN + i for the i-th such header.
+H_PREVIEW = 13
+H_PIN = 14
 
 REQUEST_HEADERS: dict[bytes, int] = {
     b"connection": H_CONNECTION,

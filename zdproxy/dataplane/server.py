@@ -15,6 +15,7 @@ from zdproxy.config.units import Address
 from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
 from zdproxy.dataplane.http import H_STICKY, REQUEST_HEADERS
+from zdproxy.dataplane.pins import OverrideCounters
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.records import IntervalRecord
 from zdproxy.routing.snapshot import RoutingSnapshot
@@ -37,8 +38,10 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.pools: dict[str, UpstreamPool] = {}
         self._retired: set[UpstreamPool] = set()
-        self.table = RoutingTable(_EMPTY, {})
-        self.request_headers = REQUEST_HEADERS  # plus what the snapshot's steering reads
+        # Pin matches and preview outcomes, across snapshots (the metrics issue exports them).
+        self.override_counts = OverrideCounters()
+        self.table = RoutingTable(_EMPTY, {}, self.override_counts)
+        self.request_headers = REQUEST_HEADERS  # plus what steering, pins and preview read
         self.stopping = False
         self._servers: list[asyncio.base_events.Server] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -99,10 +102,12 @@ class ProxyServer:
                 pool.close_idle()
                 self._retired.add(pool)
         self.pools = pools
-        self.table = table = RoutingTable(snapshot, pools)
+        self.table = table = RoutingTable(snapshot, pools, self.override_counts)
         self.request_headers = dict(REQUEST_HEADERS)
         if table.steering.header is not None:
             self.request_headers[table.steering.header] = H_STICKY
+        for name, kind in table.override_headers.items():
+            self.request_headers.setdefault(name, kind)  # never shadow a header we interpret
 
     @property
     def snapshot(self) -> RoutingSnapshot:
@@ -111,8 +116,41 @@ class ProxyServer:
     def collect(self) -> list[IntervalRecord]:
         """Response records since the last call, one per upstream that had traffic."""
         records = [pool.stats.take() for pool in (*self.pools.values(), *self._retired)]
-        self._retired = {pool for pool in self._retired if pool.outstanding}
+        self._retired = {pool for pool in self._retired if pool.outstanding or pool.tunnels}
         return [record for record in records if record.responses or record.failures]
+
+    # -- draining (asked by the control plane) ------------------------------------------
+
+    def _known(self, ids: set[str]) -> list[UpstreamPool]:
+        pools = (*self.pools.values(), *self._retired)
+        return [pool for pool in pools if pool.target.id in ids]
+
+    def in_flight(self, ids: set[str]) -> tuple[int, int]:
+        """(requests in flight, open tunnels) on these upstreams."""
+        pools = self._known(ids)
+        return sum(p.outstanding for p in pools), sum(len(p.tunnels) for p in pools)
+
+    def close_tunnels(self, ids: set[str]) -> int:
+        """Close the Upgrade tunnels to these upstreams; returns how many."""
+        closed = 0
+        for pool in self._known(ids):
+            for conn in list(pool.tunnels):
+                conn.transport.close()
+                closed += 1
+        return closed
+
+    def cut(self, ids: set[str]) -> int:
+        """Abort the client connections whose request is in flight on these upstreams."""
+        victims = [
+            conn
+            for conn in self.connections
+            if conn.active is not None
+            and conn.active.pool is not None
+            and conn.active.pool.target.id in ids
+        ]
+        for conn in victims:
+            conn.transport.abort()
+        return len(victims)
 
     # -- listeners ---------------------------------------------------------------------
 

@@ -41,13 +41,14 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 class UpstreamPool:
     """One app server: its idle keep-alive connections (LIFO), load and counters."""
 
-    __slots__ = ("idle", "outstanding", "retired", "server", "stats", "target")
+    __slots__ = ("idle", "outstanding", "retired", "server", "stats", "target", "tunnels")
 
     def __init__(self, target: UpstreamTarget, server: ProxyServer) -> None:
         self.target = target
         self.server = server
         self.idle: list[UpstreamConnection] = []
-        self.outstanding = 0
+        self.outstanding = 0  # requests in flight
+        self.tunnels: set[UpstreamConnection] = set()  # open Upgrade tunnels
         self.stats = UpstreamStats(target.id)
         self.retired = False  # no longer in any snapshot: close connections as they free up
 
@@ -212,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client = exchange.client
         if self.tunnel:
+            self.pool.tunnels.discard(self)
             client.tunnel_closed()
             return
         if self._until_close and exc is None and exchange.response_started:

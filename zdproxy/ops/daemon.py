@@ -32,7 +32,8 @@ class Daemon:
         self.addresses: list[str] = []
 
     async def start(self) -> None:
-        self.control.publish()
+        self.control.apply_settings(self.settings)
+        await self.control.first_checks()
         proxy = self.settings.proxy
         self.addresses = await self.dataplane.listen(proxy.listen, proxy.backlog)
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
@@ -61,12 +62,12 @@ class Daemon:
             log.warning("reload: %s take effect only after a restart", ", ".join(needs_restart))
         self.settings = new
         self.dataplane.configure(new)
-        self.control.settings = new
-        self.control.publish()
+        self.control.apply_settings(new)
         log.info("reload: applied %s", self.config_path)
         return True
 
     async def stop(self) -> None:
+        await self.control.health.close()
         cut = await self.dataplane.stop(SHUTDOWN_GRACE)
         log.info("stopped%s", f" ({cut} connections cut after the grace period)" if cut else "")
 

@@ -28,9 +28,19 @@ listen = "127.0.0.1:{port}"
 upstreams = ["127.0.0.1:{blue}"]
 version = "v1"
 
+[pools.blue.health]
+path = "/healthz"
+interval = "1s"
+expect_json = {{ status = "ok" }}
+
 [pools.green]
 upstreams = ["127.0.0.1:{green}"]
 version = "v2"
+
+[pools.green.health]
+path = "/healthz"
+interval = "1s"
+expect_json = {{ status = "ok" }}
 
 [split]
 live = "blue"

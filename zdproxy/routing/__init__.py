@@ -5,11 +5,19 @@ later run in worker processes with the control plane in the parent.
 """
 
 from zdproxy.routing.records import FailureKind, IntervalRecord, UpstreamStats
-from zdproxy.routing.snapshot import RoutingSnapshot, StickyPolicy, UpstreamTarget
+from zdproxy.routing.snapshot import (
+    PinRule,
+    PreviewPolicy,
+    RoutingSnapshot,
+    StickyPolicy,
+    UpstreamTarget,
+)
 
 __all__ = [
     "FailureKind",
     "IntervalRecord",
+    "PinRule",
+    "PreviewPolicy",
     "RoutingSnapshot",
     "StickyPolicy",
     "UpstreamStats",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zdproxy.config.settings import COLORS, Color
 from zdproxy.config.units import Address
+
+if TYPE_CHECKING:
+    from zdproxy.config.overrides import PinSettings, PreviewSettings
 
 BASIS_POINTS = 10_000
 
@@ -55,6 +58,110 @@ class StickyPolicy:
         }
 
 
+PIN_TARGETS = ("blue", "green", "candidate", "live")
+
+
+@dataclass(frozen=True, slots=True)
+class PinRule:
+    """Requests matching every given condition go to `to` (a color, "candidate" or "live").
+
+    Values are kept as configured; the data plane normalises and compiles them.
+    """
+
+    name: str
+    to: str
+    header: str = ""  # with `values`: the header's value is one of them
+    cookie: str = ""  # with `values`: the cookie's value is one of them
+    values: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.to not in PIN_TARGETS:
+            raise ValueError(f"pin {self.name!r}: unknown target {self.to!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "to": self.to,
+            "header": self.header,
+            "cookie": self.cookie,
+            "values": list(self.values),
+            "hosts": list(self.hosts),
+            "path_prefixes": list(self.path_prefixes),
+            "networks": list(self.networks),
+        }
+
+    @classmethod
+    def from_settings(cls, index: int, pin: PinSettings) -> PinRule:
+        return cls(
+            pin.name or f"pins[{index}]",
+            pin.to,
+            pin.header,
+            pin.cookie,
+            tuple(pin.values),
+            tuple(pin.host),
+            tuple(pin.path_prefix),
+            tuple(pin.network),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PinRule:
+        return cls(
+            data["name"],
+            data["to"],
+            data["header"],
+            data["cookie"],
+            tuple(data["values"]),
+            tuple(data["hosts"]),
+            tuple(data["path_prefixes"]),
+            tuple(data["networks"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewPolicy:
+    """The preview override: which header and cookie name a color, and who may use them.
+
+    The secret crosses to the data plane with the snapshot (hex in to_dict, so a
+    worker process can verify tokens); it is kept out of repr so logs never show it.
+    """
+
+    header: str = "X-Zd-Color"  # "" disables the header
+    cookie: str = "zd_color"  # "" disables the cookie
+    allow_networks: tuple[str, ...] = ()
+    secret: bytes = field(default=b"", repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any override can be honoured at all."""
+        return bool(self.allow_networks or self.secret) and bool(self.header or self.cookie)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "header": self.header,
+            "cookie": self.cookie,
+            "allow_networks": list(self.allow_networks),
+            "secret": self.secret.hex(),
+        }
+
+    @classmethod
+    def from_settings(cls, preview: PreviewSettings) -> PreviewPolicy:
+        return cls(
+            preview.header, preview.cookie, tuple(preview.allow_networks), preview.signing_secret
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreviewPolicy:
+        return cls(
+            data["header"],
+            data["cookie"],
+            tuple(data["allow_networks"]),
+            bytes.fromhex(data["secret"]),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingSnapshot:
     """Immutable; the control plane builds a new one for every change and swaps it in whole.
@@ -68,6 +175,8 @@ class RoutingSnapshot:
     candidate_weight: int
     pools: dict[Color, tuple[UpstreamTarget, ...]] = field(default_factory=dict)
     sticky: StickyPolicy = StickyPolicy()
+    pins: tuple[PinRule, ...] = ()  # ordered: the first match wins
+    preview: PreviewPolicy = PreviewPolicy()
 
     def __post_init__(self) -> None:
         if not 0 <= self.candidate_weight <= BASIS_POINTS:
@@ -84,6 +193,8 @@ class RoutingSnapshot:
             "candidate_weight": self.candidate_weight,
             "pools": {c: [t.to_dict() for t in self.pools.get(c, ())] for c in COLORS},
             "sticky": self.sticky.to_dict(),
+            "pins": [pin.to_dict() for pin in self.pins],
+            "preview": self.preview.to_dict(),
         }
 
     @classmethod
@@ -93,4 +204,8 @@ class RoutingSnapshot:
             for color, targets in data["pools"].items()
         }
         sticky = StickyPolicy(**data.get("sticky", {}))
-        return cls(data["version"], data["live"], data["candidate_weight"], pools, sticky)
+        pins = tuple(PinRule.from_dict(pin) for pin in data.get("pins", ()))
+        preview = PreviewPolicy.from_dict(data["preview"]) if "preview" in data else PreviewPolicy()
+        return cls(
+            data["version"], data["live"], data["candidate_weight"], pools, sticky, pins, preview
+        )

@@ -1,0 +1,193 @@
+"""Settings of the routing overrides: pin rules (`[[pins]]`) and the preview (`[preview]`).
+
+Kept apart from settings.py (which includes them) so that module stays readable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+# An HTTP token (RFC 9110 5.6.2), as settings.TOKEN (which imports this module).
+TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"
+MIN_SECRET_BYTES = 16  # HMAC-SHA256 with a shorter key is open to guessing
+
+# The request headers zdproxy consumes or rewrites itself (dataplane.http.REQUEST_HEADERS;
+# a test keeps the two equal): a rule could never see them as the client sent them.
+INTERPRETED_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "content-length", "host", "expect", "x-forwarded-for", "x-forwarded-proto",
+        "x-forwarded-host", "cookie",
+    }
+)  # fmt: skip
+
+PinTarget = Literal["blue", "green", "candidate", "live"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_networks(values: list[str]) -> list[str]:
+    for text in values:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a network") from None
+    return values
+
+
+def _not_interpreted(name: str) -> str:
+    if name.lower() in INTERPRETED_HEADERS:
+        raise ValueError(f"{name!r} is interpreted by zdproxy and cannot be matched")
+    return name
+
+
+class PinSettings(_Section):
+    """One pin rule: a request that matches every condition given goes to `to`."""
+
+    name: str = Field(default="", description="Label in logs and metrics; default pins[N].")
+    header: str = Field(
+        default="",
+        pattern=rf"^({TOKEN})?$",
+        description="A request header (any case) whose value must be one of `values`.",
+    )
+    cookie: str = Field(
+        default="", pattern=rf"^({TOKEN})?$", description="A cookie whose value is in `values`."
+    )
+    values: list[str] = Field(
+        default_factory=list, description="Exact values for `header` or `cookie`."
+    )
+    host: list[str] = Field(
+        default_factory=list, description="Host names (any case, port ignored); one must match."
+    )
+    path_prefix: list[str] = Field(
+        default_factory=list, description="The request target starts with one of these."
+    )
+    network: list[str] = Field(
+        default_factory=list, description="Client networks (CIDR), as zdproxy sees the client."
+    )
+    to: PinTarget = Field(description='"blue", "green", "candidate" or "live".')
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        return value and _not_interpreted(value)
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: list[str]) -> list[str]:
+        return check_networks(value)
+
+    @field_validator("host")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or any(c.isspace() or c in "/?#@" for c in host):
+                raise ValueError(f"{host!r} is not a host name")
+        return value
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _conditions(self) -> PinSettings:
+        if self.header and self.cookie:
+            raise ValueError("give header or cookie, not both (`values` would be ambiguous)")
+        if (self.header or self.cookie) and not self.values:
+            raise ValueError(f"{'header' if self.header else 'cookie'} needs a list of values")
+        if self.values and not (self.header or self.cookie):
+            raise ValueError("values needs a header or a cookie to compare with")
+        if not (self.header or self.cookie or self.host or self.path_prefix or self.network):
+            raise ValueError(
+                "a pin rule needs at least one condition: header, cookie, host, "
+                "path_prefix or network"
+            )
+        return self
+
+
+def _read_secret(path: str) -> bytes:
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+class PreviewSettings(_Section):
+    """The preview override: a header or cookie naming a color, honoured from trusted
+    networks or when it is a signed, unexpired token."""
+
+    header: str = Field(
+        default="X-Zd-Color",
+        pattern=rf"^({TOKEN})?$",
+        description="Request header naming a color or carrying a token; removed upstream.",
+    )
+    cookie: str = Field(
+        default="zd_color", pattern=rf"^({TOKEN})?$", description="Cookie doing the same."
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list, description="Clients (CIDR) whose plain color is honoured."
+    )
+    secret_file: str = Field(
+        default="", description="File holding the token signing secret; read at load and reload."
+    )
+    secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="The secret itself: set it from the environment (ZDPROXY_PREVIEW__SECRET).",
+    )
+    _file_secret: bytes = PrivateAttr(default=b"")
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        return value and _not_interpreted(value)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return check_networks(value)
+
+    @field_validator("secret_file")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        if value:
+            _read_secret(value)
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if 0 < len(value.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"the secret must be at least {MIN_SECRET_BYTES} bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _load_secret(self) -> PreviewSettings:
+        if self.secret_file:
+            self._file_secret = _read_secret(self.secret_file)
+        return self
+
+    @property
+    def signing_secret(self) -> bytes:
+        """The HMAC secret (the environment's wins over the file's), or b"" for none."""
+        return self.secret.get_secret_value().encode() or self._file_secret

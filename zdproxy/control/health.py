@@ -1,0 +1,214 @@
+"""Active health checks: one probe loop per upstream, rise/fall hysteresis, a reason per result.
+
+The checker only keeps state and reports transitions; the control plane decides
+what a transition means for routing (it rebuilds the snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from zdproxy import __version__
+from zdproxy.config.settings import HealthSettings
+from zdproxy.routing.snapshot import UpstreamTarget
+
+log = logging.getLogger("zdproxy.health")
+
+MAX_BODY = 64 * 1024  # a readiness body larger than this is not read further
+
+
+@dataclass
+class UpstreamHealth:
+    """What the checks say about one upstream. `up` starts False: nothing is routable
+    before it has passed `rise` checks."""
+
+    up: bool = False
+    passes: int = 0
+    failures: int = 0
+    reason: str = "not checked yet"
+    checks: int = 0
+
+
+def json_mismatch(body: Any, expected: dict[str, Any]) -> str | None:
+    """Why `body` lacks an expected value (dotted keys reach into objects), or None."""
+    for dotted, want in expected.items():
+        value = body
+        for key in dotted.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return f"body has no {dotted!r}"
+            value = value[key]
+        if value != want:
+            return f"body {dotted}={value!r} (expected {want!r})"
+    return None
+
+
+@dataclass
+class _Probe:
+    target: UpstreamTarget
+    settings: HealthSettings
+    task: asyncio.Task[None] | None = None
+    session: aiohttp.ClientSession | None = None
+    state: UpstreamHealth = field(default_factory=UpstreamHealth)
+
+
+class HealthChecker:
+    """Probes every upstream whose pool has checks configured; calls `on_change` on every
+    transition between routable and not."""
+
+    def __init__(self, on_change: Callable[[UpstreamTarget, UpstreamHealth], None]) -> None:
+        self._on_change = on_change
+        self._probes: dict[str, _Probe] = {}
+        self._settled: asyncio.Event | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, still closing
+
+    def is_checked(self, upstream_id: str) -> bool:
+        return upstream_id in self._probes
+
+    def state(self, upstream_id: str) -> UpstreamHealth | None:
+        probe = self._probes.get(upstream_id)
+        return probe.state if probe else None
+
+    def sync(self, wanted: dict[str, tuple[UpstreamTarget, HealthSettings]]) -> None:
+        """Probe exactly the wanted upstreams; state survives for those whose settings stay."""
+        for upstream_id in list(self._probes):
+            entry = wanted.get(upstream_id)
+            probe = self._probes[upstream_id]
+            if (
+                entry is None
+                or entry[1] != probe.settings
+                or entry[0].address != probe.target.address
+            ):
+                self._stop(self._probes.pop(upstream_id))
+            else:
+                probe.target = entry[0]  # the weight may have changed
+        for upstream_id, (target, settings) in wanted.items():
+            if upstream_id not in self._probes:
+                probe = _Probe(target, settings)
+                self._probes[upstream_id] = probe
+                probe.task = asyncio.ensure_future(self._loop(probe))
+
+    def _settled_now(self) -> bool:
+        """Every probed upstream has a verdict: up, or failed at least once."""
+        return all(p.state.up or p.state.failures for p in self._probes.values())
+
+    async def settle(self, deadline: float) -> None:
+        """Wait (at most `deadline` seconds) until every probed upstream has a verdict."""
+        if self._settled_now():
+            return
+        self._settled = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), deadline)
+        self._settled = None
+
+    async def close(self) -> None:
+        probes = list(self._probes.values())
+        self._probes.clear()
+        for probe in probes:
+            self._stop(probe)
+        for probe in probes:
+            if probe.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe.task
+
+    def _stop(self, probe: _Probe) -> None:
+        if probe.task is not None:
+            probe.task.cancel()  # its loop closes its session on the way out
+            self._stopping.add(probe.task)
+            probe.task.add_done_callback(self._stopping.discard)
+
+    async def _loop(self, probe: _Probe) -> None:
+        settings = probe.settings
+        try:
+            while True:
+                ok, reason = await self._check(probe)
+                self._record(probe, ok, reason)
+                if self._settled is not None and self._settled_now():
+                    self._settled.set()
+                # Before the first verdict, probe back to back so that start-up is quick.
+                if probe.state.up or probe.state.failures:
+                    await asyncio.sleep(settings.interval + random.uniform(0, settings.jitter))
+        finally:
+            if probe.session is not None:
+                await probe.session.close()
+
+    def _record(self, probe: _Probe, ok: bool, reason: str) -> None:
+        state, settings = probe.state, probe.settings
+        state.checks += 1
+        state.reason = reason
+        if ok:
+            state.passes += 1
+            state.failures = 0
+            if not state.up and state.passes >= settings.rise:
+                state.up = True
+                log.info("health: %s up after %d passing checks", probe.target.id, state.passes)
+                self._on_change(probe.target, state)
+        else:
+            state.failures += 1
+            state.passes = 0
+            if state.up and state.failures >= settings.fall:
+                state.up = False
+                log.warning(
+                    "health: %s down after %d failed checks: %s",
+                    probe.target.id,
+                    state.failures,
+                    reason,
+                )
+                self._on_change(probe.target, state)
+            elif not state.up and state.failures == 1:
+                log.info("health: %s not ready: %s", probe.target.id, reason)
+
+    def _session(self, probe: _Probe) -> aiohttp.ClientSession:
+        if probe.session is None:
+            address = probe.target.address
+            connector: aiohttp.BaseConnector
+            if address.path is not None:
+                connector = aiohttp.UnixConnector(path=address.path, force_close=True)
+            else:
+                connector = aiohttp.TCPConnector(force_close=True)
+            probe.session = aiohttp.ClientSession(
+                connector=connector,
+                headers={"User-Agent": f"zdproxy-health/{__version__}"},
+                auto_decompress=True,
+            )
+        return probe.session
+
+    async def _check(self, probe: _Probe) -> tuple[bool, str]:
+        """One probe: (passed, reason)."""
+        settings = probe.settings
+        address = probe.target.address
+        host = "localhost" if address.path is not None else str(address)
+        url = f"http://{host}{settings.path}"
+        headers = {"Host": settings.host} if settings.host else {}
+        try:
+            async with (
+                asyncio.timeout(settings.timeout),
+                self._session(probe).request(
+                    settings.method, url, headers=headers, allow_redirects=False
+                ) as response,
+            ):
+                if response.status not in settings.expect_status:
+                    return False, f"status {response.status} (expected {settings.expect_status})"
+                if not settings.expect_json:
+                    return True, f"status {response.status}"
+                raw = await response.content.read(MAX_BODY)
+        except TimeoutError:
+            return False, f"no answer within {settings.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            return False, exc.strerror or str(exc)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return False, "body is not JSON"
+        mismatch = json_mismatch(body, settings.expect_json)
+        return (False, mismatch) if mismatch else (True, f"status {response.status}, body ok")
