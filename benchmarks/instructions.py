@@ -10,7 +10,11 @@ reports (Ir(N2) - Ir(N1)) / (N2 - N1): start-up and shutdown cancel out.
     .venv/bin/python benchmarks/instructions.py [--baseline DIR] [--requests 20000]
 
 With --baseline, a second source tree (e.g. `git worktree add /tmp/base HEAD~1`)
-is measured the same way, for an A/B of a change.
+is measured the same way, for an A/B of a change. With --routed, the same tree
+is measured a second time with run.py's "routed" config (a 50/50 sticky split,
+three pin rules, health checks), for the cost of routing features. Work done on
+a timer, like the health probes, is counted per second of valgrind's slowed-down
+run, so it weighs about fifty times more here than it does in real time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import ROUTED  # noqa: E402 - the one definition of the routed config
+
 CONNECTIONS = 8
 REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\nUser-Agent: zdproxy-instructions\r\n\r\n"
 
@@ -71,13 +78,17 @@ def drive(port: int, total: int) -> None:
             sock.close()
 
 
-def count(tree: Path | None, upstream_port: int, requests: int, tmp: Path) -> int:
+def count(
+    tree: Path | None, upstream_port: int, requests: int, tmp: Path, routed: bool = False
+) -> int:
     """Total instructions of one zdproxy process that served `requests` requests."""
     port = free_port()
     conf = tmp / "zdproxy.toml"
     conf.write_text(
         f'[proxy]\nlisten = "127.0.0.1:{port}"\n[upstream]\nidle_timeout = "60s"\n'
-        f'[pools.blue]\nupstreams = ["127.0.0.1:{upstream_port}"]\n[log]\nlevel = "warning"\n'
+        '[log]\nlevel = "warning"\n'
+        f'[pools.blue]\nupstreams = ["127.0.0.1:{upstream_port}"]\n'
+        + (ROUTED.format(up=upstream_port) if routed else "")
     )
     out = tmp / f"callgrind.{requests}.out"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -98,17 +109,19 @@ def count(tree: Path | None, upstream_port: int, requests: int, tmp: Path) -> in
     return int(match.group(1))
 
 
-def per_request(tree: Path | None, upstream_port: int, n: int, tmp: Path) -> float:
+def per_request(
+    tree: Path | None, upstream_port: int, n: int, tmp: Path, routed: bool = False
+) -> float:
     small, large = n // 10, n
-    return (count(tree, upstream_port, large, tmp) - count(tree, upstream_port, small, tmp)) / (
-        large - small
-    )
+    high = count(tree, upstream_port, large, tmp, routed)
+    return (high - count(tree, upstream_port, small, tmp, routed)) / (large - small)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="N2; N1 is a tenth")
     parser.add_argument("--baseline", type=Path, metavar="DIR", help="another source tree")
+    parser.add_argument("--routed", action="store_true", help="also measure run.py's routed")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is missing: apt-get install -y valgrind", file=sys.stderr)
@@ -122,6 +135,10 @@ def main() -> int:
         wait_port(upstream_port, upstream, 15)
         with tempfile.TemporaryDirectory(prefix="zdinstr-") as tmp:
             results = {"zdproxy": per_request(None, upstream_port, args.requests, Path(tmp))}
+            if args.routed:
+                results["routed"] = per_request(
+                    None, upstream_port, args.requests, Path(tmp), routed=True
+                )
             if args.baseline:
                 results["baseline"] = per_request(
                     args.baseline.resolve(), upstream_port, args.requests, Path(tmp)
@@ -131,6 +148,8 @@ def main() -> int:
         upstream.wait(10)
     for name, value in results.items():
         print(f"{name:9} {value:12,.0f} instructions per small request")
+    if "routed" in results:
+        print(f"routed / zdproxy = {results['routed'] / results['zdproxy']:.3f}")
     if "baseline" in results:
         print(f"zdproxy / baseline = {results['zdproxy'] / results['baseline']:.3f}")
     return 0

@@ -75,7 +75,7 @@ def parse_cookies(header: bytes) -> dict[bytes, bytes]:
 class Request:
     """The facts of one request head that pin conditions look at."""
 
-    __slots__ = ("address", "cookies", "headers", "host", "path")
+    __slots__ = ("cookies", "headers", "host", "path", "peer_ip")
 
     def __init__(
         self,
@@ -83,13 +83,13 @@ class Request:
         path: bytes,
         cookies: dict[bytes, bytes],
         headers: dict[int, bytes],
-        address: IPAddress | None,
+        peer_ip: bytes,
     ) -> None:
         self.host = host
         self.path = path
         self.cookies = cookies
         self.headers = headers
-        self.address = address
+        self.peer_ip = peer_ip
 
 
 Condition = Callable[[Request], bool]
@@ -112,7 +112,20 @@ def _path(prefixes: tuple[bytes, ...]) -> Condition:
 
 
 def _network(networks: tuple[IPNetwork, ...]) -> Condition:
-    return lambda request: in_networks(request.address, networks)
+    # ipaddress containment costs microseconds; a client sends many requests from one
+    # address, so remember the answer per address (bounded).
+    answers: dict[bytes, bool] = {}
+
+    def match(request: Request) -> bool:
+        answer = answers.get(request.peer_ip)
+        if answer is None:
+            if len(answers) >= 4096:
+                answers.clear()
+            answer = in_networks(client_address(request.peer_ip), networks)
+            answers[request.peer_ip] = answer
+        return answer
+
+    return match
 
 
 def _networks(texts: tuple[str, ...]) -> tuple[IPNetwork, ...]:
@@ -213,7 +226,7 @@ class Overrides:
             url,
             cookies,
             headers,
-            client_address(peer_ip) if self._needs_address else None,
+            peer_ip,
         )
         for name, to, conditions in self._rules:
             for condition in conditions:

@@ -37,7 +37,16 @@ def cookie_value(header: bytes, name: bytes) -> bytes | None:
 class Steering:
     """The sticky policy of one snapshot, compiled for the hot path."""
 
-    __slots__ = ("_cookie", "_kind", "_name", "_salt", "_set_cookie", "active", "header")
+    __slots__ = (
+        "_buckets",
+        "_cookie",
+        "_kind",
+        "_name",
+        "_salt",
+        "_set_cookie",
+        "active",
+        "header",
+    )
 
     def __init__(self, policy: StickyPolicy, fractional: bool) -> None:
         self.active = fractional  # only a fractional split needs buckets
@@ -52,6 +61,7 @@ class Steering:
         # The request header the client connection must capture for us, if any.
         self.header = name.lower().encode() if self._kind == KEY_HEADER else None
         self._salt = policy.salt.encode()
+        self._buckets: dict[bytes, int] = {}  # a user's requests hash their key once
         self._cookie = policy.bucket_cookie.encode()
         self._set_cookie = b"Set-Cookie: %s=%%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax\r\n" % (
             self._cookie,
@@ -64,16 +74,24 @@ class Steering:
         """(bucket, Set-Cookie header line or b"") for one request."""
         kind = self._kind
         if kind == KEY_CLIENT_IP:
-            return bucket_of(self._salt, conn.peer_ip), b""
+            return self._bucket_of(conn.peer_ip), b""
         key: bytes | None = None
         if kind == KEY_HEADER:
             key = header
         elif kind == KEY_COOKIE and cookies is not None:
             key = cookie_value(cookies, self._name)
         if key is not None:
-            return bucket_of(self._salt, key), b""
+            return self._bucket_of(key), b""
         token = cookie_value(cookies, self._cookie) if cookies is not None else None
         if token is not None:
-            return bucket_of(self._salt, token), b""
+            return self._bucket_of(token), b""
         token = secrets.token_hex(12).encode()
         return bucket_of(self._salt, token), self._set_cookie % token
+
+    def _bucket_of(self, key: bytes) -> int:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= 16384:  # bounded: start over rather than grow
+                self._buckets.clear()
+            bucket = self._buckets[key] = bucket_of(self._salt, key)
+        return bucket
