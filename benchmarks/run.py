@@ -114,6 +114,8 @@ SCENARIOS = {
         Scenario("16k-c64", "/16k", 64),
         Scenario("1m-c64", "/1m", 64),
         Scenario("small-c256", "/small", 256),
+        Scenario("16k-c256", "/16k", 256),
+        Scenario("1m-c256", "/1m", 256),
     )
 }
 

@@ -134,3 +134,25 @@ async def _write_pattern(response: web.StreamResponse, size: int) -> None:
         await response.write(BLOCK)
     if rest:
         await response.write(BLOCK[:rest])
+
+
+def main() -> None:
+    """`python -m tests.apps NAME`: serve the app on an ephemeral port in its own process
+    (for tests that kill an upstream), printing "PORT <n>" once it listens."""
+    import sys
+
+    async def serve() -> None:
+        runner = web.AppRunner(upstream_app(sys.argv[1], []), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None
+        print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)  # type: ignore[union-attr]
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

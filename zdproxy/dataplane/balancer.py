@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from itertools import accumulate
-from random import random
+from random import choice, random
 
 from zdproxy.dataplane.pins import OverrideCounters, Overrides
 from zdproxy.dataplane.steering import Steering
@@ -35,6 +35,14 @@ class ColorPool:
         if self._cumulative is None:
             return int(random() * self._total)
         return bisect_right(self._cumulative, random() * self._total)
+
+    def pick_other(self, failed: UpstreamPool) -> UpstreamPool | None:
+        """Another member than `failed` (after a failure; not on the hot path)."""
+        others = [m for m in self.members if m is not failed]
+        if not others:
+            return None
+        first, second = choice(others), choice(others)
+        return min(first, second, key=lambda m: (m.outstanding + 1) / m.target.weight)
 
     def pick(self) -> UpstreamPool:
         members = self.members
@@ -112,6 +120,11 @@ class RoutingTable:
         if second is not None:  # fail safe: an empty color's share goes to the other
             return second.pick()
         return None
+
+    def alternative(self, failed: UpstreamPool) -> UpstreamPool | None:
+        """Another routable upstream of the failed one's color, for a safe retry."""
+        color = self.live if failed.target.color == self.snapshot.live else self.candidate
+        return color.pick_other(failed) if color is not None else None
 
 
 def _either(first: ColorPool | None, second: ColorPool | None) -> UpstreamPool | None:

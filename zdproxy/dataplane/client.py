@@ -34,6 +34,7 @@ from zdproxy.dataplane.http import (
     H_X_FORWARDED_FOR,
     H_X_FORWARDED_HOST,
     H_X_FORWARDED_PROTO,
+    IDEMPOTENT_METHODS,
     PLAIN_CONNECTION_VALUES,
     SEP,
     Reject,
@@ -45,12 +46,13 @@ from zdproxy.routing.records import FailureKind
 
 if TYPE_CHECKING:
     from zdproxy.dataplane.server import ProxyServer
-    from zdproxy.dataplane.upstream import UpstreamConnection
+    from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("zdproxy.client")
 
 MAX_PIPELINE = 16  # queued requests behind the active one before we stop reading
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while no upstream is attached
+MAX_RETRIES = 2  # other upstreams tried after a failure that is safe to retry
 LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close
 LINGERING = b""  # owed_reply once the connection only waits for the client to stop
 
@@ -339,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
             self,
             b"".join(head),
             is_head=method == b"HEAD",
+            idempotent=method in IDEMPOTENT_METHODS,
             chunked=self._chunked,
             body_expected=body_expected,
             # After an Upgrade request the parser is spent: one exchange, then close.
@@ -431,10 +434,15 @@ class ClientConnection(asyncio.Protocol):
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
             return
-        exchange.pool = pool
-        pool.outstanding += 1
         if exchange.expect_continue and not exchange.request_complete:
             self.transport.write(CONTINUE_100)
+        self._dispatch(exchange, pool, now)
+
+    def _dispatch(self, exchange: Exchange, pool: UpstreamPool, now: float) -> None:
+        """Send the exchange to this upstream: on an idle connection, else a new one."""
+        server = self.server
+        exchange.pool = pool
+        pool.outstanding += 1
         conn = pool.take_idle()
         if conn is not None:
             exchange.reused = True
@@ -461,6 +469,8 @@ class ClientConnection(asyncio.Protocol):
         if error is not None:
             pool.outstanding -= 1
             pool.stats.fail(FailureKind.CONNECT)
+            if self._retry_elsewhere(exchange, pool, "connect"):  # nothing was sent: safe
+                return
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
             self._respond_locally(
                 exchange, 502, f"cannot connect to upstream {pool.target.id}: {reason}"
@@ -575,17 +585,42 @@ class ClientConnection(asyncio.Protocol):
         pool = exchange.pool
         assert pool is not None
         exchange.upstream = None
-        if not exchange.response_started and exchange.reused and exchange.replayable:
-            # The app closed an idle keep-alive connection just as we reused it; nothing
-            # was consumed, so the same request goes out once more on a fresh connection.
-            exchange.reused = False
-            server = self.server
-            self.deadline = server.loop.time() + server.connect_timeout
-            pool.connect(exchange)
-            return
+        if not exchange.response_started and exchange.replayable:
+            if exchange.reused and exchange.attempts == 0:
+                # The app closed an idle keep-alive connection just as we reused it:
+                # the same request goes out once more, on a fresh connection.
+                exchange.reused = False
+                exchange.attempts += 1
+                server = self.server
+                self.deadline = server.loop.time() + server.connect_timeout
+                pool.connect(exchange)
+                return
+            if exchange.idempotent:
+                pool.outstanding -= 1
+                pool.stats.fail(FailureKind.RESET)
+                if self._retry_elsewhere(exchange, pool, "reset"):
+                    return
+                self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
+                return
         pool.outstanding -= 1
         pool.stats.fail(FailureKind.RESET)
         self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
+
+    def _retry_elsewhere(self, exchange: Exchange, failed: UpstreamPool, kind: str) -> bool:
+        """Send a request that got no response byte to another upstream of the same
+        color. Only for failures that leave it safe to send again: nothing sent
+        (connect), or an idempotent request whose whole body is known (reset)."""
+        server = self.server
+        if exchange.attempts >= MAX_RETRIES:
+            return False
+        other = server.table.alternative(failed)
+        if other is None:
+            return False
+        exchange.attempts += 1
+        exchange.reused = False
+        server.retries[kind] += 1
+        self._dispatch(exchange, other, server.loop.time())
+        return True
 
     def upstream_failed(
         self, exchange: Exchange, conn: UpstreamConnection, kind: FailureKind, detail: str

@@ -33,6 +33,7 @@ class Exchange:
         "expect_continue",
         "head",
         "http10",
+        "idempotent",
         "is_head",
         "pending",
         "pending_bytes",
@@ -52,6 +53,7 @@ class Exchange:
         head: bytes,
         *,
         is_head: bool,
+        idempotent: bool,
         chunked: bool,
         body_expected: bool,
         keep_alive: bool,
@@ -61,6 +63,7 @@ class Exchange:
         self.client = client
         self.head = head
         self.is_head = is_head
+        self.idempotent = idempotent  # by method: may be sent again after a reset
         self.chunked = chunked
         self.body_expected = body_expected
         self.client_keep_alive = keep_alive

@@ -43,6 +43,7 @@ class ProxyServer:
         self.table = RoutingTable(_EMPTY, {}, self.override_counts)
         self.request_headers = REQUEST_HEADERS  # plus what steering, pins and preview read
         self.stopping = False
+        self.retries = {"connect": 0, "reset": 0}  # requests sent again, by why
         self._servers: list[asyncio.base_events.Server] = []
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None

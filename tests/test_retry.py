@@ -1,0 +1,131 @@
+"""Retries where they are safe: another upstream of the same color, before any response byte."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import RawHandler, RawUpstream, Upstream, ZdProxy, pools, wait_until
+
+StartProxy = Callable[..., ZdProxy]
+StartUpstream = Callable[..., Awaitable[Upstream]]
+StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def statuses(url: str, method: str, count: int) -> Counter[int]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        result: Counter[int] = Counter()
+        for i in range(count):
+            data = b"payload" if method == "POST" else None
+            async with session.request(method, f"{url}/r/{i}", data=data) as response:
+                await response.read()
+                result[response.status] += 1
+        return result
+
+
+async def test_connect_failure_is_retried_on_another_upstream(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    alive = await upstream("alive")
+    proxy = zdproxy({"pools": pools([f"127.0.0.1:{closed_port()}", alive.address])})
+    # Nothing reached the dead upstream, so even a POST may go elsewhere.
+    assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
+    assert await statuses(proxy.url, "POST", 30) == Counter({200: 30})
+    assert len(alive.seen) == 60
+
+
+async def test_reset_is_retried_for_idempotent_requests_only(
+    zdproxy: StartProxy, upstream: StartUpstream, raw_upstream: StartRaw
+) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:  # read each request head, then die without a response byte
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.abort()
+            return
+
+    broken = await raw_upstream(reset)
+    alive = await upstream("alive")
+    proxy = zdproxy({"pools": pools([broken.address, alive.address])})
+    assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
+    posts = await statuses(proxy.url, "POST", 30)
+    reached_broken = broken.received.count(b"POST ")
+    # A POST the broken upstream received may have had effects: it is not sent again.
+    assert reached_broken > 0
+    assert posts == Counter({200: 30 - reached_broken, 502: reached_broken})
+
+
+@pytest.fixture
+def app_process() -> Iterator[Callable[[str], tuple[subprocess.Popen[str], str]]]:
+    """Upstream apps in processes of their own, so a test can SIGKILL one."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(name: str) -> tuple[subprocess.Popen[str], str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.apps", name], stdout=subprocess.PIPE, text=True
+        )
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("PORT "), line
+        return process, f"127.0.0.1:{line.split()[1]}"
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+async def test_sigkill_of_an_upstream_under_load_fails_no_idempotent_request(
+    zdproxy: StartProxy, app_process: Callable[[str], tuple[subprocess.Popen[str], str]]
+) -> None:
+    victim, victim_address = app_process("victim")
+    _, survivor_address = app_process("survivor")
+    health = {"path": "/readyz", "interval": "100ms", "jitter": "0ms", "timeout": "300ms"}
+    config: dict[str, Any] = {"pools": pools([victim_address, survivor_address])}
+    config["pools"]["blue"]["health"] = {**health, "fall": 2, "rise": 2}
+    proxy = zdproxy(config)
+    await wait_until(lambda: sum("up after" in line for line in proxy.log_lines) == 2)
+
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                async with session.get(f"{proxy.url}/slow/20") as response:
+                    await response.read()
+                    outcomes[str(response.status)] += 1
+            except aiohttp.ClientError as exc:
+                outcomes[type(exc).__name__] += 1
+
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        workers = [asyncio.ensure_future(worker(session)) for _ in range(16)]
+        await asyncio.sleep(0.5)  # load is flowing to both upstreams
+        victim.send_signal(signal.SIGKILL)
+        killed_at = loop.time()
+        went_down = f"blue/{victim_address} down after 2 failed checks"
+        await wait_until(lambda: any(went_down in line for line in proxy.log_lines))
+        ejected_after = loop.time() - killed_at
+        await asyncio.sleep(0.3)  # and load goes on with the survivor alone
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 10)
+    assert set(outcomes) == {"200"}, outcomes
+    assert outcomes["200"] > 100
+    # Out of rotation within about `fall` intervals (plus one probe timeout).
+    assert ejected_after < 2 * 0.1 + 0.3 + 0.5
