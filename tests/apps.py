@@ -116,7 +116,17 @@ def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.A
         body = {k: v for k, v in readiness.items() if k != "status"}
         return web.json_response(body, status=int(readiness.get("status", 200)))
 
-    app = web.Application(client_max_size=1024**4)
+    failing: dict[str, int] = options.get("failing", {})
+
+    @web.middleware
+    async def fail_on_purpose(request: web.Request, handler: Any) -> web.StreamResponse:
+        """While the test sets failing["status"], every request but /readyz gets it."""
+        if failing.get("status") and request.path != "/readyz":
+            return web.Response(status=failing["status"], text=f"{name} failing\n")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app = web.Application(client_max_size=1024**4, middlewares=[fail_on_purpose])
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", websocket)
     app.router.add_route("*", "/bytes/{size:\\d+}", partial(stream, chunked=False))

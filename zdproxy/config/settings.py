@@ -161,6 +161,25 @@ class HealthSettings(Section):
         return bool(self.path)
 
 
+class OutlierSettings(Section):
+    """Passive outlier ejection: an upstream whose requests fail in a row leaves rotation
+    for a while, without waiting for the active checks."""
+
+    consecutive_failures: int = Field(
+        default=5,
+        ge=0,
+        description="Failures in a row (5xx, connect, reset, timeout) that eject; 0 disables.",
+    )
+    base_ejection: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="Ejection time, times the number of times this upstream was ejected.",
+    )
+    max_ejected_percent: int = Field(
+        default=50, ge=0, le=100, description="Never more than this share of the pool ejected."
+    )
+
+
 class PoolSettings(Section):
     """One color's app servers."""
 
@@ -170,6 +189,7 @@ class PoolSettings(Section):
     )
     version: str = Field(default="", description="Label of the build deployed to this pool.")
     health: HealthSettings = HealthSettings()
+    outlier: OutlierSettings = OutlierSettings()
 
     @field_validator("upstreams", mode="before")
     @classmethod

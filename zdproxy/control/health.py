@@ -36,6 +36,7 @@ class UpstreamHealth:
     failures: int = 0
     reason: str = "not checked yet"
     checks: int = 0
+    last_pass: float = 0.0  # loop time of the last passing check
 
 
 def json_mismatch(body: Any, expected: dict[str, Any]) -> str | None:
@@ -145,6 +146,7 @@ class HealthChecker:
         state.checks += 1
         state.reason = reason
         if ok:
+            state.last_pass = asyncio.get_running_loop().time()
             state.passes += 1
             state.failures = 0
             if not state.up and state.passes >= settings.rise:

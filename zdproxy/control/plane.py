@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from itertools import count
 
-from zdproxy.config.settings import COLORS, HealthSettings, Settings
+from zdproxy.config.settings import COLORS, HealthSettings, OutlierSettings, Settings
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.health import HealthChecker, UpstreamHealth
+from zdproxy.control.outliers import OutlierDetector
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.routing.records import IntervalRecord
 from zdproxy.routing.snapshot import (
@@ -20,6 +23,8 @@ from zdproxy.routing.snapshot import (
 )
 
 log = logging.getLogger("zdproxy.control")
+
+TICK_SECONDS = 0.1  # how often the control plane looks at the data plane's streaks
 
 
 class ControlPlane:
@@ -35,7 +40,37 @@ class ControlPlane:
         self._versions = count(1)
         self.settings = settings
         self.health = HealthChecker(self._health_changed)
+        self.outliers = OutlierDetector(dataplane, self.health)
         self.drained: set[str] = set()  # upstream ids the operator took out of rotation
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the control plane's tick (outlier ejection)."""
+        self._ticker = asyncio.ensure_future(self._tick_forever())
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.health.close()
+
+    async def _tick_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            pools: dict[str, tuple[list[UpstreamTarget], OutlierSettings]] = {
+                color: (
+                    [t for t in self.targets() if t.color == color],
+                    getattr(self.settings.pools, color).outlier,
+                )
+                for color in COLORS
+            }
+            if self.outliers.tick(loop.time(), pools):
+                self.publish()
+
+    def targets(self) -> list[UpstreamTarget]:
+        return [target for target, _ in self.configured().values()]
 
     def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]:
         """Every configured upstream with its pool's health settings."""
@@ -52,8 +87,9 @@ class ControlPlane:
     def apply_settings(self, settings: Settings) -> RoutingSnapshot:
         """Take new settings: start or stop health checks, then publish."""
         self.settings = settings
-        checked = {uid: entry for uid, entry in self.configured().items() if entry[1].enabled}
-        self.health.sync(checked)
+        configured = self.configured()
+        self.health.sync({uid: entry for uid, entry in configured.items() if entry[1].enabled})
+        self.outliers.forget(set(configured))
         return self.publish()
 
     async def first_checks(self) -> None:
@@ -68,7 +104,7 @@ class ControlPlane:
         self.publish()
 
     def _routable(self, upstream: str) -> bool:
-        if upstream in self.drained:
+        if upstream in self.drained or upstream in self.outliers.ejected:
             return False
         state = self.health.state(upstream)
         return state is None or state.up

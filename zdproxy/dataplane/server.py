@@ -120,6 +120,19 @@ class ProxyServer:
         self._retired = {pool for pool in self._retired if pool.outstanding or pool.tunnels}
         return [record for record in records if record.responses or record.failures]
 
+    def failure_streaks(self, at_least: int) -> dict[str, int]:
+        """Upstreams whose last `at_least` or more outcomes were all failures."""
+        return {
+            pool.target.id: pool.stats.streak
+            for pool in self.pools.values()
+            if pool.stats.streak >= at_least
+        }
+
+    def forget_streak(self, upstream_id: str) -> None:
+        pool = self.pools.get(upstream_id)
+        if pool is not None:
+            pool.stats.streak = 0
+
     # -- draining (asked by the control plane) ------------------------------------------
 
     def _known(self, ids: set[str]) -> list[UpstreamPool]:

@@ -33,6 +33,7 @@ class Daemon:
 
     async def start(self) -> None:
         self.control.apply_settings(self.settings)
+        self.control.start()
         await self.control.first_checks()
         proxy = self.settings.proxy
         self.addresses = await self.dataplane.listen(proxy.listen, proxy.backlog)
@@ -67,7 +68,7 @@ class Daemon:
         return True
 
     async def stop(self) -> None:
-        await self.control.health.close()
+        await self.control.close()
         cut = await self.dataplane.stop(SHUTDOWN_GRACE)
         log.info("stopped%s", f" ({cut} connections cut after the grace period)" if cut else "")
 

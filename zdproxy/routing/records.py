@@ -47,7 +47,14 @@ _KIND_INDEX = {kind: i for i, kind in enumerate(FailureKind)}
 class UpstreamStats:
     """Mutable counters for one upstream, written only by the data plane's event loop."""
 
-    __slots__ = ("by_class", "failures", "latency_buckets", "latency_sum", "upstream_id")
+    __slots__ = (
+        "by_class",
+        "failures",
+        "latency_buckets",
+        "latency_sum",
+        "streak",
+        "upstream_id",
+    )
 
     def __init__(self, upstream_id: str) -> None:
         self.upstream_id = upstream_id
@@ -55,14 +62,19 @@ class UpstreamStats:
         self.failures = [0] * len(FailureKind)
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
+        # Failures in a row (5xx or no response), for outlier ejection; not per interval.
+        self.streak = 0
 
     def observe(self, status: int, seconds: float) -> None:
+        self.streak = self.streak + 1 if status >= 500 else 0
         self.by_class[status // 100] += 1
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
     def fail(self, kind: FailureKind) -> None:
         self.failures[_KIND_INDEX[kind]] += 1
+        if kind is not FailureKind.CLIENT_ABORT:
+            self.streak += 1
 
     def take(self) -> IntervalRecord:
         """The counts since the last take, and a fresh start."""

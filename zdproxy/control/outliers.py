@@ -1,0 +1,100 @@
+"""Passive outlier ejection: upstreams whose requests fail in a row leave rotation.
+
+The data plane keeps a failure streak per upstream (5xx or no response, reset by
+any other answer); the control plane reads the streaks on its tick. An ejected
+upstream stays out for `base_ejection` times the number of its ejections, and
+comes back only after that time and, if its pool has health checks, a passing
+check newer than the end of its ejection. A pool never has more than
+`max_ejected_percent` of its upstreams ejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from zdproxy.config.settings import OutlierSettings
+from zdproxy.control.health import HealthChecker
+from zdproxy.dataplane.server import ProxyServer
+from zdproxy.routing.snapshot import UpstreamTarget
+
+log = logging.getLogger("zdproxy.outliers")
+
+
+@dataclass
+class Ejection:
+    until: float
+    times: int  # how often this upstream has been ejected: the time multiplier
+
+
+class OutlierDetector:
+    def __init__(self, dataplane: ProxyServer, health: HealthChecker) -> None:
+        self._dataplane = dataplane
+        self._health = health
+        self.ejected: dict[str, Ejection] = {}
+        self._times: dict[str, int] = {}  # ejections so far, kept after each return
+
+    def tick(
+        self, now: float, pools: Mapping[str, tuple[list[UpstreamTarget], OutlierSettings]]
+    ) -> bool:
+        """Eject and return upstreams; True when routing must change. `pools` maps a
+        color to its configured upstreams and outlier settings."""
+        changed = self._returns(now)
+        thresholds = [s.consecutive_failures for _, s in pools.values() if s.consecutive_failures]
+        if not thresholds:
+            return changed
+        streaks = self._dataplane.failure_streaks(min(thresholds))
+        for targets, settings in pools.values():
+            if not settings.consecutive_failures:
+                continue
+            allowed = len(targets) * settings.max_ejected_percent // 100
+            ejected = sum(t.id in self.ejected for t in targets)
+            for target in targets:
+                streak = streaks.get(target.id, 0)
+                if target.id in self.ejected or streak < settings.consecutive_failures:
+                    continue
+                if ejected >= allowed:
+                    log.warning(
+                        "outlier: %s failed %d in a row, but %d%% of its pool is already out",
+                        target.id,
+                        streak,
+                        settings.max_ejected_percent,
+                    )
+                    self._dataplane.forget_streak(target.id)
+                    continue
+                times = self._times.get(target.id, 0) + 1
+                self._times[target.id] = times
+                seconds = settings.base_ejection * times
+                self.ejected[target.id] = Ejection(now + seconds, times)
+                self._dataplane.forget_streak(target.id)
+                ejected += 1
+                changed = True
+                log.warning(
+                    "outlier: %s ejected for %gs after %d failures in a row (ejection %d)",
+                    target.id,
+                    seconds,
+                    streak,
+                    times,
+                )
+        return changed
+
+    def _returns(self, now: float) -> bool:
+        changed = False
+        for upstream_id, ejection in list(self.ejected.items()):
+            if now < ejection.until:
+                continue
+            state = self._health.state(upstream_id)
+            if state is not None and not (state.up and state.last_pass > ejection.until):
+                continue  # checked pools: wait for a passing check after the ejection
+            del self.ejected[upstream_id]
+            changed = True
+            log.info("outlier: %s returns to rotation", upstream_id)
+        return changed
+
+    def forget(self, known: set[str]) -> None:
+        """Drop the state of upstreams that are no longer configured."""
+        for upstream_id in set(self.ejected) - known:
+            del self.ejected[upstream_id]
+        for upstream_id in set(self._times) - known:
+            del self._times[upstream_id]
