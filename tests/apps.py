@@ -122,6 +122,7 @@ def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.A
     async def fail_on_purpose(request: web.Request, handler: Any) -> web.StreamResponse:
         """While the test sets failing["status"], every request but /readyz gets it."""
         if failing.get("status") and request.path != "/readyz":
+            await record(request)
             return web.Response(status=failing["status"], text=f"{name} failing\n")
         response: web.StreamResponse = await handler(request)
         return response

@@ -60,7 +60,9 @@ async def test_reset_is_retried_for_idempotent_requests_only(
 
     broken = await raw_upstream(reset)
     alive = await upstream("alive")
-    proxy = zdproxy({"pools": pools([broken.address, alive.address])})
+    # The whole budget: this test is about which requests are retried, not how many.
+    config = {"pools": pools([broken.address, alive.address]), "retry": {"budget_percent": 100}}
+    proxy = zdproxy(config)
     assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
     posts = await statuses(proxy.url, "POST", 30)
     reached_broken = broken.received.count(b"POST ")
@@ -116,16 +118,73 @@ async def test_sigkill_of_an_upstream_under_load_fails_no_idempotent_request(
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
         workers = [asyncio.ensure_future(worker(session)) for _ in range(16)]
-        await asyncio.sleep(0.5)  # load is flowing to both upstreams
-        victim.send_signal(signal.SIGKILL)
-        killed_at = loop.time()
-        went_down = f"blue/{victim_address} down after 2 failed checks"
-        await wait_until(lambda: any(went_down in line for line in proxy.log_lines))
-        ejected_after = loop.time() - killed_at
-        await asyncio.sleep(0.3)  # and load goes on with the survivor alone
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*workers), 10)
+        try:
+            await asyncio.sleep(0.5)  # load is flowing to both upstreams
+            victim.send_signal(signal.SIGKILL)
+            killed_at = loop.time()
+            went_down = f"blue/{victim_address} down after 2 failed checks"
+            await wait_until(lambda: any(went_down in line for line in proxy.log_lines))
+            ejected_after = loop.time() - killed_at
+            await asyncio.sleep(0.3)  # and load goes on with the survivor alone
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*workers), 10)
     assert set(outcomes) == {"200"}, outcomes
     assert outcomes["200"] > 100
     # Out of rotation within about `fall` intervals (plus one probe timeout).
     assert ejected_after < 2 * 0.1 + 0.3 + 0.5
+
+
+async def test_retry_budget_stops_a_retry_storm(
+    zdproxy: StartProxy, upstream: StartUpstream, raw_upstream: StartRaw
+) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    broken = await raw_upstream(reset)
+    alive = await upstream("alive")
+    # A budget of 0%: only the 3 retries every window allows get through.
+    config = {"pools": pools([broken.address, alive.address]), "retry": {"budget_percent": 0}}
+    proxy = zdproxy(config)
+    result = await statuses(proxy.url, "GET", 40)
+    reached_broken = broken.received.count(b"GET ")
+    assert reached_broken > 3
+    assert result == Counter({200: 40 - reached_broken + 3, 502: reached_broken - 3})
+
+
+async def test_candidate_failures_are_retried_on_the_live_pool_for_get_only(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    green = await upstream("green", failing={"status": 500})
+    config: dict[str, Any] = {
+        "pools": pools([blue.address], [green.address]),
+        "split": {"live": "blue", "candidate_weight": 5000},
+        "retry": {"statuses": [500, 502, 503, 504], "budget_percent": 100},
+    }
+    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}  # keep it in the split
+    proxy = zdproxy(config)
+    assert await statuses(proxy.url, "GET", 40) == Counter({200: 40})
+    gets_on_green = sum(entry["method"] == "GET" for entry in green.seen)
+    assert gets_on_green > 0  # they did reach the candidate, and were answered by blue
+    posts = await statuses(proxy.url, "POST", 40)
+    posts_on_green = sum(entry["method"] == "POST" for entry in green.seen)
+    assert posts_on_green > 0
+    assert posts == Counter({200: 40 - posts_on_green, 500: posts_on_green})
+
+
+async def test_without_live_pool_retry_the_candidate_answer_passes(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    green = await upstream("green", failing={"status": 503})
+    config: dict[str, Any] = {
+        "pools": pools([blue.address], [green.address]),
+        "split": {"live": "blue", "candidate_weight": 10000},
+        "retry": {"on_live_pool": False},
+    }
+    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
+    proxy = zdproxy(config)
+    assert await statuses(proxy.url, "GET", 10) == Counter({503: 10})
+    assert blue.seen == []

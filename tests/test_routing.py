@@ -328,6 +328,8 @@ async def test_interval_records_count_per_upstream_and_class(
         "proxy": {"listen": "127.0.0.1:0"},
         "pools": pools([app.address], [dead]),
         "split": split("blue", 0),
+        # The failed connect must reach the client, not be retried on the live pool.
+        "retry": {"on_live_pool": False},
     }
     daemon = Daemon(settings_from_mapping(config))
     await daemon.start()

@@ -250,6 +250,41 @@ class SplitSettings(Section):
     )
 
 
+class RetrySettings(Section):
+    """Sending a failed request again, where that is safe.
+
+    A connect failure goes to another upstream of the same color (nothing was
+    sent). A request that failed on the candidate before any response byte
+    reached the client (connect failure, reset, or one of `statuses`) goes to the
+    live pool once, if it is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE)
+    and its body, if any, fit in `max_body`. A budget keeps the retries that load an
+    upstream (all but same-color connect retries) to a share of recent requests, so
+    a failing pool cannot double the load on the other.
+    """
+
+    on_live_pool: bool = Field(
+        default=True, description="Retry the candidate's failed requests on the live pool."
+    )
+    statuses: list[int] = Field(
+        default_factory=lambda: [502, 503, 504],
+        description="Candidate statuses that are retried on the live pool.",
+    )
+    max_body: Size = Field(
+        default=65536, ge=0, description="Largest request body kept so it can be sent again."
+    )
+    budget_percent: int = Field(
+        default=20, ge=0, le=100, description="Retries allowed, as a share of recent requests."
+    )
+
+    @field_validator("statuses")
+    @classmethod
+    def _server_errors(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 500 <= status <= 599:
+                raise ValueError(f"{status} is not a 5xx status")
+        return value
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -269,6 +304,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Ordered pin rules ([[pins]]); the first match wins."
     )
     preview: PreviewSettings = PreviewSettings()
+    retry: RetrySettings = RetrySettings()
     log: LogSettings = LogSettings()
 
     @classmethod

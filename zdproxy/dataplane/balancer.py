@@ -121,6 +121,10 @@ class RoutingTable:
             return second.pick()
         return None
 
+    def live_pick(self) -> UpstreamPool | None:
+        """An upstream of the live color, for a candidate request's retry."""
+        return self.live.pick() if self.live is not None else None
+
     def alternative(self, failed: UpstreamPool) -> UpstreamPool | None:
         """Another routable upstream of the failed one's color, for a safe retry."""
         color = self.live if failed.target.color == self.snapshot.live else self.candidate

@@ -350,6 +350,13 @@ class ClientConnection(asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
+        if (
+            body_expected
+            and exchange.idempotent
+            and not self._chunked
+            and self._content_length <= server.retry_max_body
+        ):
+            exchange.kept_body = []  # small enough to keep for a retry
         table = server.table
         overrides = table.overrides
         if overrides is not None:
@@ -430,6 +437,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = exchange
         server = self.server
         exchange.started = now = server.loop.time()
+        server.window_requests += 1
         pool = server.table.pick(exchange.bucket, exchange.color)
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
@@ -589,8 +597,7 @@ class ClientConnection(asyncio.Protocol):
             if exchange.reused and exchange.attempts == 0:
                 # The app closed an idle keep-alive connection just as we reused it:
                 # the same request goes out once more, on a fresh connection.
-                exchange.reused = False
-                exchange.attempts += 1
+                exchange.rewind()
                 server = self.server
                 self.deadline = server.loop.time() + server.connect_timeout
                 pool.connect(exchange)
@@ -607,20 +614,57 @@ class ClientConnection(asyncio.Protocol):
         self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
 
     def _retry_elsewhere(self, exchange: Exchange, failed: UpstreamPool, kind: str) -> bool:
-        """Send a request that got no response byte to another upstream of the same
-        color. Only for failures that leave it safe to send again: nothing sent
-        (connect), or an idempotent request whose whole body is known (reset)."""
+        """Send a request that got no response byte to the client again: to another
+        upstream of the same color, else (a split-routed candidate request) to the live
+        pool. Only for failures that leave it safe: nothing was sent (connect), or an
+        idempotent request whose whole body is known (reset, status)."""
         server = self.server
         if exchange.attempts >= MAX_RETRIES:
             return False
-        other = server.table.alternative(failed)
-        if other is None:
+        table = server.table
+        other = table.alternative(failed) if kind != "status" else None
+        # A refused connection cost the app nothing: only retries that put load on an
+        # upstream (after a reset or a status, or on the other pool) spend the budget.
+        budgeted = kind != "connect"
+        if other is None and self._may_go_live(exchange, failed):
+            other = table.live_pick()
+            budgeted = True
+        if other is None or (budgeted and not server.retry_allowed()):
             return False
-        exchange.attempts += 1
-        exchange.reused = False
+        if kind == "connect":  # nothing was sent: what waits in `pending` goes as it is
+            exchange.attempts += 1
+            exchange.reused = False
+        else:
+            exchange.rewind()
+        server.window_retries += 1
         server.retries[kind] += 1
         self._dispatch(exchange, other, server.loop.time())
         return True
+
+    def _may_go_live(self, exchange: Exchange, failed: UpstreamPool) -> bool:
+        server = self.server
+        return (
+            server.retry_on_live
+            and exchange.color is None  # a pinned or preview request stays where it was sent
+            and failed.target.color != server.table.snapshot.live
+        )
+
+    def retry_status(self, exchange: Exchange, pool: UpstreamPool, status: int) -> bool:
+        """Whether the candidate's `status` answer may be replaced by the live pool's."""
+        server = self.server
+        return (
+            exchange.idempotent
+            and exchange.replayable
+            and exchange.attempts < MAX_RETRIES
+            and self._may_go_live(exchange, pool)
+            and server.table.live is not None
+        )
+
+    def retry_on_live(self, exchange: Exchange, failed: UpstreamPool) -> None:
+        """The candidate answered a retryable status, which the client never saw."""
+        if not self._retry_elsewhere(exchange, failed, "status"):
+            # The live pool went away meanwhile: nothing to answer with but our own.
+            self._respond_locally(exchange, 502, f"upstream {failed.target.id} failed")
 
     def upstream_failed(
         self, exchange: Exchange, conn: UpstreamConnection, kind: FailureKind, detail: str

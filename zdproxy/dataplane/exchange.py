@@ -35,6 +35,7 @@ class Exchange:
         "http10",
         "idempotent",
         "is_head",
+        "kept_body",
         "pending",
         "pending_bytes",
         "pool",
@@ -82,11 +83,15 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.connecting: asyncio.Future[object] | None = None
         self.pending: list[bytes] | None = None
+        # A copy of a small body of an idempotent request, so that it can be sent again.
+        self.kept_body: list[bytes] | None = None
         self.pending_bytes = 0
 
     def send_body(self, data: bytes) -> None:
         """Forward request body bytes (already de-chunked by the parser) to the upstream."""
         framed = [b"%x\r\n" % len(data), data, CRLF] if self.chunked else [data]
+        if self.kept_body is not None:
+            self.kept_body.extend(framed)
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.writelines(framed)
@@ -109,5 +114,12 @@ class Exchange:
 
     @property
     def replayable(self) -> bool:
-        """The whole request can be sent again: nothing of a body was consumed."""
-        return not self.body_expected and self.request_complete
+        """The whole request is known and can be sent again."""
+        return self.request_complete and (not self.body_expected or self.kept_body is not None)
+
+    def rewind(self) -> None:
+        """Prepare to send the request again: the head, then the kept body."""
+        self.pending = list(self.kept_body) if self.kept_body else None
+        self.pending_bytes = 0
+        self.reused = False
+        self.attempts += 1

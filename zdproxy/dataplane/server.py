@@ -23,6 +23,7 @@ from zdproxy.routing.snapshot import RoutingSnapshot
 log = logging.getLogger("zdproxy.dataplane")
 
 _EMPTY = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
+RETRY_WINDOW = 10.0  # seconds of requests the retry budget looks at
 
 
 class ProxyServer:
@@ -43,7 +44,11 @@ class ProxyServer:
         self.table = RoutingTable(_EMPTY, {}, self.override_counts)
         self.request_headers = REQUEST_HEADERS  # plus what steering, pins and preview read
         self.stopping = False
-        self.retries = {"connect": 0, "reset": 0}  # requests sent again, by why
+        self.retries = {"connect": 0, "reset": 0, "status": 0, "over_budget": 0}
+        # The retry budget's window: requests and retries since the last sweep reset.
+        self.window_requests = 0
+        self.window_retries = 0
+        self._window_start = 0.0
         self._servers: list[asyncio.base_events.Server] = []
         self._timer: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
@@ -74,6 +79,11 @@ class ProxyServer:
         )
         # Timeouts fire within a quarter of the shortest one; never spin faster than 5 ms.
         self.tick = min(max(shortest / 4, 0.005), 0.5)
+        retry = settings.retry
+        self.retry_on_live = retry.on_live_pool
+        self.retry_statuses = frozenset(retry.statuses)
+        self.retry_max_body = retry.max_body
+        self.retry_share = retry.budget_percent / 100
 
     def is_trusted(self, ip: str) -> bool:
         if not self._trusted:
@@ -189,8 +199,18 @@ class ProxyServer:
             self._timer = self.loop.call_later(self.tick, self._sweep)
         return [_describe(sock) for sock in server.sockets]
 
+    def retry_allowed(self) -> bool:
+        """Within the budget: retries stay below a share of recent requests (3 always)."""
+        if self.window_retries < max(3.0, self.window_requests * self.retry_share):
+            return True
+        self.retries["over_budget"] += 1
+        return False
+
     def _sweep(self) -> None:
         now = self.loop.time()
+        if now - self._window_start >= RETRY_WINDOW:
+            self._window_start = now
+            self.window_requests = self.window_retries = 0
         expired = [conn for conn in self.connections if conn.deadline <= now]
         for conn in expired:
             conn.on_timeout()

@@ -104,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_client_chunked",
         "_complete",
         "_conn_tokens",
+        "_discard",
         "_garbage",
         "_has_length",
         "_info",
@@ -143,6 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._info = False
         self._complete = False
         self._garbage = False
+        self._discard = False  # a candidate's failure the client will not see: retried
         self._keep_alive = False
         self._client_chunked = False
         self._until_close = False
@@ -195,7 +197,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(FailureKind.PROTOCOL, f"upstream sent invalid HTTP: {exc}")
             return
         if self._out:
-            self._flush(client.transport)
+            if self._discard:
+                self._out = []
+            else:
+                self._flush(client.transport)
         if self._complete:
             self._finish(now)
 
@@ -281,8 +286,17 @@ class UpstreamConnection(asyncio.Protocol):
             if status != 100 and not exchange.http10:
                 self._out.append(b"".join((status_line(status, self._reason), *lines, CRLF)))
             return
-        exchange.response_started = True
         self._keep_alive = self.parser.should_keep_alive()
+        if status in server.retry_statuses and exchange.client.retry_status(
+            exchange, self.pool, status
+        ):
+            self._discard = True  # read this answer to its end, then ask the live pool
+            if exchange.is_head or status in _NO_BODY_STATUSES:
+                self._complete = True
+            elif not self._has_length and not self._chunked:
+                self._until_close = True
+            return
+        exchange.response_started = True
         head = [status_line(status, self._reason), *lines]
         if status == 101:
             head.append(self._upgrade_line)
@@ -355,6 +369,7 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp would wait for the body a HEAD response announces; start afresh.
             self.parser = httptools.HttpResponseParser(self)
             reusable = exchange.request_complete
+        discarded = self._discard
         self.exchange = None
         exchange.upstream = None
         self._reset_response()
@@ -362,7 +377,10 @@ class UpstreamConnection(asyncio.Protocol):
             pool.release(self, now)
         else:
             self.transport.close()
-        client.exchange_done(exchange, now)
+        if discarded:
+            client.retry_on_live(exchange, pool)
+        else:
+            client.exchange_done(exchange, now)
 
     def _fail(self, kind: FailureKind, detail: str) -> None:
         exchange = self.exchange
