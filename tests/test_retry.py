@@ -188,3 +188,26 @@ async def test_without_live_pool_retry_the_candidate_answer_passes(
     proxy = zdproxy(config)
     assert await statuses(proxy.url, "GET", 10) == Counter({503: 10})
     assert blue.seen == []
+
+
+async def test_idempotency_key_makes_a_post_retryable(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    green = await upstream("green", failing={"status": 503})
+    config: dict[str, Any] = {
+        "pools": pools([blue.address], [green.address]),
+        "split": {"live": "blue", "candidate_weight": 10000},
+        "retry": {"budget_percent": 100},
+    }
+    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
+    proxy = zdproxy(config)
+    async with aiohttp.ClientSession() as session:
+        headers = {"Idempotency-Key": "order-42"}
+        async with session.post(f"{proxy.url}/pay", data=b"10 EUR", headers=headers) as response:
+            assert response.status == 200
+            assert (await response.json())["name"] == "blue"
+    # Green got it first; blue got the same request, body and key included.
+    assert [e["method"] for e in green.seen] == ["POST"]
+    assert blue.seen[-1]["body_size"] == len(b"10 EUR")
+    assert (b"Idempotency-Key", b"order-42") in blue.seen[-1]["headers"]

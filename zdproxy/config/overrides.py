@@ -29,7 +29,7 @@ INTERPRETED_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
         "upgrade", "content-length", "host", "expect", "x-forwarded-for", "x-forwarded-proto",
-        "x-forwarded-host", "cookie",
+        "x-forwarded-host", "cookie", "idempotency-key",
     }
 )  # fmt: skip
 

@@ -256,10 +256,11 @@ class RetrySettings(Section):
     A connect failure goes to another upstream of the same color (nothing was
     sent). A request that failed on the candidate before any response byte
     reached the client (connect failure, reset, or one of `statuses`) goes to the
-    live pool once, if it is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE)
-    and its body, if any, fit in `max_body`. A budget keeps the retries that load an
-    upstream (all but same-color connect retries) to a share of recent requests, so
-    a failing pool cannot double the load on the other.
+    live pool once, if it is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE, or
+    any method with an Idempotency-Key header) and its body, if any, fit in
+    `max_body`. A budget keeps the retries that load an upstream (all but
+    same-color connect retries) to a share of recent requests, so a failing pool
+    cannot double the load on the other.
     """
 
     on_live_pool: bool = Field(

@@ -1,9 +1,10 @@
 """The client side: one protocol instance per client connection.
 
 It parses requests with httptools, rewrites their heads for the upstream, and
-drives each request through an Exchange. Requests are answered strictly in the
-order they arrived (pipelining); a bad request is answered with a 4xx after the
-responses already owed, and the connection closes because its framing is in doubt.
+hands each one, as an Exchange, to the serving half (serving.py). Requests are
+answered strictly in the order they arrived (pipelining); a bad request is
+answered with a 4xx after the responses already owed, and the connection closes
+because its framing is in doubt.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from zdproxy.dataplane.exchange import Exchange
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import (
     CONNECTION_OPTIONS,
-    CONTINUE_100,
     CRLF,
     H_CONNECTION,
     H_CONTENT_LENGTH,
     H_COOKIE,
     H_EXPECT,
     H_HOST,
+    H_IDEMPOTENCY_KEY,
     H_PREVIEW,
     H_STICKY,
     H_TRANSFER_ENCODING,
@@ -39,25 +40,21 @@ from zdproxy.dataplane.http import (
     SEP,
     Reject,
     connection_tokens,
-    error_response,
     strip_named_headers,
 )
+from zdproxy.dataplane.serving import MAX_PIPELINE, ExchangeDriver
 from zdproxy.routing.records import FailureKind
 
 if TYPE_CHECKING:
     from zdproxy.dataplane.server import ProxyServer
-    from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+    from zdproxy.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("zdproxy.client")
 
-MAX_PIPELINE = 16  # queued requests behind the active one before we stop reading
 MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while no upstream is attached
-MAX_RETRIES = 2  # other upstreams tried after a failure that is safe to retry
-LINGER_SECONDS = 2.0  # how long a refused client may go on sending before we close
-LINGERING = b""  # owed_reply once the connection only waits for the client to stop
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ExchangeDriver, asyncio.Protocol):
     __slots__ = (
         "_body_bytes",
         "_captured",
@@ -70,6 +67,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_raw",
         "_host",
         "_host_count",
+        "_idempotency_key",
         "_lines",
         "_sticky",
         "_upgrade",
@@ -77,22 +75,10 @@ class ClientConnection(asyncio.Protocol):
         "_xff",
         "_xfh",
         "_xfp",
-        "active",
-        "closing",
-        "deadline",
         "forwarded",
-        "gate",
-        "in_head",
-        "owed_reply",
         "parser",
         "peer_ip",
-        "queue",
-        "receiving",
-        "server",
-        "transport",
         "trusted",
-        "tunnel_peer",
-        "upgrade_buffer",
         "writing_paused",
     )
 
@@ -229,6 +215,7 @@ class ClientConnection(asyncio.Protocol):
         self._conn_tokens: list[bytes] | None = None
         self._cookie: bytes | None = None
         self._sticky: bytes | None = None
+        self._idempotency_key = False
         self._captured: dict[int, bytes] | None = None  # headers pins and preview read
         if self.trusted:  # only a trusted peer's X-Forwarded-* are ever read
             self._xff: bytes | None = None
@@ -260,6 +247,9 @@ class ClientConnection(asyncio.Protocol):
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_COOKIE:
             self._cookie = value if self._cookie is None else self._cookie + b"; " + value
+            self._lines.extend((name, SEP, value, CRLF))
+        elif kind == H_IDEMPOTENCY_KEY:
+            self._idempotency_key = True
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_STICKY:
             self._sticky = value
@@ -341,7 +331,7 @@ class ClientConnection(asyncio.Protocol):
             self,
             b"".join(head),
             is_head=method == b"HEAD",
-            idempotent=method in IDEMPOTENT_METHODS,
+            idempotent=self._idempotency_key or method in IDEMPOTENT_METHODS,
             chunked=self._chunked,
             body_expected=body_expected,
             # After an Upgrade request the parser is spent: one exchange, then close.
@@ -430,308 +420,3 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None:
             self.receiving = None
             exchange.finish_body()
-
-    # -- serving an exchange -----------------------------------------------------------
-
-    def _start(self, exchange: Exchange) -> None:
-        self.active = exchange
-        server = self.server
-        exchange.started = now = server.loop.time()
-        server.window_requests += 1
-        pool = server.table.pick(exchange.bucket, exchange.color)
-        if pool is None:
-            self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
-            return
-        if exchange.expect_continue and not exchange.request_complete:
-            self.transport.write(CONTINUE_100)
-        self._dispatch(exchange, pool, now)
-
-    def _dispatch(self, exchange: Exchange, pool: UpstreamPool, now: float) -> None:
-        """Send the exchange to this upstream: on an idle connection, else a new one."""
-        server = self.server
-        exchange.pool = pool
-        pool.outstanding += 1
-        conn = pool.take_idle()
-        if conn is not None:
-            exchange.reused = True
-            self.deadline = now + server.upstream_timeout
-            conn.attach(exchange)
-            if self.gate.reasons:
-                self.gate.resume(BODY_WAITING)
-        else:
-            self.deadline = now + server.connect_timeout
-            pool.connect(exchange)
-
-    def upstream_connected(self, exchange: Exchange, future: asyncio.Future[object]) -> None:
-        """Done-callback of UpstreamPool.connect."""
-        exchange.connecting = None
-        if future.cancelled():
-            return
-        error = future.exception()
-        if self.active is not exchange:  # the client left or timed out meanwhile
-            if error is None:
-                future.result()[0].close()  # type: ignore[index]
-            return
-        pool = exchange.pool
-        assert pool is not None
-        if error is not None:
-            pool.outstanding -= 1
-            pool.stats.fail(FailureKind.CONNECT)
-            if self._retry_elsewhere(exchange, pool, "connect"):  # nothing was sent: safe
-                return
-            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-            self._respond_locally(
-                exchange, 502, f"cannot connect to upstream {pool.target.id}: {reason}"
-            )
-            return
-        conn: UpstreamConnection = future.result()[1]  # type: ignore[index]
-        server = self.server
-        self.deadline = server.loop.time() + server.upstream_timeout
-        conn.attach(exchange)
-        self.gate.resume(BODY_WAITING)
-
-    def exchange_done(self, exchange: Exchange, now: float) -> None:
-        """The response is complete on the wire (or queued in the transport)."""
-        self.active = None
-        if not exchange.client_keep_alive or self.transport.is_closing():
-            self._close(linger=self.receiving is not None or bool(self.queue) or self.in_head)
-            return
-        if self.queue:
-            nxt = self.queue.popleft()
-            if len(self.queue) < MAX_PIPELINE:
-                self.gate.resume(PIPELINE_FULL)
-            self._start(nxt)
-            return
-        if self.owed_reply is not None:
-            self.transport.write(self.owed_reply)
-            self._close(linger=True)
-            return
-        if self.closing or self.server.stopping:
-            self.transport.close()
-            return
-        server = self.server
-        self.deadline = now + (server.header_timeout if self.in_head else server.idle_timeout)
-
-    def _respond_locally(self, exchange: Exchange, status: int, detail: str) -> None:
-        """Answer the active exchange with zdproxy's own error reply."""
-        if exchange.response_started:
-            self.transport.abort()  # too late for a clean error: cut it visibly
-            return
-        exchange.response_started = True
-        # Unread body bytes would be parsed as the next request: close instead.
-        exchange.client_keep_alive = exchange.client_keep_alive and exchange.request_complete
-        if not self.transport.is_closing():
-            self.transport.write(
-                error_response(status, detail, close=not exchange.client_keep_alive)
-            )
-        self.exchange_done(exchange, self.server.loop.time())
-
-    def _reject(self, status: int, detail: str) -> None:
-        """A request we refuse to forward: reply after the responses already owed, then close."""
-        reply = error_response(status, detail, close=True)
-        self.in_head = False
-        self.queue.clear()
-        receiving, self.receiving = self.receiving, None
-        active = self.active
-        if active is None:
-            self.transport.write(reply)
-            self._close(linger=True)
-        elif receiving is active:
-            # Its body broke a limit while streaming: the upstream must not see the rest.
-            self._abandon(active, None)
-            self.active = None
-            if active.response_started:
-                self.transport.abort()
-            else:
-                self.transport.write(reply)
-                self._close(linger=True)
-        else:
-            self.owed_reply = reply
-            self.gate.pause(PIPELINE_FULL)
-
-    def _close(self, *, linger: bool) -> None:
-        """Close after the replies already written.
-
-        With `linger`, the client may still be sending (an unread body, pipelined
-        requests, a broken head). Closing a socket with unread input sends a reset,
-        which can destroy our reply before the client reads it; so half-close, discard
-        what arrives for a moment, and close on the client's EOF or the deadline.
-        """
-        transport = self.transport
-        if not linger or transport.is_closing() or not transport.can_write_eof():
-            transport.close()
-            return
-        self.owed_reply = LINGERING
-        self.queue.clear()
-        self.receiving = None
-        self.in_head = False
-        transport.write_eof()
-        self.gate.clear()
-        self.deadline = self.server.loop.time() + LINGER_SECONDS
-
-    def _abandon(self, exchange: Exchange, kind: FailureKind | None) -> None:
-        """Drop an exchange's upstream side mid-flight (its connection cannot be reused)."""
-        pool, exchange.pool = exchange.pool, None
-        in_flight = False
-        if exchange.connecting is not None:
-            exchange.connecting.cancel()
-            exchange.connecting = None
-            in_flight = True
-        upstream = exchange.upstream
-        if upstream is not None:
-            exchange.upstream = None
-            upstream.exchange = None
-            upstream.transport.abort()
-            in_flight = True
-        if pool is not None and in_flight:
-            pool.outstanding -= 1
-            if kind is not None:
-                pool.stats.fail(kind)
-
-    def upstream_lost(self, exchange: Exchange, conn: UpstreamConnection, detail: str) -> None:
-        """The upstream closed or reset the connection before the response was complete."""
-        pool = exchange.pool
-        assert pool is not None
-        exchange.upstream = None
-        if not exchange.response_started and exchange.replayable:
-            if exchange.reused and exchange.attempts == 0:
-                # The app closed an idle keep-alive connection just as we reused it:
-                # the same request goes out once more, on a fresh connection.
-                exchange.rewind()
-                server = self.server
-                self.deadline = server.loop.time() + server.connect_timeout
-                pool.connect(exchange)
-                return
-            if exchange.idempotent:
-                pool.outstanding -= 1
-                pool.stats.fail(FailureKind.RESET)
-                if self._retry_elsewhere(exchange, pool, "reset"):
-                    return
-                self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
-                return
-        pool.outstanding -= 1
-        pool.stats.fail(FailureKind.RESET)
-        self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
-
-    def _retry_elsewhere(self, exchange: Exchange, failed: UpstreamPool, kind: str) -> bool:
-        """Send a request that got no response byte to the client again: to another
-        upstream of the same color, else (a split-routed candidate request) to the live
-        pool. Only for failures that leave it safe: nothing was sent (connect), or an
-        idempotent request whose whole body is known (reset, status)."""
-        server = self.server
-        if exchange.attempts >= MAX_RETRIES:
-            return False
-        table = server.table
-        other = table.alternative(failed) if kind != "status" else None
-        # A refused connection cost the app nothing: only retries that put load on an
-        # upstream (after a reset or a status, or on the other pool) spend the budget.
-        budgeted = kind != "connect"
-        if other is None and self._may_go_live(exchange, failed):
-            other = table.live_pick()
-            budgeted = True
-        if other is None or (budgeted and not server.retry_allowed()):
-            return False
-        if kind == "connect":  # nothing was sent: what waits in `pending` goes as it is
-            exchange.attempts += 1
-            exchange.reused = False
-        else:
-            exchange.rewind()
-        server.window_retries += 1
-        server.retries[kind] += 1
-        self._dispatch(exchange, other, server.loop.time())
-        return True
-
-    def _may_go_live(self, exchange: Exchange, failed: UpstreamPool) -> bool:
-        server = self.server
-        return (
-            server.retry_on_live
-            and exchange.color is None  # a pinned or preview request stays where it was sent
-            and failed.target.color != server.table.snapshot.live
-        )
-
-    def retry_status(self, exchange: Exchange, pool: UpstreamPool, status: int) -> bool:
-        """Whether the candidate's `status` answer may be replaced by the live pool's."""
-        server = self.server
-        return (
-            exchange.idempotent
-            and exchange.replayable
-            and exchange.attempts < MAX_RETRIES
-            and self._may_go_live(exchange, pool)
-            and server.table.live is not None
-        )
-
-    def retry_on_live(self, exchange: Exchange, failed: UpstreamPool) -> None:
-        """The candidate answered a retryable status, which the client never saw."""
-        if not self._retry_elsewhere(exchange, failed, "status"):
-            # The live pool went away meanwhile: nothing to answer with but our own.
-            self._respond_locally(exchange, 502, f"upstream {failed.target.id} failed")
-
-    def upstream_failed(
-        self, exchange: Exchange, conn: UpstreamConnection, kind: FailureKind, detail: str
-    ) -> None:
-        pool = exchange.pool
-        assert pool is not None
-        exchange.upstream = None
-        pool.outstanding -= 1
-        pool.stats.fail(kind)
-        self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
-
-    def on_timeout(self) -> None:
-        """Called by the server's sweeper once `deadline` has passed."""
-        self.deadline = inf
-        server = self.server
-        if self.tunnel_peer is not None:
-            self.transport.close()
-            return
-        exchange = self.active
-        if exchange is None:
-            if self.in_head:
-                self.transport.write(error_response(408, "request header timeout", close=True))
-                self._close(linger=True)
-            else:
-                self.transport.close()  # idle keep-alive, or the end of lingering
-            return
-        pool = exchange.pool
-        assert pool is not None
-        upstream_id = pool.target.id
-        if exchange.connecting is not None:
-            self._abandon(exchange, FailureKind.CONNECT)
-            detail = f"connecting to upstream {upstream_id} timed out"
-            self._respond_locally(exchange, 504, detail)
-            return
-        self._abandon(exchange, FailureKind.TIMEOUT)
-        if exchange.request_complete:
-            seconds = server.upstream_timeout
-            self._respond_locally(exchange, 504, f"upstream {upstream_id} silent for {seconds:g}s")
-        else:
-            exchange.client_keep_alive = False
-            self._respond_locally(exchange, 408, "request body timed out")
-
-    # -- Upgrade: a byte tunnel after 101 ----------------------------------------------
-
-    def _upgrade_requested(self, rest: bytes) -> None:
-        self.upgrade_buffer = [rest] if rest else []
-
-    def start_tunnel(self, upstream: UpstreamConnection, initial: bytes) -> None:
-        exchange = self.active
-        assert exchange is not None and exchange.pool is not None
-        pool = exchange.pool
-        pool.outstanding -= 1
-        server = self.server
-        pool.stats.observe(101, server.loop.time() - exchange.started)
-        upstream.tunnel = True
-        pool.tunnels.add(upstream)
-        exchange.upstream = None
-        self.active = None
-        self.tunnel_peer = upstream
-        if initial:
-            self.transport.write(initial)
-        buffered, self.upgrade_buffer = self.upgrade_buffer, None
-        if buffered:
-            upstream.transport.writelines(buffered)
-        self.gate.resume(BODY_WAITING)
-        self.deadline = server.loop.time() + server.tunnel_idle_timeout
-
-    def tunnel_closed(self) -> None:
-        self.tunnel_peer = None
-        self.transport.close()

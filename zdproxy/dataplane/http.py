@@ -19,11 +19,12 @@ H_X_FORWARDED_FOR = 8
 H_X_FORWARDED_PROTO = 9
 H_X_FORWARDED_HOST = 10
 H_COOKIE = 11
-H_STICKY = 12  # the header the sticky policy hashes (configured, so added per snapshot)
+H_IDEMPOTENCY_KEY = 12  # makes any method safe to retry (draft-ietf-httpapi-idempotency-key)
+H_STICKY = 13  # the header the sticky policy hashes (configured, so added per snapshot)
 # Configured per snapshot too: the preview header (captured, never forwarded), then the
 # headers pin rules read (captured and forwarded), H_PIN + i for the i-th such header.
-H_PREVIEW = 13
-H_PIN = 14
+H_PREVIEW = 14
+H_PIN = 15
 
 REQUEST_HEADERS: dict[bytes, int] = {
     b"connection": H_CONNECTION,
@@ -40,6 +41,7 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"x-forwarded-proto": H_X_FORWARDED_PROTO,
     b"x-forwarded-host": H_X_FORWARDED_HOST,
     b"cookie": H_COOKIE,
+    b"idempotency-key": H_IDEMPOTENCY_KEY,
 }
 
 RESPONSE_HEADERS: dict[bytes, int] = {
