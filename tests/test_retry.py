@@ -38,6 +38,20 @@ async def statuses(url: str, method: str, count: int) -> Counter[int]:
         return result
 
 
+def candidate_config(
+    blue: Upstream, green: Upstream, weight: int, retry: dict[str, Any]
+) -> dict[str, Any]:
+    """Blue live, green the candidate at `weight`, green never ejected (so that every
+    request the split sends it is a retry case)."""
+    config: dict[str, Any] = {
+        "pools": pools([blue.address], [green.address]),
+        "split": {"live": "blue", "candidate_weight": weight},
+        "retry": retry,
+    }
+    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
+    return config
+
+
 async def test_connect_failure_is_retried_on_another_upstream(
     zdproxy: StartProxy, upstream: StartUpstream
 ) -> None:
@@ -158,13 +172,8 @@ async def test_candidate_failures_are_retried_on_the_live_pool_for_get_only(
 ) -> None:
     blue = await upstream("blue")
     green = await upstream("green", failing={"status": 500})
-    config: dict[str, Any] = {
-        "pools": pools([blue.address], [green.address]),
-        "split": {"live": "blue", "candidate_weight": 5000},
-        "retry": {"statuses": [500, 502, 503, 504], "budget_percent": 100},
-    }
-    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}  # keep it in the split
-    proxy = zdproxy(config)
+    retry = {"statuses": [500, 502, 503, 504], "budget_percent": 100}
+    proxy = zdproxy(candidate_config(blue, green, 5000, retry))
     assert await statuses(proxy.url, "GET", 40) == Counter({200: 40})
     gets_on_green = sum(entry["method"] == "GET" for entry in green.seen)
     assert gets_on_green > 0  # they did reach the candidate, and were answered by blue
@@ -179,13 +188,7 @@ async def test_without_live_pool_retry_the_candidate_answer_passes(
 ) -> None:
     blue = await upstream("blue")
     green = await upstream("green", failing={"status": 503})
-    config: dict[str, Any] = {
-        "pools": pools([blue.address], [green.address]),
-        "split": {"live": "blue", "candidate_weight": 10000},
-        "retry": {"on_live_pool": False},
-    }
-    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
-    proxy = zdproxy(config)
+    proxy = zdproxy(candidate_config(blue, green, 10000, {"on_live_pool": False}))
     assert await statuses(proxy.url, "GET", 10) == Counter({503: 10})
     assert blue.seen == []
 
@@ -195,13 +198,7 @@ async def test_idempotency_key_makes_a_post_retryable(
 ) -> None:
     blue = await upstream("blue")
     green = await upstream("green", failing={"status": 503})
-    config: dict[str, Any] = {
-        "pools": pools([blue.address], [green.address]),
-        "split": {"live": "blue", "candidate_weight": 10000},
-        "retry": {"budget_percent": 100},
-    }
-    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
-    proxy = zdproxy(config)
+    proxy = zdproxy(candidate_config(blue, green, 10000, {"budget_percent": 100}))
     async with aiohttp.ClientSession() as session:
         headers = {"Idempotency-Key": "order-42"}
         async with session.post(f"{proxy.url}/pay", data=b"10 EUR", headers=headers) as response:

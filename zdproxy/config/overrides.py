@@ -5,11 +5,11 @@ Kept apart from settings.py (which includes them) so that module stays readable.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -18,6 +18,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from zdproxy.config.units import Networks
 
 # An HTTP token (RFC 9110 5.6.2), as settings.TOKEN (which imports this module).
 TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"
@@ -40,26 +42,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def check_networks(values: list[str]) -> list[str]:
-    for text in values:
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a network") from None
-    return values
-
-
 def _not_interpreted(name: str) -> str:
-    if name.lower() in INTERPRETED_HEADERS:
+    if name and name.lower() in INTERPRETED_HEADERS:
         raise ValueError(f"{name!r} is interpreted by zdproxy and cannot be matched")
     return name
+
+
+# A header a rule reads: never one zdproxy itself consumes or rewrites.
+MatchedHeader = Annotated[str, AfterValidator(_not_interpreted)]
 
 
 class PinSettings(_Section):
     """One pin rule: a request that matches every condition given goes to `to`."""
 
     name: str = Field(default="", description="Label in logs and metrics; default pins[N].")
-    header: str = Field(
+    header: MatchedHeader = Field(
         default="",
         pattern=rf"^({TOKEN})?$",
         description="A request header (any case) whose value must be one of `values`.",
@@ -76,20 +73,10 @@ class PinSettings(_Section):
     path_prefix: list[str] = Field(
         default_factory=list, description="The request target starts with one of these."
     )
-    network: list[str] = Field(
+    network: Networks = Field(
         default_factory=list, description="Client networks (CIDR), as zdproxy sees the client."
     )
     to: PinTarget = Field(description='"blue", "green", "candidate" or "live".')
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, value: str) -> str:
-        return value and _not_interpreted(value)
-
-    @field_validator("network")
-    @classmethod
-    def _network(cls, value: list[str]) -> list[str]:
-        return check_networks(value)
 
     @field_validator("host")
     @classmethod
@@ -137,7 +124,7 @@ class PreviewSettings(_Section):
     """The preview override: a header or cookie naming a color, honoured from trusted
     networks or when it is a signed, unexpired token."""
 
-    header: str = Field(
+    header: MatchedHeader = Field(
         default="X-Zd-Color",
         pattern=rf"^({TOKEN})?$",
         description="Request header naming a color or carrying a token; removed upstream.",
@@ -145,7 +132,7 @@ class PreviewSettings(_Section):
     cookie: str = Field(
         default="zd_color", pattern=rf"^({TOKEN})?$", description="Cookie doing the same."
     )
-    allow_networks: list[str] = Field(
+    allow_networks: Networks = Field(
         default_factory=list, description="Clients (CIDR) whose plain color is honoured."
     )
     secret_file: str = Field(
@@ -156,16 +143,6 @@ class PreviewSettings(_Section):
         description="The secret itself: set it from the environment (ZDPROXY_PREVIEW__SECRET).",
     )
     _file_secret: bytes = PrivateAttr(default=b"")
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, value: str) -> str:
-        return value and _not_interpreted(value)
-
-    @field_validator("allow_networks")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        return check_networks(value)
 
     @field_validator("secret_file")
     @classmethod

@@ -7,14 +7,13 @@ Unknown keys are errors so that a typo never passes silently.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zdproxy.config.overrides import PinSettings, PreviewSettings
-from zdproxy.config.units import Address, AddressField, Duration, Size
+from zdproxy.config.units import Address, AddressField, Duration, Networks, Size
 
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
@@ -48,7 +47,7 @@ class ProxySettings(Section):
         ge=0,
         description="Largest request body; larger gets 413. 0 means no limit (bodies stream).",
     )
-    trusted_proxies: list[str] = Field(
+    trusted_proxies: Networks = Field(
         default_factory=list,
         description=(
             "Networks (CIDR) of proxies in front of zdproxy whose X-Forwarded-For/Proto/Host "
@@ -60,16 +59,6 @@ class ProxySettings(Section):
         pattern=r"^[!#-'*+.0-9A-Z^-z|~-]*$",
         description="Pseudonym in the Via header added both ways; empty disables Via.",
     )
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for text in value:
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{text!r} is not a network: {exc}") from None
-        return value
 
 
 class UpstreamSettings(Section):

@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BeforeValidator, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+)
 from pydantic_settings import NoDecode
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -61,6 +67,15 @@ def parse_size(value: object) -> int:
     return size
 
 
+def check_networks(values: list[str]) -> list[str]:
+    for text in values:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a network") from None
+    return values
+
+
 def format_duration(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{round(seconds * 1000)}ms"
@@ -71,6 +86,7 @@ Duration = Annotated[
     float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
 ]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Networks = Annotated[list[str], AfterValidator(check_networks)]  # CIDR, e.g. "10.0.0.0/8"
 
 
 @dataclass(frozen=True, slots=True)
