@@ -11,7 +11,7 @@ check newer than the end of its ejection. A pool never has more than
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from zdproxy.config.settings import OutlierSettings
@@ -36,18 +36,27 @@ class OutlierDetector:
         self._times: dict[str, int] = {}  # ejections so far, kept after each return
 
     def tick(
-        self, now: float, pools: Mapping[str, tuple[list[UpstreamTarget], OutlierSettings]]
+        self,
+        now: float,
+        settings_of: Mapping[str, OutlierSettings],
+        targets_of: Callable[[str], list[UpstreamTarget]],
     ) -> bool:
-        """Eject and return upstreams; True when routing must change. `pools` maps a
-        color to its configured upstreams and outlier settings."""
+        """Eject and return upstreams; True when routing must change. `settings_of` maps
+        a color to its outlier settings; `targets_of` lists a color's upstreams, and is
+        called only when some upstream has failed often enough to matter."""
         changed = self._returns(now)
-        thresholds = [s.consecutive_failures for _, s in pools.values() if s.consecutive_failures]
+        thresholds = [
+            s.consecutive_failures for s in settings_of.values() if s.consecutive_failures
+        ]
         if not thresholds:
             return changed
         streaks = self._dataplane.failure_streaks(min(thresholds))
-        for targets, settings in pools.values():
+        if not streaks:  # the usual tick: nothing failing, nothing to build
+            return changed
+        for color, settings in settings_of.items():
             if not settings.consecutive_failures:
                 continue
+            targets = targets_of(color)
             allowed = len(targets) * settings.max_ejected_percent // 100
             ejected = sum(t.id in self.ejected for t in targets)
             for target in targets:

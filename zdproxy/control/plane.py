@@ -59,18 +59,14 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            pools: dict[str, tuple[list[UpstreamTarget], OutlierSettings]] = {
-                color: (
-                    [t for t in self.targets() if t.color == color],
-                    getattr(self.settings.pools, color).outlier,
-                )
-                for color in COLORS
+            settings_of: dict[str, OutlierSettings] = {
+                color: getattr(self.settings.pools, color).outlier for color in COLORS
             }
-            if self.outliers.tick(loop.time(), pools):
+            if self.outliers.tick(loop.time(), settings_of, self.targets_of):
                 self.publish()
 
-    def targets(self) -> list[UpstreamTarget]:
-        return [target for target, _ in self.configured().values()]
+    def targets_of(self, color: str) -> list[UpstreamTarget]:
+        return [target for target, _ in self.configured().values() if target.color == color]
 
     def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]:
         """Every configured upstream with its pool's health settings."""

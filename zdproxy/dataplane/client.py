@@ -35,7 +35,6 @@ from zdproxy.dataplane.http import (
     H_X_FORWARDED_FOR,
     H_X_FORWARDED_HOST,
     H_X_FORWARDED_PROTO,
-    IDEMPOTENT_METHODS,
     PLAIN_CONNECTION_VALUES,
     SEP,
     Reject,
@@ -331,7 +330,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             self,
             b"".join(head),
             is_head=method == b"HEAD",
-            idempotent=self._idempotency_key or method in IDEMPOTENT_METHODS,
+            method=method,
             chunked=self._chunked,
             body_expected=body_expected,
             # After an Upgrade request the parser is spent: one exchange, then close.
@@ -340,6 +339,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
+        if self._idempotency_key:
+            exchange.idempotency_key = True
         if (
             body_expected
             and exchange.idempotent

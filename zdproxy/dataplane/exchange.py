@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from zdproxy.dataplane.http import CRLF, LAST_CHUNK
+from zdproxy.dataplane.http import CRLF, IDEMPOTENT_METHODS, LAST_CHUNK
 
 if TYPE_CHECKING:
     import asyncio
@@ -33,9 +33,10 @@ class Exchange:
         "expect_continue",
         "head",
         "http10",
-        "idempotent",
+        "idempotency_key",
         "is_head",
         "kept_body",
+        "method",
         "pending",
         "pending_bytes",
         "pool",
@@ -54,7 +55,7 @@ class Exchange:
         head: bytes,
         *,
         is_head: bool,
-        idempotent: bool,
+        method: bytes,
         chunked: bool,
         body_expected: bool,
         keep_alive: bool,
@@ -64,7 +65,8 @@ class Exchange:
         self.client = client
         self.head = head
         self.is_head = is_head
-        self.idempotent = idempotent  # by method: may be sent again after a reset
+        self.method = method
+        self.idempotency_key = False  # the client sent one: any method may be sent again
         self.chunked = chunked
         self.body_expected = body_expected
         self.client_keep_alive = keep_alive
@@ -111,6 +113,11 @@ class Exchange:
                 if self.pending is None:
                     self.pending = []
                 self.pending.append(LAST_CHUNK)
+
+    @property
+    def idempotent(self) -> bool:
+        """May be sent again after a failure (asked only on failure paths)."""
+        return self.idempotency_key or self.method in IDEMPOTENT_METHODS
 
     @property
     def replayable(self) -> bool:
