@@ -31,11 +31,13 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Regenerates the lock from pyproject.toml with a throw-away pip-tools venv.
+# Regenerates the lock from pyproject.toml with a throw-away pip-tools venv, upgrading
+# every pin; `make lock LOCK_FLAGS=` only adds what pyproject.toml gained.
+LOCK_FLAGS ?= --upgrade
 lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet pip-tools
-	.lock-venv/bin/pip-compile --quiet --upgrade --extra test --all-build-deps --allow-unsafe \
+	.lock-venv/bin/pip-compile --quiet $(LOCK_FLAGS) --extra test --all-build-deps --allow-unsafe \
 		--generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
 		--output-file requirements.lock pyproject.toml
 	rm -rf .lock-venv

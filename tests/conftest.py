@@ -27,8 +27,12 @@ import pytest
 from aiohttp import web
 
 from tests.apps import upstream_app
+from zdproxy.config.loader import settings_from_mapping
+from zdproxy.config.settings import Settings
 
 READY = re.compile(r"listening on (\S+)")
+ADMIN = re.compile(r"admin API on (\S+)")
+ADMIN_TOKEN = "test-admin-token-0123456789"  # given to every test proxy (ZDPROXY_ADMIN__TOKEN)
 
 
 def toml_value(value: Any) -> str:
@@ -67,6 +71,11 @@ class ZdProxy:
     address: str
     log_lines: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    admin_address: str = ""
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin_address}"
 
     @property
     def host(self) -> str:
@@ -92,13 +101,18 @@ class ZdProxy:
 
     async def reload(self, config: dict[str, Any]) -> bool:
         """Rewrite the config file (same listener), send SIGHUP; True if it was applied."""
-        self.config = {**config, "proxy": {**config.get("proxy", {}), "listen": self.address}}
+        self.config = {
+            "admin": self.config["admin"],
+            "state": self.config["state"],
+            **config,
+            "proxy": {**config.get("proxy", {}), "listen": self.address},
+        }
         self.config.setdefault("log", {"level": "debug"})
         self.config_path.write_text(to_toml(self.config))
-        before = sum("reload" in line for line in self.log_lines)
+        before = sum("reload_" in line for line in self.log_lines)
         self.process.send_signal(signal.SIGHUP)
-        await wait_until(lambda: sum("reload" in line for line in self.log_lines) > before)
-        return any("reload: applied" in line for line in self.log_lines[-3:])
+        await wait_until(lambda: sum("reload_" in line for line in self.log_lines) > before)
+        return any("reload_applied" in line for line in self.log_lines[-3:])
 
     def stop(self, timeout: float = 15) -> int:
         if self.process.poll() is None:
@@ -113,9 +127,13 @@ class ZdProxy:
 def start_zdproxy(
     tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
 ) -> ZdProxy:
+    index = len(list(tmp_path.glob("zdproxy-*.toml")))
     config = {"proxy": {"listen": "127.0.0.1:0"}, **config}
     config.setdefault("log", {"level": "debug"})
-    path = tmp_path / f"zdproxy-{len(list(tmp_path.glob('zdproxy-*.toml')))}.toml"
+    config.setdefault("admin", {"listen": "127.0.0.1:0"})
+    config.setdefault("state", {"dir": str(tmp_path / f"state-{index}")})
+    env = {"ZDPROXY_ADMIN__TOKEN": ADMIN_TOKEN, **(env or {})}
+    path = tmp_path / f"zdproxy-{index}.toml"
     path.write_text(to_toml(config))
     process = subprocess.Popen(
         [sys.executable, "-m", "zdproxy", "run", "--config", str(path)],
@@ -126,10 +144,13 @@ def start_zdproxy(
     )
     assert process.stderr is not None
     lines: list[str] = []
+    admin = ""
     for line in process.stderr:
         lines.append(line)
-        if match := READY.search(line):
-            proxy = ZdProxy(process, path, match.group(1), lines, config)
+        if match := ADMIN.search(line):
+            admin = match.group(1)
+        elif match := READY.search(line):
+            proxy = ZdProxy(process, path, match.group(1), lines, config, admin)
             # Keep draining stderr so the proxy never blocks on a full pipe.
             _drain_in_background(process, lines)
             return proxy
@@ -270,6 +291,16 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - the condition is plain state, no event to await
             await asyncio.sleep(0.01)
+
+
+def in_process_settings(tmp_path: Path, config: dict[str, Any]) -> Settings:
+    """Settings for a Daemon run on the test's loop: its own admin port and state dir."""
+    defaults = {
+        "proxy": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0"},
+        "state": {"dir": str(tmp_path / "state")},
+    }
+    return settings_from_mapping({**defaults, **config})
 
 
 def pools(blue: list[str] | None = None, green: list[str] | None = None) -> dict[str, Any]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream, pools, wait_until
-from zdproxy.config.loader import settings_from_mapping
+from tests.conftest import Upstream, in_process_settings, pools, wait_until
 from zdproxy.ops.daemon import Daemon
 
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -23,15 +23,14 @@ StartDaemon = Callable[[dict[str, Any]], Awaitable[Daemon]]
 
 
 @pytest.fixture
-async def daemon(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartDaemon]:
+async def daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[StartDaemon]:
     for name in list(os.environ):
         if name.startswith("ZDPROXY_"):
             monkeypatch.delenv(name)
     started: list[Daemon] = []
 
     async def factory(config: dict[str, Any]) -> Daemon:
-        settings = settings_from_mapping({"proxy": {"listen": "127.0.0.1:0"}, **config})
-        instance = Daemon(settings)
+        instance = Daemon(in_process_settings(tmp_path, config))
         await instance.start()
         started.append(instance)
         return instance

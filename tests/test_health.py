@@ -45,7 +45,8 @@ async def started(zdproxy: StartProxy, config: dict[str, Any]) -> ZdProxy:
 
 
 def health_lines(proxy: ZdProxy, text: str) -> list[str]:
-    return [line for line in proxy.log_lines if "health:" in line and text in line]
+    events = ("health:", "upstream_up:", "upstream_down:")
+    return [line for line in proxy.log_lines if text in line and any(e in line for e in events)]
 
 
 async def test_readiness_body_keeps_a_failing_dependency_out_of_rotation(

@@ -37,7 +37,7 @@ async def test_failing_upstream_is_ejected_and_returns_for_longer_each_time(
     outlier = {"consecutive_failures": 3, "base_ejection": "400ms", "max_ejected_percent": 50}
     config["pools"]["blue"]["outlier"] = outlier
     proxy = zdproxy(config)
-    ejected = f"outlier: blue/{bad.address} ejected for 0.4s after"
+    ejected = f"upstream_ejected: blue/{bad.address} ejected for 0.4s after"
     seen = await answers(proxy.url, 40)
     await wait_until(lambda: bool(lines(proxy, ejected)))
     assert seen["503 bad"] >= 3  # it took failures in a row to eject it

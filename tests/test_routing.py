@@ -18,8 +18,7 @@ import pytest
 from aiohttp import web
 
 from tests.apps import upstream_app
-from tests.conftest import RawUpstream, Upstream, ZdProxy, pools
-from zdproxy.config.loader import settings_from_mapping
+from tests.conftest import RawUpstream, Upstream, ZdProxy, in_process_settings, pools, wait_until
 from zdproxy.config.units import Address
 from zdproxy.ops.daemon import Daemon
 from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
@@ -319,25 +318,25 @@ async def test_unix_socket_listener(
 # -- records and snapshots (in process) --------------------------------------------------
 
 
-async def test_interval_records_count_per_upstream_and_class(
-    upstream: StartUpstream, no_env_overrides: None
+async def test_records_reach_the_control_plane_per_upstream_and_class(
+    upstream: StartUpstream, no_env_overrides: None, tmp_path: Path
 ) -> None:
     app = await upstream("blue")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     config: dict[str, Any] = {
-        "proxy": {"listen": "127.0.0.1:0"},
         "pools": pools([app.address], [dead]),
         "split": split("blue", 0),
         # The failed connect must reach the client, not be retried on the live pool.
         "retry": {"on_live_pool": False},
     }
-    daemon = Daemon(settings_from_mapping(config))
+    daemon = Daemon(in_process_settings(tmp_path, config))
     await daemon.start()
+    telemetry = daemon.control.telemetry
     try:
         assert len(daemon.addresses) == 1
         url = f"http://{daemon.addresses[0]}"
         blue_id, green_id = f"blue/{app.address}", f"green/{dead}"
-        assert daemon.control.collect() == []  # nothing happened yet
+        assert telemetry.totals == {}  # nothing happened yet
 
         expected = {"/": 200, "/a": 200, "/b": 200, "/status/404": 404, "/status/500": 500}
         async with aiohttp.ClientSession() as session:
@@ -347,39 +346,27 @@ async def test_interval_records_count_per_upstream_and_class(
                     assert resp.status == expected[path]
 
             # Send everything to green, whose only upstream refuses connections.
-            daemon.control.settings = settings_from_mapping(
-                {**config, "split": split("blue", 10000)}
-            )
-            snapshot = daemon.control.publish()
-            assert snapshot.candidate_weight == 10000
-            assert daemon.dataplane.snapshot is snapshot
+            daemon.control.set_split(10000, force=True)
+            assert daemon.dataplane.snapshot.candidate_weight == 10000
             async with session.get(url + "/") as resp:
                 assert resp.status == 502
                 assert f"cannot connect to upstream {green_id}" in await resp.text()
 
-        records = {r.upstream_id: r for r in daemon.control.collect()}
-        assert set(records) == {blue_id, green_id}
-
-        blue = records[blue_id]
-        assert blue.by_class == (0, 0, 3, 0, 2, 1)
-        assert blue.responses == 6
+        # The control plane's tick folds the data plane's interval records into totals.
+        await wait_until(lambda: green_id in telemetry.totals)
+        blue = telemetry.totals[blue_id]
+        assert blue.by_class == [0, 0, 3, 0, 2, 1]
         assert blue.failures == {}
-        assert sum(blue.latency_buckets) == 6
-        assert len(blue.latency_buckets) == len(LATENCY_BUCKETS) + 1
-        assert 0 < blue.latency_sum < 6 * 5.0
+        assert telemetry.latency["blue"].count == 6
+        assert 0 < telemetry.latency["blue"].total < 6 * 5.0
+        assert telemetry.totals[green_id].failures == {"connect": 1}
+        assert telemetry.latency["green"].count == 0
 
-        green = records[green_id]
-        assert green.failures == {"connect": 1}
-        assert green.responses == 0
-        assert sum(green.latency_buckets) == 0
-
-        # Interval semantics: what was collected is gone; new traffic starts from zero.
-        assert daemon.control.collect() == []
+        # Totals only grow: a record is counted once, however often the tick runs.
         async with aiohttp.ClientSession() as session, session.get(url + "/") as resp:
             assert resp.status == 502
-        (again,) = daemon.control.collect()
-        assert again.upstream_id == green_id
-        assert again.failures == {"connect": 1}
+        await wait_until(lambda: telemetry.totals[green_id].failures == {"connect": 2})
+        assert telemetry.totals[blue_id].by_class == [0, 0, 3, 0, 2, 1]
     finally:
         await daemon.stop()
 
@@ -436,16 +423,16 @@ def test_routing_snapshot_refuses_weight_out_of_range() -> None:
         RoutingSnapshot(version=1, live="blue", candidate_weight=-1)
 
 
-async def test_snapshot_from_settings_round_trips(no_env_overrides: None) -> None:
-    settings = settings_from_mapping(
+async def test_snapshot_from_settings_round_trips(no_env_overrides: None, tmp_path: Path) -> None:
+    settings = in_process_settings(
+        tmp_path,
         {
-            "proxy": {"listen": "127.0.0.1:0"},
             "pools": {
                 "blue": {"upstreams": [{"address": "127.0.0.1:9001", "weight": 3}]},
                 "green": {"upstreams": ["unix:/run/green.sock"]},
             },
             "split": split("blue", 500),
-        }
+        },
     )
     daemon = Daemon(settings)
     first = daemon.control.publish()

@@ -5,7 +5,6 @@ Kept apart from settings.py (which includes them) so that module stays readable.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -19,11 +18,10 @@ from pydantic import (
     model_validator,
 )
 
-from zdproxy.config.units import Networks
+from zdproxy.config.units import MIN_SECRET_BYTES, Networks, read_secret
 
 # An HTTP token (RFC 9110 5.6.2), as settings.TOKEN (which imports this module).
 TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"
-MIN_SECRET_BYTES = 16  # HMAC-SHA256 with a shorter key is open to guessing
 
 # The request headers zdproxy consumes or rewrites itself (dataplane.http.REQUEST_HEADERS;
 # a test keeps the two equal): a rule could never see them as the client sent them.
@@ -110,16 +108,6 @@ class PinSettings(_Section):
         return self
 
 
-def _read_secret(path: str) -> bytes:
-    try:
-        secret = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
-    return secret
-
-
 class PreviewSettings(_Section):
     """The preview override: a header or cookie naming a color, honoured from trusted
     networks or when it is a signed, unexpired token."""
@@ -148,7 +136,7 @@ class PreviewSettings(_Section):
     @classmethod
     def _readable(cls, value: str) -> str:
         if value:
-            _read_secret(value)
+            read_secret(value)
         return value
 
     @field_validator("secret")
@@ -161,7 +149,7 @@ class PreviewSettings(_Section):
     @model_validator(mode="after")
     def _load_secret(self) -> PreviewSettings:
         if self.secret_file:
-            self._file_secret = _read_secret(self.secret_file)
+            self._file_secret = read_secret(self.secret_file)
         return self
 
     @property

@@ -7,12 +7,13 @@ Unknown keys are errors so that a typo never passes silently.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zdproxy.config.overrides import PinSettings, PreviewSettings
+from zdproxy.config.service import AdminSettings, StateSettings
 from zdproxy.config.units import Address, AddressField, Duration, Networks, Size
 
 Color = Literal["blue", "green"]
@@ -169,16 +170,16 @@ class OutlierSettings(Section):
     )
 
 
-class PoolSettings(Section):
-    """One color's app servers."""
+class PoolMembers(Section):
+    """A pool's app servers and the build they run: what `PUT /v1/pools/{color}` sets."""
 
-    upstreams: list[Annotated[UpstreamEntry, Field(json_schema_extra={"type": "string"})]] = Field(
+    upstreams: list[UpstreamEntry] = Field(
         default_factory=list,
         description='Addresses ("127.0.0.1:9001", "unix:/run/app.sock") or {address, weight}.',
     )
-    version: str = Field(default="", description="Label of the build deployed to this pool.")
-    health: HealthSettings = HealthSettings()
-    outlier: OutlierSettings = OutlierSettings()
+    version: str = Field(
+        default="", max_length=200, description="Label of the build deployed to this pool."
+    )
 
     @field_validator("upstreams", mode="before")
     @classmethod
@@ -194,6 +195,20 @@ class PoolSettings(Section):
                 raise ValueError(f"{entry.address} is listed twice")
             seen.add(str(entry.address))
         return value
+
+    def members(self) -> dict[str, Any]:
+        """The JSON form, as the API and the journal spell it."""
+        return {
+            "upstreams": [{"address": str(e.address), "weight": e.weight} for e in self.upstreams],
+            "version": self.version,
+        }
+
+
+class PoolSettings(PoolMembers):
+    """One color's app servers and how they are checked."""
+
+    health: HealthSettings = HealthSettings()
+    outlier: OutlierSettings = OutlierSettings()
 
 
 class Pools(Section):
@@ -233,9 +248,11 @@ class SplitSettings(Section):
         default=30 * 86400.0, gt=0, description="Lifetime of zdproxy's bucket cookie."
     )
     salt: str = Field(
-        default="zdproxy",
-        min_length=1,
-        description="Mixed into every bucket hash. Changing it reshuffles users between colors.",
+        default="",
+        description=(
+            "Mixed into every bucket hash; changing it reshuffles users between colors. "
+            "Empty: zdproxy draws a random salt once and keeps it in the state journal."
+        ),
     )
 
 
@@ -296,6 +313,8 @@ class Settings(BaseSettings):
     preview: PreviewSettings = PreviewSettings()
     retry: RetrySettings = RetrySettings()
     log: LogSettings = LogSettings()
+    admin: AdminSettings = AdminSettings()
+    state: StateSettings = StateSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -310,16 +329,29 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _listener_is_not_an_upstream(self) -> Settings:
-        listen = str(self.proxy.listen)
-        for color in COLORS:
-            for entry in getattr(self.pools, color).upstreams:
-                if str(entry.address) == listen:
-                    raise ValueError(f"pools.{color}: {listen} is zdproxy's own listener")
+    def _consistent(self) -> Settings:
+        self.check_consistency()
         return self
 
-    @model_validator(mode="after")
-    def _one_role_per_header(self) -> Settings:
+    def check_consistency(self) -> None:
+        """The rules that span sections; also run on settings changed through the API."""
+        self._listener_is_not_an_upstream()
+        self._one_role_per_header()
+
+    def pool(self, color: str) -> PoolSettings:
+        pool: PoolSettings = getattr(self.pools, color)
+        return pool
+
+    def _listener_is_not_an_upstream(self) -> None:
+        listeners = {str(self.proxy.listen), str(self.admin.listen)}
+        if len(listeners) == 1 and self.proxy.listen.port != 0:  # port 0: two fresh ports
+            raise ValueError(f"admin.listen: {self.admin.listen} is also proxy.listen")
+        for color in COLORS:
+            for entry in self.pool(color).upstreams:
+                if str(entry.address) in listeners:
+                    raise ValueError(f"pools.{color}: {entry.address} is zdproxy's own listener")
+
+    def _one_role_per_header(self) -> None:
         # The data plane files each request header under one role; a header with two
         # would silently lose one of them.
         preview = self.preview.header.lower()
@@ -329,4 +361,3 @@ class Settings(BaseSettings):
         for i, pin in enumerate(self.pins):
             if preview and pin.header.lower() == preview:
                 raise ValueError(f"pins[{i}].header: {pin.header!r} is the preview header")
-        return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import (
@@ -77,9 +78,10 @@ def check_networks(values: list[str]) -> list[str]:
 
 
 def format_duration(seconds: float) -> str:
+    """The spelling parse_duration reads back: "250ms", "30s", "2592000s" (no exponent)."""
     if seconds and seconds < 1:
         return f"{round(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
 Duration = Annotated[
@@ -160,3 +162,17 @@ AddressField = Annotated[
     PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9001", "unix:/run/app.sock"]}),
 ]
+
+
+MIN_SECRET_BYTES = 16  # an HMAC key or bearer token shorter than this is open to guessing
+
+
+def read_secret(path: str) -> bytes:
+    """A secret from a file (surrounding whitespace dropped); ValueError says why not."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
+    return secret

@@ -63,7 +63,7 @@ class _Probe:
 
 class HealthChecker:
     """Probes every upstream whose pool has checks configured; calls `on_change` on every
-    transition between routable and not."""
+    transition between routable and not (the control plane makes it an event)."""
 
     def __init__(self, on_change: Callable[[UpstreamTarget, UpstreamHealth], None]) -> None:
         self._on_change = on_change
@@ -151,19 +151,12 @@ class HealthChecker:
             state.failures = 0
             if not state.up and state.passes >= settings.rise:
                 state.up = True
-                log.info("health: %s up after %d passing checks", probe.target.id, state.passes)
                 self._on_change(probe.target, state)
         else:
             state.failures += 1
             state.passes = 0
             if state.up and state.failures >= settings.fall:
                 state.up = False
-                log.warning(
-                    "health: %s down after %d failed checks: %s",
-                    probe.target.id,
-                    state.failures,
-                    reason,
-                )
                 self._on_change(probe.target, state)
             elif not state.up and state.failures == 1:
                 log.info("health: %s not ready: %s", probe.target.id, reason)

@@ -15,11 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from zdproxy.config.settings import OutlierSettings
+from zdproxy.control.events import EventLog
 from zdproxy.control.health import HealthChecker
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.routing.snapshot import UpstreamTarget
-
-log = logging.getLogger("zdproxy.outliers")
 
 
 @dataclass
@@ -29,9 +28,10 @@ class Ejection:
 
 
 class OutlierDetector:
-    def __init__(self, dataplane: ProxyServer, health: HealthChecker) -> None:
+    def __init__(self, dataplane: ProxyServer, health: HealthChecker, events: EventLog) -> None:
         self._dataplane = dataplane
         self._health = health
+        self._events = events
         self.ejected: dict[str, Ejection] = {}
         self._times: dict[str, int] = {}  # ejections so far, kept after each return
 
@@ -64,11 +64,13 @@ class OutlierDetector:
                 if target.id in self.ejected or streak < settings.consecutive_failures:
                     continue
                 if ejected >= allowed:
-                    log.warning(
-                        "outlier: %s failed %d in a row, but %d%% of its pool is already out",
-                        target.id,
-                        streak,
-                        settings.max_ejected_percent,
+                    self._events.emit(
+                        "ejection_skipped",
+                        f"{target.id} failed {streak} times in a row, but "
+                        f"{settings.max_ejected_percent}% of its pool is already out",
+                        level=logging.WARNING,
+                        upstream=target.id,
+                        failures=streak,
                     )
                     self._dataplane.forget_streak(target.id)
                     continue
@@ -79,12 +81,14 @@ class OutlierDetector:
                 self._dataplane.forget_streak(target.id)
                 ejected += 1
                 changed = True
-                log.warning(
-                    "outlier: %s ejected for %gs after %d failures in a row (ejection %d)",
-                    target.id,
-                    seconds,
-                    streak,
-                    times,
+                self._events.emit(
+                    "upstream_ejected",
+                    f"{target.id} ejected for {seconds:g}s after {streak} failures in a row",
+                    level=logging.WARNING,
+                    upstream=target.id,
+                    failures=streak,
+                    seconds=seconds,
+                    ejections=times,
                 )
         return changed
 
@@ -98,8 +102,16 @@ class OutlierDetector:
                 continue  # checked pools: wait for a passing check after the ejection
             del self.ejected[upstream_id]
             changed = True
-            log.info("outlier: %s returns to rotation", upstream_id)
+            self._events.emit(
+                "upstream_returned",
+                f"{upstream_id} returns after its ejection",
+                upstream=upstream_id,
+            )
         return changed
+
+    def ejections(self, upstream_id: str) -> int:
+        """How often this upstream has been ejected since it was configured."""
+        return self._times.get(upstream_id, 0)
 
     def forget(self, known: set[str]) -> None:
         """Drop the state of upstreams that are no longer configured."""

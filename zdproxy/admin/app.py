@@ -1,0 +1,207 @@
+"""The admin API's frame: a route table, bearer-token checks, problem+json errors,
+and the listener (loopback TCP or a unix socket).
+
+Handlers (admin/handlers.py) receive a validated `Call` and return a response
+model; everything about HTTP — parsing, auth, errors, the OpenAPI document — is
+here, driven by the same `Route` entries, so documentation and behaviour cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from zdproxy import __version__
+from zdproxy.admin.models import FieldError, Problem
+from zdproxy.config.loader import format_validation_error
+from zdproxy.config.units import Address
+from zdproxy.control.events import Actor
+from zdproxy.control.plane import Refused
+
+log = logging.getLogger("zdproxy.admin")
+
+CLI_AGENT = "zdproxy-cli/"  # the CLI's User-Agent prefix: its changes are actor "cli"
+PROBLEM_JSON = "application/problem+json"
+
+Handler = Callable[["Call"], Awaitable[BaseModel | web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # aiohttp syntax; {color} is limited to blue|green
+    summary: str
+    handler: Handler
+    response: type[BaseModel] | None = None
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    auth: bool = True
+    description: str = ""
+    media_type: str = "application/json"
+    streams: bool = False  # may answer text/event-stream instead
+
+
+@dataclass(frozen=True)
+class Call:
+    """One validated API call."""
+
+    request: web.Request
+    body: Any
+    query: Any
+    actor: Actor
+
+    def param(self, name: str) -> str:
+        return self.request.match_info[name]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = errors or []
+
+
+def problem(status: int, detail: str, errors: list[FieldError] | None = None) -> web.Response:
+    body = Problem(
+        title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors or []
+    )
+    response = web.json_response(body.model_dump(), status=status, content_type=PROBLEM_JSON)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="zdproxy"'
+    return response
+
+
+def _field_errors(exc: ValidationError, where: str) -> ApiError:
+    errors = []
+    for line in format_validation_error(exc):
+        field, _, reason = line.partition(": ")
+        errors.append(FieldError(field=field if field != "(top level)" else where, reason=reason))
+    detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+    return ApiError(400, f"invalid {where}: {detail}", errors)
+
+
+class Tokens:
+    """The bearer token, swappable on reload; compared in constant time."""
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+
+    def check(self, request: web.Request) -> None:
+        if not self.token:
+            raise ApiError(
+                401,
+                "no admin token is configured: set admin.token_file or ZDPROXY_ADMIN__TOKEN "
+                "(only /healthz, /readyz, /metrics and /v1/openapi.json answer without one)",
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token
+        ):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+
+def _actor(request: web.Request) -> Actor:
+    return "cli" if request.headers.get("User-Agent", "").startswith(CLI_AGENT) else "api"
+
+
+async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
+    query = body = None
+    if route.query is not None:
+        try:
+            query = route.query.model_validate(dict(request.query))
+        except ValidationError as exc:
+            raise _field_errors(exc, "query") from None
+    if route.body is not None:
+        try:
+            data = await request.json() if await request.read() else {}
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        try:
+            body = route.body.model_validate(data)
+        except ValidationError as exc:
+            raise _field_errors(exc, "body") from None
+    return body, query
+
+
+def _endpoint(
+    route: Route, tokens: Tokens
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        try:
+            if route.auth:
+                tokens.check(request)
+            body, query = await _parse(route, request)
+            result = await route.handler(Call(request, body, query, _actor(request)))
+        except ApiError as exc:
+            return problem(exc.status, exc.detail, exc.errors)
+        except Refused as exc:
+            return problem(exc.status, str(exc), [FieldError(field=exc.field, reason=exc.reason)])
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.json_response(result.model_dump(mode="json"))
+
+    return endpoint
+
+
+@web.middleware
+async def _problems(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own errors (no such route, wrong method) as problem+json too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem(exc.status, f"{request.method} {request.path}: {exc.reason}")
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("admin: %s %s failed", request.method, request.path)
+        return problem(500, "internal error; see zdproxy's log")
+
+
+def build_app(routes: list[Route], tokens: Tokens) -> web.Application:
+    app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
+    for route in routes:
+        path = route.path.replace("{color}", "{color:blue|green}")
+        app.router.add_route(route.method, path, _endpoint(route, tokens))
+    return app
+
+
+class AdminListener:
+    """Serves the app on the admin address; a unix socket gets mode 0660."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.address = ""
+
+    async def start(self, address: Address) -> str:
+        await self._runner.setup()
+        site: web.BaseSite
+        if address.path is not None:
+            site = web.UnixSite(self._runner, address.path)
+            await site.start()
+            os.chmod(address.path, 0o660)
+            self.address = str(address)
+        else:
+            site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True)
+            await site.start()
+            host, port = self._runner.addresses[0][:2]
+            self.address = str(Address(host, port))
+        log.info("admin API on %s (zdproxy %s)", self.address, __version__)
+        return self.address
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

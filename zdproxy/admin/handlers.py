@@ -1,0 +1,296 @@
+"""The admin API's endpoints: thin views and commands over the control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from zdproxy import __version__
+from zdproxy.admin import models as m
+from zdproxy.admin.app import ApiError, Call, Route
+from zdproxy.config.settings import COLORS, Color
+from zdproxy.control.events import Event
+from zdproxy.control.plane import ControlPlane
+
+KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps idle proxies from cutting the stream
+
+
+@dataclass
+class ServiceState:
+    """What the daemon tells the admin API about itself."""
+
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False  # listening, and the first health verdicts are in
+    stopping: bool = False
+    reloads: dict[str, int] = field(default_factory=lambda: {"applied": 0, "refused": 0})
+
+
+class AdminAPI:
+    def __init__(self, control: ControlPlane, service: ServiceState) -> None:
+        self.control = control
+        self.service = service
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(
+                "GET", "/healthz", "zdproxy's process is alive", self.healthz, m.Health, auth=False
+            ),
+            Route(
+                "GET",
+                "/readyz",
+                "zdproxy is listening and may take traffic (503 while starting or stopping)",
+                self.readyz,
+                m.Health,
+                auth=False,
+            ),
+            Route(
+                "GET",
+                "/v1/status",
+                "Pools, health, split, rules and windows",
+                self.status,
+                m.Status,
+            ),
+            Route(
+                "GET", "/v1/pools/{color}", "A pool's upstreams and version", self.get_pool, m.Pool
+            ),
+            Route(
+                "PUT",
+                "/v1/pools/{color}",
+                "Replace a pool's upstreams and version label",
+                self.put_pool,
+                m.Pool,
+                body=m.PoolChange,
+                description="New upstreams receive traffic only after passing their health "
+                "checks. Refused (409) when the color takes traffic and none of its healthy "
+                "upstreams would remain, unless force.",
+            ),
+            Route(
+                "GET",
+                "/v1/split",
+                "The live color and the candidate's share",
+                self.get_split,
+                m.Split,
+            ),
+            Route(
+                "PUT",
+                "/v1/split",
+                "Move the split",
+                self.put_split,
+                m.Split,
+                body=m.SplitChange,
+                description="Refused (409) when a color that would get traffic has no healthy "
+                "upstream, unless force.",
+            ),
+            Route(
+                "POST",
+                "/v1/drain",
+                "Take a color or one upstream out of rotation",
+                self.drain,
+                m.DrainResult,
+                body=m.DrainRequest,
+                description="New requests go elsewhere at once; requests in flight finish. "
+                "With wait, answers when nothing is left in flight, cutting what still runs "
+                "after cut_after seconds.",
+            ),
+            Route(
+                "POST",
+                "/v1/undrain",
+                "Put drained upstreams back into rotation",
+                self.undrain,
+                m.Undrained,
+                body=m.Target,
+            ),
+            Route("GET", "/v1/rules", "The pin rules", self.get_rules, m.Rules),
+            Route(
+                "PUT",
+                "/v1/rules",
+                "Replace the pin rules",
+                self.put_rules,
+                m.Rules,
+                body=m.RulesChange,
+            ),
+            Route(
+                "GET",
+                "/v1/events",
+                "The event history, or a live stream (follow)",
+                self.events,
+                m.Events,
+                query=m.EventsQuery,
+                streams=True,
+                description="With follow, a text/event-stream: the matching history, then every "
+                "new event as it happens; reconnect with Last-Event-ID to resume.",
+            ),
+        ]
+
+    # -- zdproxy itself -----------------------------------------------------------------
+
+    async def healthz(self, call: Call) -> BaseModel:
+        return m.Health(status="ok")
+
+    async def readyz(self, call: Call) -> BaseModel:
+        if self.service.ready and not self.service.stopping:
+            return m.Health(status="ready")
+        raise ApiError(503, "starting" if not self.service.ready else "stopping")
+
+    # -- views --------------------------------------------------------------------------
+
+    def _pool(self, color: str) -> m.Pool:
+        pool = self.control.settings.pool(color)
+        return m.Pool(upstreams=pool.upstreams, version=pool.version)
+
+    def _split(self) -> m.Split:
+        split = self.control.settings.split
+        return m.Split(
+            live=split.live,
+            candidate="green" if split.live == "blue" else "blue",
+            candidate_weight=split.candidate_weight,
+            shares={color: self.control.share(color) / 100 for color in COLORS},
+            sticky_key=split.sticky_key,
+            salt_id=hashlib.sha256(split.salt.encode()).hexdigest()[:12],
+        )
+
+    def _upstreams(self, color: Color) -> list[m.Upstream]:
+        control = self.control
+        now = asyncio.get_running_loop().time()
+        views = []
+        for target in control.targets_of(color):
+            health = control.health.state(target.id)
+            ejection = control.outliers.ejected.get(target.id)
+            requests, tunnels = control.in_flight(target.id)
+            views.append(
+                m.Upstream(
+                    id=target.id,
+                    address=str(target.address),
+                    weight=target.weight,
+                    routable=control.routable(target.id),
+                    health="unchecked" if health is None else "up" if health.up else "down",
+                    health_reason="" if health is None else health.reason,
+                    ejected_for=None if ejection is None else max(0.0, ejection.until - now),
+                    drained=target.id in control.drained,
+                    in_flight=requests,
+                    tunnels=tunnels,
+                )
+            )
+        return views
+
+    async def status(self, call: Call) -> BaseModel:
+        control = self.control
+        now = asyncio.get_running_loop().time()
+        pools = {
+            color: m.PoolStatus(
+                version=control.settings.pool(color).version,
+                share=control.share(color) / 100,
+                upstreams=self._upstreams(color),
+                window=m.Window.model_validate(control.telemetry.view(color, now).to_dict()),
+            )
+            for color in COLORS
+        }
+        return m.Status(
+            version=__version__,
+            uptime_seconds=round(time.monotonic() - self.service.started, 3),
+            pools=pools,
+            split=self._split(),
+            rules=control.settings.pins,
+            rollout=m.Rollout(),
+            journal=sorted(control.items),
+        )
+
+    async def get_pool(self, call: Call) -> BaseModel:
+        return self._pool(call.param("color"))
+
+    async def get_split(self, call: Call) -> BaseModel:
+        return self._split()
+
+    async def get_rules(self, call: Call) -> BaseModel:
+        return m.Rules(rules=self.control.settings.pins)
+
+    # -- commands -----------------------------------------------------------------------
+
+    async def put_pool(self, call: Call) -> BaseModel:
+        body: m.PoolChange = call.body
+        color: Color = "blue" if call.param("color") == "blue" else "green"
+        self.control.set_pool(color, body, force=body.force, actor=call.actor)
+        return self._pool(color)
+
+    async def put_split(self, call: Call) -> BaseModel:
+        body: m.SplitChange = call.body
+        self.control.set_split(
+            body.candidate_weight,
+            live=body.live,
+            salt=body.salt,
+            force=body.force,
+            actor=call.actor,
+        )
+        return self._split()
+
+    async def put_rules(self, call: Call) -> BaseModel:
+        body: m.RulesChange = call.body
+        self.control.set_rules(body.rules, actor=call.actor)
+        return m.Rules(rules=self.control.settings.pins)
+
+    def _resolve(self, target: m.Target) -> None:
+        try:
+            self.control.resolve(target.color, target.upstream)
+        except ValueError as exc:
+            field = "upstream" if target.upstream is not None else "color"
+            raise ApiError(404, str(exc), [m.FieldError(field=field, reason=str(exc))]) from None
+
+    async def drain(self, call: Call) -> BaseModel:
+        body: m.DrainRequest = call.body
+        self._resolve(body)
+        ids = self.control.start_drain(color=body.color, upstream=body.upstream, actor=call.actor)
+        if not body.wait:
+            return m.DrainResult(upstreams=sorted(ids), finished=False, drained=True)
+        result = await self.control.wait_drained(
+            ids, cut_after=body.cut_after, tunnel_grace=body.tunnel_grace
+        )
+        return m.DrainResult(finished=True, **{**result.to_dict(), "upstreams": sorted(ids)})
+
+    async def undrain(self, call: Call) -> BaseModel:
+        body: m.Target = call.body
+        self._resolve(body)
+        ids = self.control.undrain(color=body.color, upstream=body.upstream, actor=call.actor)
+        return m.Undrained(upstreams=sorted(ids))
+
+    # -- events -------------------------------------------------------------------------
+
+    async def events(self, call: Call) -> BaseModel | web.StreamResponse:
+        query: m.EventsQuery = call.query
+        if query.follow:
+            return await self._stream(call.request, query)
+        history = self.control.events.history(query.since, query.kind)[-query.limit :]
+        return m.Events(events=[m.Event(**e.to_dict()) for e in history])
+
+    async def _stream(self, request: web.Request, query: m.EventsQuery) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        resume = request.headers.get("Last-Event-ID", "")
+        sent = max(query.since, int(resume)) if resume.isdigit() else query.since
+        events = self.control.events
+        with events.follow() as follower:  # subscribed first, so nothing falls in between
+            await response.prepare(request)
+            for past in events.history(sent, query.kind)[-query.limit :]:
+                await response.write(_sse(past))
+                sent = past.id
+            while True:
+                event = await follower.next(KEEPALIVE_SECONDS)
+                if event is None:
+                    if follower.lagged:
+                        break  # the client reconnects with Last-Event-ID
+                    await response.write(b": keep-alive\n\n")
+                elif event.id > sent and query.kind in (None, event.kind):
+                    await response.write(_sse(event))
+                    sent = event.id
+        return response
+
+
+def _sse(event: Event) -> bytes:
+    data = json.dumps(event.to_dict(), separators=(",", ":"), default=str)
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()

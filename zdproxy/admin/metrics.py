@@ -1,0 +1,163 @@
+"""Prometheus metrics, read at scrape time.
+
+Nothing here runs per request: the data plane already counts into its records,
+the control plane folds them into running totals on its tick, and this collector
+turns the totals into metric families when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from zdproxy import __version__
+from zdproxy.admin.handlers import ServiceState
+from zdproxy.config.settings import COLORS
+from zdproxy.control.plane import ControlPlane
+from zdproxy.control.telemetry import color_of
+from zdproxy.routing.records import LATENCY_BUCKETS
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class ZdproxyCollector(Collector):
+    def __init__(self, control: ControlPlane, service: ServiceState) -> None:
+        self.control = control
+        self.service = service
+        self.started = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        control = self.control
+        info = InfoMetricFamily("zdproxy", "zdproxy's version")
+        info.add_metric([], {"version": __version__})
+        yield info
+        yield GaugeMetricFamily(
+            "zdproxy_start_time_seconds", "When zdproxy started (Unix time)", value=self.started
+        )
+        yield from self._traffic()
+        yield from self._upstreams()
+        retries, overrides = control.counters()
+        family = CounterMetricFamily("zdproxy_retries", "Retries by kind", labels=["kind"])
+        for kind, n in retries.items():
+            family.add_metric([kind], n)
+        yield family
+        family = CounterMetricFamily(
+            "zdproxy_pin_matches", "Requests routed by each pin rule", labels=["rule"]
+        )
+        for rule, n in overrides.pins.items():
+            family.add_metric([rule], n)
+        yield family
+        family = CounterMetricFamily(
+            "zdproxy_preview_requests",
+            "Preview overrides, honoured (by proof) or ignored (by reason)",
+            labels=["outcome", "why"],
+        )
+        for why, n in overrides.preview_honoured.items():
+            family.add_metric(["honoured", why], n)
+        for why, n in overrides.preview_ignored.items():
+            family.add_metric(["ignored", why], n)
+        yield family
+        weights = GaugeMetricFamily(
+            "zdproxy_split_weight", "Share of the traffic per color (0-1)", labels=["color"]
+        )
+        for color in COLORS:
+            weights.add_metric([color], control.share(color) / 10000)
+        yield weights
+        family = CounterMetricFamily(
+            "zdproxy_config_reloads", "Config reloads by result", labels=["result"]
+        )
+        for result, n in self.service.reloads.items():
+            family.add_metric([result], n)
+        yield family
+
+    def _traffic(self) -> Iterator[Metric]:
+        telemetry = self.control.telemetry
+        requests = CounterMetricFamily(
+            "zdproxy_requests",
+            "Responses from upstreams by status class",
+            labels=["color", "upstream", "class"],
+        )
+        failures = CounterMetricFamily(
+            "zdproxy_upstream_failures",
+            "Exchanges that got no complete response, by kind",
+            labels=["color", "upstream", "kind"],
+        )
+        for upstream, totals in telemetry.totals.items():
+            color = color_of(upstream)
+            for i, name in enumerate(CLASSES, start=1):
+                requests.add_metric([color, upstream, name], totals.by_class[i])
+            for kind, n in totals.failures.items():
+                failures.add_metric([color, upstream, kind], n)
+        yield requests
+        yield failures
+        duration = HistogramMetricFamily(
+            "zdproxy_request_duration_seconds",
+            "Time from sending the request upstream to the end of the response, by color",
+            labels=["color"],
+        )
+        for color, latency in telemetry.latency.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), latency.buckets, strict=True):
+                cumulative += n
+                buckets.append((_bound(bound), cumulative))
+            duration.add_metric([color], buckets, latency.total)
+        yield duration
+
+    def _upstreams(self) -> Iterator[Metric]:
+        control = self.control
+        up = GaugeMetricFamily(
+            "zdproxy_upstream_up", "1 if the upstream is routable", labels=["color", "upstream"]
+        )
+        healthy = GaugeMetricFamily(
+            "zdproxy_upstream_healthy",
+            "Active health check verdict (1 up, 0 down; absent when unchecked)",
+            labels=["color", "upstream"],
+        )
+        in_flight = GaugeMetricFamily(
+            "zdproxy_upstream_in_flight", "Requests in flight", labels=["color", "upstream"]
+        )
+        drained = GaugeMetricFamily(
+            "zdproxy_upstream_drained", "1 if drained by an operator", labels=["color", "upstream"]
+        )
+        ejections = CounterMetricFamily(
+            "zdproxy_upstream_ejections",
+            "Outlier ejections so far",
+            labels=["color", "upstream"],
+        )
+        for color in COLORS:
+            for target in control.targets_of(color):
+                labels = [color, target.id]
+                up.add_metric(labels, float(control.routable(target.id)))
+                health = control.health.state(target.id)
+                if health is not None:
+                    healthy.add_metric(labels, float(health.up))
+                in_flight.add_metric(labels, control.in_flight(target.id)[0])
+                drained.add_metric(labels, float(target.id in control.drained))
+                ejections.add_metric(labels, control.outliers.ejections(target.id))
+        yield from (up, healthy, in_flight, drained, ejections)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+class Exporter:
+    """The /metrics body: a registry holding only zdproxy's collector."""
+
+    def __init__(self, control: ControlPlane, service: ServiceState) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ZdproxyCollector(control, service))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

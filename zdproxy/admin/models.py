@@ -1,0 +1,199 @@
+"""The admin API's request and response bodies. The OpenAPI document is generated
+from these models, and every response is built through them, so the two agree."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from zdproxy.config.overrides import PinSettings
+from zdproxy.config.settings import Color, PoolMembers, UpstreamEntry
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+class PoolChange(PoolMembers):
+    """PUT /v1/pools/{color}."""
+
+    force: bool = Field(
+        default=False,
+        description="Apply even when the color takes traffic and no healthy upstream remains.",
+    )
+
+
+class SplitChange(Body):
+    """PUT /v1/split: the candidate's share; optionally which color is live, and the salt."""
+
+    candidate_weight: int = Field(
+        ge=0, le=10000, description="The candidate's share in basis points (2500 = 25%)."
+    )
+    live: Color | None = Field(default=None, description="Make this color live; default: as is.")
+    salt: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="A new sticky salt: reshuffles which users fall in the candidate's share.",
+    )
+    force: bool = Field(
+        default=False, description="Apply even when a color that would get traffic has none."
+    )
+
+
+class Target(Body):
+    """A color or one upstream ("blue/127.0.0.1:9001"); exactly one of the two."""
+
+    color: Color | None = None
+    upstream: str | None = Field(default=None, min_length=1, max_length=300)
+
+    @model_validator(mode="after")
+    def _one(self) -> Target:
+        if (self.color is None) == (self.upstream is None):
+            raise ValueError("give either color or upstream")
+        return self
+
+
+class DrainRequest(Target):
+    """POST /v1/drain."""
+
+    wait: bool = Field(default=False, description="Answer only when the drain has finished.")
+    cut_after: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds after which requests still in flight are cut (with wait).",
+    )
+    tunnel_grace: float = Field(
+        default=5.0, ge=0, le=3600, description="Seconds WebSocket tunnels get before closing."
+    )
+
+
+class RulesChange(Body):
+    """PUT /v1/rules: the ordered pin rules; the first match wins."""
+
+    rules: list[PinSettings] = Field(max_length=1000)
+
+
+class EventsQuery(Body):
+    since: int = Field(default=0, ge=0, description="Only events with a larger id.")
+    kind: str | None = Field(default=None, max_length=100, description="Only this kind.")
+    limit: int = Field(default=100, ge=1, le=10000, description="The newest this many.")
+    follow: bool = Field(
+        default=False,
+        description="Stream server-sent events: the matching history, then every new event.",
+    )
+
+
+# -- responses --------------------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    field: str
+    reason: str
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457, application/problem+json). `errors` names each field."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+class Pool(BaseModel):
+    upstreams: list[UpstreamEntry]
+    version: str
+
+
+class Split(BaseModel):
+    live: Color
+    candidate: Color
+    candidate_weight: int = Field(description="Basis points.")
+    shares: dict[Color, float] = Field(description="Percent of the traffic per color.")
+    sticky_key: str
+    salt_id: str = Field(description="A digest of the sticky salt (the salt is not shown).")
+
+
+class Rules(BaseModel):
+    rules: list[PinSettings]
+
+
+class DrainResult(BaseModel):
+    upstreams: list[str]
+    finished: bool = Field(description="False when the call did not wait.")
+    drained: bool = Field(description="Nothing was cut (always true without wait).")
+    cut: int = 0
+    tunnels_closed: int = 0
+    seconds: float = 0.0
+
+
+class Undrained(BaseModel):
+    upstreams: list[str] = Field(description="Upstreams put back (those that were drained).")
+
+
+class Upstream(BaseModel):
+    id: str
+    address: str
+    weight: int
+    routable: bool
+    health: Literal["up", "down", "unchecked"]
+    health_reason: str
+    ejected_for: float | None = Field(description="Seconds left of an outlier ejection.")
+    drained: bool
+    in_flight: int
+    tunnels: int
+
+
+class Window(BaseModel):
+    seconds: float
+    requests: int
+    errors: int
+    requests_per_second: float
+    error_rate: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+class PoolStatus(BaseModel):
+    version: str
+    share: float = Field(description="Percent of the traffic the split gives this color.")
+    upstreams: list[Upstream]
+    window: Window
+
+
+class Rollout(BaseModel):
+    state: Literal["idle"] = "idle"
+
+
+class Status(BaseModel):
+    version: str = Field(description="zdproxy's own version.")
+    uptime_seconds: float
+    pools: dict[Color, PoolStatus]
+    split: Split
+    rules: list[PinSettings]
+    rollout: Rollout
+    journal: list[str] = Field(description="Items of the state journal that override the file.")
+
+
+class Event(BaseModel):
+    id: int
+    time: float
+    kind: str
+    reason: str
+    actor: Literal["api", "cli", "auto", "config"]
+    data: dict[str, Any]
+
+
+class Events(BaseModel):
+    events: list[Event]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not ready"]

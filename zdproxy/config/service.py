@@ -1,0 +1,94 @@
+"""Settings of zdproxy's own service: the admin listener (`[admin]`) and the state
+directory (`[state]`) that holds the journal and the event log."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+
+from zdproxy.config.units import (
+    MIN_SECRET_BYTES,
+    Address,
+    AddressField,
+    Duration,
+    Size,
+    read_secret,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdminSettings(_Section):
+    """The admin API (JSON under /v1, /metrics, /healthz, /readyz) that the CLI drives.
+
+    Every /v1 call needs `Authorization: Bearer <token>`; without a configured token
+    only /healthz, /readyz, /metrics and /v1/openapi.json answer. zdproxy refuses to
+    listen on a non-loopback address without a token.
+    """
+
+    listen: AddressField = Field(
+        default=Address.parse("127.0.0.1:9901"),
+        description="host:port or unix:/path (created with mode 0660).",
+    )
+    token_file: str = Field(
+        default="", description="File holding the bearer token; read at start and reload."
+    )
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="The token itself: set it from the environment (ZDPROXY_ADMIN__TOKEN).",
+    )
+    status_window: Duration = Field(
+        default=10.0,
+        ge=1,
+        le=600,
+        description="The sliding window of the per-color rates and latencies in `status`.",
+    )
+    _file_token: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _load_token(self) -> AdminSettings:
+        if self.token_file:
+            self._file_token = read_secret(self.token_file)
+        if 0 < len(self.token.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"token: must be at least {MIN_SECRET_BYTES} bytes")
+        if not self.bearer_token and not self.listen.is_loopback:
+            raise ValueError(
+                f"listen: {self.listen} is not loopback; an admin API reachable from other "
+                "hosts needs a token (token_file or ZDPROXY_ADMIN__TOKEN)"
+            )
+        return self
+
+    @property
+    def bearer_token(self) -> bytes:
+        """The token (the environment's wins over the file's), or b"" for none."""
+        return self.token.get_secret_value().encode() or self._file_token
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= exports STATE_DIRECTORY (colon-separated if several).
+    return os.environ.get("STATE_DIRECTORY", "/var/lib/zdproxy").split(":")[0]
+
+
+class StateSettings(_Section):
+    """Where zdproxy keeps what must survive a restart: the state journal (runtime
+    changes made through the API) and the event log."""
+
+    dir: str = Field(
+        default_factory=_default_state_dir,
+        min_length=1,
+        description="State directory; default $STATE_DIRECTORY (systemd) or /var/lib/zdproxy.",
+    )
+    events_in_memory: int = Field(
+        default=1000, ge=10, description="Events kept in memory for GET /v1/events."
+    )
+    events_file_max: Size = Field(
+        default=10 * 1024 * 1024,
+        ge=4096,
+        description="events.jsonl is rotated (events.jsonl.1, ...) when it would grow past this.",
+    )
+    events_files_kept: int = Field(
+        default=3, ge=0, le=100, description="Rotated event files kept besides the current one."
+    )

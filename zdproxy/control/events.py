@@ -1,0 +1,173 @@
+"""The event log: every decision zdproxy takes or is told to take, with its reason.
+
+Events live in a bounded ring (GET /v1/events), are appended to a JSON-lines file
+that is rotated by size (events.jsonl, events.jsonl.1, ...), are logged, and are
+pushed to followers (server-sent events). Writing the file never fails a caller:
+a full disk costs the file copy, not the decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("zdproxy.events")
+
+Actor = Literal["api", "cli", "auto", "config"]
+ACTORS: tuple[Actor, ...] = ("api", "cli", "auto", "config")
+FOLLOWER_BACKLOG = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    time: float  # seconds since the epoch
+    kind: str
+    reason: str
+    actor: Actor
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": self.time,
+            "kind": self.kind,
+            "reason": self.reason,
+            "actor": self.actor,
+            "data": self.data,
+        }
+
+
+class EventLog:
+    """A bounded ring plus a rotated JSON-lines file, with live followers."""
+
+    def __init__(
+        self, path: Path | None, *, in_memory: int = 1000, file_max: int = 0, files_kept: int = 3
+    ) -> None:
+        self.path = path
+        self._ring: deque[Event] = deque(maxlen=in_memory)
+        self._file_max = file_max
+        self._files_kept = files_kept
+        self._followers: set[_Follower] = set()
+        self._next_id = 1 + self._last_id_on_disk()
+
+    def emit(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        actor: Actor = "auto",
+        level: int = logging.INFO,
+        **data: Any,
+    ) -> Event:
+        event = Event(self._next_id, time.time(), kind, reason, actor, data)
+        self._next_id += 1
+        self._ring.append(event)
+        log.log(level, "%s: %s (%s)", kind, reason, actor)
+        self._append(event)
+        for follower in list(self._followers):
+            follower.push(event)
+        return event
+
+    def history(self, since: int = 0, kind: str | None = None) -> list[Event]:
+        """Events in memory with an id above `since`, oldest first, of `kind` if given."""
+        return [e for e in self._ring if e.id > since and (kind is None or e.kind == kind)]
+
+    def follow(self) -> _Follower:
+        """A subscription that queues every event emitted from now on."""
+        return _Follower(self)
+
+    # -- the file ---------------------------------------------------------------------
+
+    def _last_id_on_disk(self) -> int:
+        """Ids continue across restarts, so a follower's Last-Event-ID keeps its meaning."""
+        if self.path is None:
+            return 0
+        try:
+            with self.path.open("rb") as file:
+                file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
+                lines = file.read().splitlines()
+        except OSError:
+            return 0
+        for line in reversed(lines):
+            try:
+                return int(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash
+        return 0
+
+    def _append(self, event: Event) -> None:
+        if self.path is None:
+            return
+        line = json.dumps(event.to_dict(), separators=(",", ":"), default=str) + "\n"
+        try:
+            if self._file_max and self._size() + len(line) > self._file_max:
+                self._rotate()
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(line)
+        except OSError as exc:
+            log.error("event log: cannot write %s: %s", self.path, exc.strerror)
+
+    def _size(self) -> int:
+        assert self.path is not None
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        for i in range(self._files_kept, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
+            if i == self._files_kept:
+                older.unlink(missing_ok=True)
+            if newer.exists():
+                newer.rename(older)
+        if self._files_kept == 0:
+            self.path.unlink(missing_ok=True)
+
+
+class _Follower:
+    """`with log.follow() as events:` then `await events.next(wait)`.
+
+    A follower that falls FOLLOWER_BACKLOG events behind is dropped (`lagged`) rather
+    than let memory grow; an SSE client reconnects with Last-Event-ID and loses nothing
+    that is still in the ring.
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(FOLLOWER_BACKLOG)
+        self.lagged = False
+
+    def __enter__(self) -> _Follower:
+        self._log._followers.add(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._log._followers.discard(self)
+
+    def push(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.lagged = True
+            self._log._followers.discard(self)
+
+    async def next(self, wait: float) -> Event | None:
+        """The next event, or None when none came within `wait` seconds (at once
+        when this follower lagged and has nothing left)."""
+        if self.lagged and self._queue.empty():
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), wait)
+        except TimeoutError:
+            return None

@@ -1,0 +1,109 @@
+"""Runtime state: what was changed through the API on top of the config file, and
+which of the two wins.
+
+The rule, per item (a pool's members, the split, the salt, the pin rules, the
+drain marks): **a journaled runtime change wins over the config file until the
+file's own value for that item changes.** Each item records a digest of the
+file's value when the change was made (its basis); at start and on every reload
+an item whose basis no longer matches the file is dropped, and the file's new
+value takes over. So a restart or crash never undoes an operator's change, and
+an edit of the file is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from zdproxy.config.overrides import PinSettings
+from zdproxy.config.settings import (
+    COLORS,
+    PoolMembers,
+    Pools,
+    PoolSettings,
+    Settings,
+    SplitSettings,
+)
+from zdproxy.control.journal import JournalItem
+
+KEYS = ("pools.blue", "pools.green", "split", "salt", "rules", "drained")
+
+_PINS = TypeAdapter(list[PinSettings])
+
+
+def file_value(config: Settings, key: str) -> Any:
+    """The config file's own value of a journal item, in the item's JSON form."""
+    if key.startswith("pools."):
+        return config.pool(key.removeprefix("pools.")).members()
+    if key == "split":
+        return {"live": config.split.live, "candidate_weight": config.split.candidate_weight}
+    if key == "salt":
+        return config.split.salt
+    if key == "rules":
+        return [pin.model_dump(mode="json", exclude_defaults=True) for pin in config.pins]
+    if key == "drained":
+        return []
+    raise KeyError(key)
+
+
+def basis_of(config: Settings, key: str) -> str:
+    text = json.dumps(file_value(config, key), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def item(config: Settings, key: str, value: Any, actor: str) -> JournalItem:
+    """A new runtime change of `key`, based on the file's current value."""
+    return JournalItem(value, basis_of(config, key), time.time(), actor)
+
+
+def stale(config: Settings, items: Mapping[str, JournalItem]) -> list[str]:
+    """Items the config file has taken over (its value changed since), or unknown keys."""
+    return [
+        key
+        for key, entry in items.items()
+        if key not in KEYS or (key != "drained" and entry.basis != basis_of(config, key))
+    ]
+
+
+def generated_salt(config: Settings) -> JournalItem | None:
+    """A random salt to journal when the file sets none, so buckets survive restarts."""
+    return None if config.split.salt else item(config, "salt", secrets.token_hex(16), "auto")
+
+
+def overlay(config: Settings, items: Mapping[str, JournalItem]) -> Settings:
+    """The config with the items' values in place, validated as the file would be.
+
+    pydantic.ValidationError or ValueError when an item's value is not acceptable.
+    """
+    pools: dict[str, PoolSettings] = {color: config.pool(color) for color in COLORS}
+    split_update: dict[str, Any] = {}
+    pins = config.pins
+    for key, entry in items.items():
+        if key.startswith("pools."):
+            color = key.removeprefix("pools.")
+            members = PoolMembers.model_validate(entry.value)
+            pools[color] = pools[color].model_copy(
+                update={"upstreams": members.upstreams, "version": members.version}
+            )
+        elif key == "split":
+            split_update.update(entry.value)
+        elif key == "salt":
+            split_update["salt"] = entry.value
+        elif key == "rules":
+            pins = _PINS.validate_python(entry.value)
+    current = {name: getattr(config.split, name) for name in SplitSettings.model_fields}
+    split = SplitSettings.model_validate({**current, **split_update})
+    settings = config.model_copy(update={"pools": Pools(**pools), "split": split, "pins": pins})
+    settings.check_consistency()
+    return settings
+
+
+def drained_of(items: Mapping[str, JournalItem]) -> set[str]:
+    entry = items.get("drained")
+    return set(entry.value) if entry is not None else set()
