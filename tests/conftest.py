@@ -293,6 +293,28 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None
             await asyncio.sleep(0.01)
 
 
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, within: float = 30) -> CliResult:
+    """Run `zdproxy ARGS...` as a user would, without the test's ZDPROXY_* variables."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ZDPROXY_")}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "zdproxy", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**clean, **(env or {})},
+    )
+    async with asyncio.timeout(within):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())
+
+
 def in_process_settings(tmp_path: Path, config: dict[str, Any]) -> Settings:
     """Settings for a Daemon run on the test's loop: its own admin port and state dir."""
     defaults = {

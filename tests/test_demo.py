@@ -14,6 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import run_cli
+
 READY_LINE = "zdproxy demo is running."
 
 
@@ -52,6 +54,8 @@ async def demo(tmp_path: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process
             "demo",
             "--port",
             str(port),
+            "--admin-port",
+            str(free_port()),
             "--dir",
             str(directory),
             stdout=asyncio.subprocess.PIPE,
@@ -100,6 +104,21 @@ async def test_demo_serves_blue_and_stops_cleanly(
     assert check.returncode == 0, err.decode()
     assert out.decode().strip() == f"{config}: ok"
     assert f'listen = "127.0.0.1:{port}"' in config.read_text()
+
+    # Every CLI command needs nothing but the demo's config: admin address and token.
+    cli = ("--config", str(config))
+    status = await run_cli("status", *cli)
+    assert status.code == 0, status.err
+    assert "live blue, candidate green at 0%" in status.out
+    assert (await run_cli("shift", "100", *cli)).code == 0
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as r:
+        assert (await r.json())["color"] == "green"
+    drain = await run_cli("drain", "blue", "--wait", *cli)
+    assert drain.code == 0 and drain.out.startswith("drained blue/"), drain
+    wait = await run_cli("wait", "--until", "drained:blue", "--until", "live:green", *cli)
+    assert wait.code == 0, wait.err
+    events = await run_cli("events", *cli)
+    assert "split_changed [cli] live blue, candidate green at 100%" in events.out
 
     process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(5):

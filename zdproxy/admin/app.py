@@ -31,6 +31,7 @@ log = logging.getLogger("zdproxy.admin")
 
 CLI_AGENT = "zdproxy-cli/"  # the CLI's User-Agent prefix: its changes are actor "cli"
 PROBLEM_JSON = "application/problem+json"
+SHUTDOWN_SECONDS = 2.0
 
 Handler = Callable[["Call"], Awaitable[BaseModel | web.StreamResponse]]
 
@@ -184,7 +185,10 @@ class AdminListener:
     """Serves the app on the admin address; a unix socket gets mode 0660."""
 
     def __init__(self, app: web.Application) -> None:
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Calls still running at stop (a drain with wait) get a short grace, not aiohttp's 60 s.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS
+        )
         self.address = ""
 
     async def start(self, address: Address) -> str:

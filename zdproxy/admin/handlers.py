@@ -282,8 +282,8 @@ class AdminAPI:
             while True:
                 event = await follower.next(KEEPALIVE_SECONDS)
                 if event is None:
-                    if follower.lagged:
-                        break  # the client reconnects with Last-Event-ID
+                    if follower.ended:
+                        break  # stopping or lagged: the client reconnects with Last-Event-ID
                     await response.write(b": keep-alive\n\n")
                 elif event.id > sent and query.kind in (None, event.kind):
                     await response.write(_sse(event))

@@ -9,6 +9,7 @@ a full disk costs the file copy, not the decision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -84,6 +85,11 @@ class EventLog:
         """A subscription that queues every event emitted from now on."""
         return _Follower(self)
 
+    def close(self) -> None:
+        """End every follower's stream (zdproxy is stopping)."""
+        for follower in list(self._followers):
+            follower.end()
+
     # -- the file ---------------------------------------------------------------------
 
     def _last_id_on_disk(self) -> int:
@@ -138,15 +144,15 @@ class EventLog:
 class _Follower:
     """`with log.follow() as events:` then `await events.next(wait)`.
 
-    A follower that falls FOLLOWER_BACKLOG events behind is dropped (`lagged`) rather
+    A follower that falls FOLLOWER_BACKLOG events behind is ended rather
     than let memory grow; an SSE client reconnects with Last-Event-ID and loses nothing
-    that is still in the ring.
+    that is still in the ring. All followers end when zdproxy stops.
     """
 
     def __init__(self, log: EventLog) -> None:
         self._log = log
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(FOLLOWER_BACKLOG)
-        self.lagged = False
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(FOLLOWER_BACKLOG)
+        self.ended = False
 
     def __enter__(self) -> _Follower:
         self._log._followers.add(self)
@@ -159,13 +165,19 @@ class _Follower:
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.lagged = True
-            self._log._followers.discard(self)
+            self.end()
+
+    def end(self) -> None:
+        """No more events: `next` answers None at once from now on."""
+        self.ended = True
+        self._log._followers.discard(self)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(None)  # wakes a waiting `next`
 
     async def next(self, wait: float) -> Event | None:
-        """The next event, or None when none came within `wait` seconds (at once
-        when this follower lagged and has nothing left)."""
-        if self.lagged and self._queue.empty():
+        """The next event, or None when none came within `wait` seconds, or at once when
+        the stream ended (see `ended`) and nothing is left."""
+        if self.ended and self._queue.empty():
             return None
         try:
             return await asyncio.wait_for(self._queue.get(), wait)

@@ -130,6 +130,7 @@ class Daemon:
         self.events.emit(
             "stopped", f"{cut} connections cut after the grace period" if cut else "clean", cut=cut
         )
+        self.events.close()
         await self.admin.close()
 
     def handle_signals(self) -> None:

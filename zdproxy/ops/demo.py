@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 from pathlib import Path
 
@@ -45,6 +46,13 @@ expect_json = {{ status = "ok" }}
 [split]
 live = "blue"
 candidate_weight = 0
+
+[admin]
+listen = "127.0.0.1:{admin}"
+token_file = "{token_file}"
+
+[state]
+dir = "{state}"
 """
 
 
@@ -76,22 +84,38 @@ async def _start_app(app: web.Application, port: int) -> web.AppRunner:
     return runner
 
 
-def _write_config(directory: Path, text: str) -> Path:
+def _token(directory: Path) -> Path:
+    """The demo's admin token, made once and kept (mode 0600) so a CLI session survives
+    a restart of the demo."""
+    path = directory / "admin.token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def _write_config(directory: Path, port: int, admin_port: int, apps: dict[str, int]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "zdproxy.toml"
+    text = DEMO_CONFIG.format(
+        port=port,
+        admin=admin_port,
+        token_file=_token(directory).resolve(),
+        state=(directory / "state").resolve(),
+        **apps,
+    )
     config.write_text(text)
     return config
 
 
-async def _demo(port: int, directory: Path) -> None:
+async def _demo(port: int, admin_port: int, directory: Path) -> None:
     blue_port, green_port = _free_port(), _free_port()
     runners = [
         await _start_app(sample_app("blue", "v1"), blue_port),
         await _start_app(sample_app("green", "v2"), green_port),
     ]
-    config = _write_config(
-        directory, DEMO_CONFIG.format(port=port, blue=blue_port, green=green_port)
-    )
+    config = _write_config(directory, port, admin_port, {"blue": blue_port, "green": green_port})
     daemon = Daemon(load_settings(config), config)
     daemon.handle_signals()
     await daemon.start()
@@ -101,17 +125,23 @@ zdproxy demo is running.
   blue  (v1, live)      http://127.0.0.1:{blue_port}
   green (v2, candidate) http://127.0.0.1:{green_port}
   zdproxy               http://127.0.0.1:{port}
+  admin API             http://127.0.0.1:{admin_port} (token in {directory}/admin.token)
   config                {config}
 
 Try:
   curl -s http://127.0.0.1:{port}/           # answered by blue
   curl -si http://127.0.0.1:{port}/ | grep -i -e via -e set-cookie
-Send half of the users to green without a restart: set candidate_weight = 5000
-in {config}, then
-  kill -HUP {os.getpid()}
+  zdproxy status --config {config}
+Send half of the users to green, and watch the decisions:
+  zdproxy shift 50 --config {config}
+  zdproxy events --follow --config {config}
 Each user keeps their color (zdproxy's zd_bucket cookie):
   curl -s -c /tmp/zd.jar -b /tmp/zd.jar http://127.0.0.1:{port}/   # repeat: same color
-Ctrl-C stops everything.
+Then make green live, drain blue and wait until it is safe to stop:
+  zdproxy shift 100 --config {config}
+  zdproxy drain blue --config {config}
+  zdproxy wait --until drained:blue --timeout 30s --config {config}
+Edits of {config} apply on kill -HUP {os.getpid()}. Ctrl-C stops everything.
 """,
         flush=True,
     )
@@ -121,9 +151,9 @@ Ctrl-C stops everything.
         await runner.cleanup()
 
 
-def run_demo(port: int, directory: str) -> int:
+def run_demo(port: int, admin_port: int, directory: str) -> int:
     try:
-        uvloop.run(_demo(port, Path(directory)))
+        uvloop.run(_demo(port, admin_port, Path(directory)))
     except OSError as exc:
         log.error("cannot start the demo: %s", exc)
         return 1

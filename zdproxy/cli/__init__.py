@@ -1,4 +1,4 @@
-"""The `zdproxy` command line."""
+"""The `zdproxy` command line: the daemon, config tools, and the admin API commands."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from zdproxy import __version__
+from zdproxy.cli.commands import add_commands, run_admin_command
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
 from zdproxy.config.units import parse_duration
@@ -54,10 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--config", "-c", required=True, help="path to the TOML config file")
 
+    add_commands(commands)
+
     demo = commands.add_parser(
         "demo", help="run blue and green sample apps behind zdproxy on 127.0.0.1:8080"
     )
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9901, help="admin API port (default 9901)")
     demo.add_argument(
         "--dir", default=".demo", help="where the demo writes its runtime files (default .demo)"
     )
@@ -74,6 +78,8 @@ def _load(path: str) -> Settings | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "admin_command"):
+        return run_admin_command(args)
     if args.command == "check":
         settings = _load(args.config)
         if settings is None:
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("info")
         from zdproxy.ops.demo import run_demo
 
-        return run_demo(port=args.port, directory=args.dir)
+        return run_demo(port=args.port, admin_port=args.admin_port, directory=args.dir)
     raise AssertionError(args.command)
 
 
