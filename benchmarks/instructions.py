@@ -91,7 +91,13 @@ def count(
         + (ROUTED.format(up=upstream_port) if routed else "")
     )
     out = tmp / f"callgrind.{requests}.out"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    # Through the environment, which an older tree (a baseline) without these options ignores.
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "0",
+        "ZDPROXY_ADMIN__LISTEN": f"127.0.0.1:{free_port()}",
+        "ZDPROXY_STATE__DIR": str(tmp / "state"),
+    }
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]

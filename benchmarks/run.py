@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,10 @@ SMALL_BODY = ("zdproxy benchmark small body " * 4)[:100]
 SIZES = {"/small": len(SMALL_BODY), "/16k": 16384, "/1m": 1048576}
 # "baseline" is zdproxy from another source tree (--baseline), for A/B of a change.
 # "routed" is zdproxy with a 50/50 sticky split, three pin rules and health checks.
-CONFIGS = ("direct", "zdproxy", "routed", "baseline", "nginx")
+# "scraped" is zdproxy with its /metrics fetched every SCRAPE_SECONDS, as Prometheus would.
+CONFIGS = ("direct", "zdproxy", "routed", "scraped", "baseline", "nginx")
+ZDPROXY_CONFIGS = ("zdproxy", "routed", "scraped", "baseline")
+SCRAPE_SECONDS = 1.0  # 15x more often than Prometheus' default: the pessimistic case
 ROUTED = """
 [pools.green]
 upstreams = ["127.0.0.1:{up}"]
@@ -73,6 +77,7 @@ GOALS = (  # (label, scenario, kind, bound): a ratio is a floor, a "cpu" figure 
     ("zdproxy/nginx req/s, 1 MiB c64 >= 0.9", "1m-c64", "zdproxy_over_nginx", 0.9),
     ("zdproxy CPU per small request (c64) <= 30 us", "small-c64", "cpu", 30.0),
     ("routed/zdproxy req/s, 100 B c64 >= 0.9", "small-c64", "routed_over_zdproxy", 0.9),
+    ("scraped/zdproxy req/s, 100 B c64 >= 0.95", "small-c64", "scraped_over_zdproxy", 0.95),
 )
 
 
@@ -153,6 +158,7 @@ class Env:
     upstream_port: int = 0
     notes: list[str] = field(default_factory=list)
     baseline: Path | None = None
+    admin_port: int = field(default_factory=lambda: free_port())
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -332,7 +338,7 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
     if config == "direct":
         return None, env.upstream_port
     port = free_port()
-    if config in ("zdproxy", "baseline", "routed"):
+    if config in ZDPROXY_CONFIGS:
         conf = env.tmp / "zdproxy.toml"
         routing = (
             ROUTED.format(up=env.upstream_port)
@@ -347,8 +353,13 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
         )
         # The zdproxy installed next to this python: started exactly as users start it.
         argv = [str(Path(sys.executable).with_name("zdproxy")), "run", "--config", str(conf)]
-        # The baseline tree comes first on the import path, ahead of the installed zdproxy.
-        extra = {"PYTHONPATH": str(env.baseline)} if config == "baseline" else None
+        # Admin and state through the environment, which a baseline tree without them ignores.
+        extra = {
+            "ZDPROXY_ADMIN__LISTEN": f"127.0.0.1:{env.admin_port}",
+            "ZDPROXY_STATE__DIR": str(env.tmp / "state"),
+        }
+        if config == "baseline":  # its tree comes first on the path, ahead of the installed one
+            extra["PYTHONPATH"] = str(env.baseline)
         return start_child(env, config, argv, port, extra), port
     upstream = (  # idle keepalive >= the highest concurrency, like zdproxy's idle pool
         f"  upstream backend {{ server 127.0.0.1:{env.upstream_port}; keepalive 1024;\n"
@@ -363,6 +374,28 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
     }"""
     conf = nginx_conf(env.tmp, "nginx", port, server, upstream)
     return start_child(env, "nginx", nginx_argv(env, conf), port), port
+
+
+class Scraper(threading.Thread):
+    """Fetches zdproxy's /metrics every SCRAPE_SECONDS until stopped, as Prometheus does."""
+
+    def __init__(self, admin_port: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{admin_port}/metrics"
+        self.stopped = threading.Event()
+        self.scrapes = 0
+
+    def run(self) -> None:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        while not self.stopped.wait(SCRAPE_SECONDS):
+            with opener.open(self.url, timeout=5) as response:
+                if response.status == 200 and response.read():
+                    self.scrapes += 1
+
+    def stop(self) -> int:
+        self.stopped.set()
+        self.join()
+        return self.scrapes
 
 
 def check_bodies(port: int) -> None:
@@ -447,9 +480,13 @@ def measure(
         check_bodies(port)
         run_wrk(env, port, scen, args.warmup)
         pids, up_pids = (proxy.pids() if proxy else []), upstream.pids()
+        scraper = Scraper(env.admin_port) if config == "scraped" else None
         before = (*cpu_seconds(pids), sum(cpu_seconds(up_pids)), busy_seconds(), reaped_cpu())
         start = time.monotonic()
+        if scraper is not None:
+            scraper.start()
         report = run_wrk(env, port, scen, args.duration)
+        scrapes = scraper.stop() if scraper is not None else None
         wall = time.monotonic() - start
         after = (*cpu_seconds(pids), sum(cpu_seconds(up_pids)), busy_seconds(), reaped_cpu())
         rss = peak_rss_mib(pids) if proxy else None
@@ -467,6 +504,7 @@ def measure(
         "upstream_cpu_us_per_req": up_cpu / n * 1e6,
         "wrk_cores": wrk_cpu / wall,
         "other_cores": max(busy - cpu - up_cpu - wrk_cpu, 0.0) / wall,
+        "scrapes": scrapes,
         "wrk_output": report,
     }
     return row
@@ -508,8 +546,9 @@ def ratios(rows: list[Row]) -> list[Row]:
             for other in ("nginx", "direct", "baseline"):
                 base = rps.get((rnd, other, scen))
                 row[f"zdproxy_over_{other}"] = value / base if base else None
-            routed = rps.get((rnd, "routed", scen))
-            row["routed_over_zdproxy"] = routed / value if routed else None
+            for variant in ("routed", "scraped"):
+                other_rps = rps.get((rnd, variant, scen))
+                row[f"{variant}_over_zdproxy"] = other_rps / value if other_rps else None
             out.append(row)
     return out
 
@@ -559,8 +598,9 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
             "zdproxy ÷ direct",
             "zdproxy ÷ baseline",
             "routed ÷ zdproxy",
+            "scraped ÷ zdproxy",
         ),
-        "|---|--:|--:|--:|--:|--:|",
+        "|---|--:|--:|--:|--:|--:|--:|",
     ]
     lines += [
         _line(
@@ -570,6 +610,7 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
             _cell(r["zdproxy_over_direct"]),
             _cell(r["zdproxy_over_baseline"]),
             _cell(r["routed_over_zdproxy"]),
+            _cell(r["scraped_over_zdproxy"]),
         )
         for r in sorted(rats, key=key)
     ]

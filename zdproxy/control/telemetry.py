@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import add
 
 from zdproxy.config.settings import COLORS
 from zdproxy.routing.records import LATENCY_BUCKETS, FailureKind, IntervalRecord
@@ -29,8 +30,7 @@ class Totals:
     failures: dict[str, int] = field(default_factory=dict)
 
     def add(self, record: IntervalRecord) -> None:
-        for i, n in enumerate(record.by_class):
-            self.by_class[i] += n
+        self.by_class = list(map(add, self.by_class, record.by_class))
         for kind, n in record.failures.items():
             self.failures[kind] = self.failures.get(kind, 0) + n
 
@@ -43,8 +43,7 @@ class Latency:
     total: float = 0.0
 
     def add(self, buckets: Iterable[int], total: float) -> None:
-        for i, n in enumerate(buckets):
-            self.buckets[i] += n
+        self.buckets = list(map(add, self.buckets, buckets))
         self.total += total
 
     @property
@@ -126,7 +125,6 @@ class Telemetry:
         for record in records:
             color = color_of(record.upstream_id)
             self.totals.setdefault(record.upstream_id, Totals()).add(record)
-            self.latency[color].add(record.latency_buckets, record.latency_sum)
             failed = sum(n for kind, n in record.failures.items() if kind in UPSTREAM_FAILURES)
             piece = slices[color]
             piece.requests += record.responses + failed
@@ -136,6 +134,7 @@ class Telemetry:
             queue = self._slices[color]
             if piece.requests:
                 queue.append(piece)
+                self.latency[color].add(piece.latency.buckets, piece.latency.total)
             while queue and queue[0].at <= now - self.window:
                 queue.popleft()
 
