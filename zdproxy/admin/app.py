@@ -24,8 +24,8 @@ from zdproxy import __version__
 from zdproxy.admin.models import FieldError, Problem
 from zdproxy.config.loader import format_validation_error
 from zdproxy.config.units import Address
+from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
-from zdproxy.control.plane import Refused
 
 log = logging.getLogger("zdproxy.admin")
 

@@ -198,7 +198,7 @@ class AdminAPI:
             split=self._split(),
             rules=control.settings.pins,
             rollout=m.Rollout(),
-            journal=sorted(control.items),
+            journal=sorted(control.desired.items),
         )
 
     async def get_pool(self, call: Call) -> BaseModel:

@@ -1,8 +1,8 @@
 """The control plane's core: turn the desired state into routing snapshots for the data plane.
 
-The desired state is the config file overlaid with the runtime changes made
-through the API (control/state.py says which wins). Every change is journaled
-before it takes effect, becomes an event, and is published as one snapshot.
+The desired state (control/desired.py) is the config file overlaid with the
+runtime changes made through the API. Every command here checks that it is safe,
+has the change journaled, raises an event, and publishes one snapshot.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import logging
 from itertools import count
 from typing import Any
 
-from pydantic import ValidationError
-
-from zdproxy.config.loader import format_validation_error
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import (
     COLORS,
@@ -25,11 +22,11 @@ from zdproxy.config.settings import (
     PoolMembers,
     Settings,
 )
-from zdproxy.control import state
+from zdproxy.control.desired import DesiredState, Refused
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.health import HealthChecker, UpstreamHealth
-from zdproxy.control.journal import Journal, JournalCorrupt, JournalItem
+from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.dataplane.pins import OverrideCounters
@@ -49,16 +46,6 @@ log = logging.getLogger("zdproxy.control")
 TICK_SECONDS = 0.1  # how often the control plane reads the data plane's records and streaks
 
 
-class Refused(Exception):
-    """A change the control plane will not make. Nothing changed."""
-
-    def __init__(self, field: str, reason: str, status: int = 409) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-        self.status = status
-
-
 class ControlPlane:
     """Holds the pools, the split and their health, and pushes a fresh snapshot on every
     change. An upstream of a pool with health checks is in the snapshot only while up.
@@ -72,16 +59,24 @@ class ControlPlane:
     ) -> None:
         self._dataplane = dataplane
         self._versions = count(1)
-        self.config = config  # the file, as last loaded
-        self.settings = config  # the file overlaid with the journaled runtime changes
-        self.items: dict[str, JournalItem] = {}
+        self.desired = DesiredState(config, journal, events)
         self.events = events
-        self.journal = journal
         self.health = HealthChecker(self._health_changed)
         self.outliers = OutlierDetector(dataplane, self.health, events)
         self.telemetry = Telemetry(config.admin.status_window)
-        self.drained: set[str] = set()  # upstream ids the operator took out of rotation
         self._ticker: asyncio.Task[None] | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The running settings: the config file overlaid with the runtime changes."""
+        return self.desired.settings
+
+    @property
+    def drained(self) -> set[str]:
+        return self.desired.drained
+
+    def share(self, color: str) -> int:
+        return self.desired.share(color)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -109,58 +104,26 @@ class ControlPlane:
                 self.publish()
 
     def restore(self) -> RoutingSnapshot:
-        """At start: read the journal and apply the config file overlaid with it. A journal
-        that cannot be read is moved aside, with an event, and the file alone applies."""
-        try:
-            items = self.journal.load()
-        except JournalCorrupt as exc:
-            aside = self.journal.quarantine()
-            self.events.emit(
-                "journal_corrupt",
-                f"{exc}; moved to {aside.name}, starting from the config file",
-                level=logging.ERROR,
-                path=str(aside),
-            )
-            items = {}
-        return self.apply_settings(self.config, items)
+        """At start: the config file overlaid with the journal (see control/state.py)."""
+        self.desired.take_config(self.desired.config, self.desired.read_journal())
+        return self._reconfigured()
 
-    def apply_settings(
-        self, config: Settings, items: dict[str, JournalItem] | None = None
-    ) -> RoutingSnapshot:
-        """Take a (re)loaded config file: drop the runtime changes it overrides, start or
-        stop health checks, publish."""
-        items = dict(self.items if items is None else items)
-        for key in state.stale(config, items):
-            del items[key]
-            self.events.emit(
-                "config_takes_over",
-                f"the config file's {key} changed; its value replaces the runtime one",
-                actor="config",
-                item=key,
-            )
-        if "salt" not in items and (salt := state.generated_salt(config)) is not None:
-            items["salt"] = salt
-        try:
-            settings = state.overlay(config, items)
-        except (ValidationError, ValueError) as exc:
-            self.events.emit(
-                "journal_rejected",
-                f"the journaled changes do not fit the config file ({exc}); using the file",
-                level=logging.ERROR,
-                actor="config",
-            )
-            items = {"salt": items["salt"]} if not config.split.salt else {}
-            settings = state.overlay(config, items)
-        if items != self.items:
-            self._save(items)
-        self.config = config
-        self.items = items
-        self.drained = state.drained_of(items)
-        self.settings = settings
+    def apply_settings(self, config: Settings) -> RoutingSnapshot:
+        """Take a reloaded config file: the runtime changes it overrides give way, health
+        checks start or stop, a snapshot is published."""
+        self.desired.take_config(config)
+        return self._reconfigured()
+
+    def _reconfigured(self) -> RoutingSnapshot:
+        self.telemetry.window = self.settings.admin.status_window
+        self._sync_upstreams()
+        return self.publish()
+
+    def _sync_upstreams(self) -> None:
+        """Probe exactly the configured upstreams of checked pools; forget removed ones."""
         configured = self.configured()
         self.health.sync({uid: entry for uid, entry in configured.items() if entry[1].enabled})
         self.outliers.forget(set(configured))
-        return self.publish()
 
     async def first_checks(self) -> None:
         """Wait (bounded) for the first verdict on every checked upstream, so that a
@@ -212,42 +175,7 @@ class ControlPlane:
         """The data plane's running counts: retries by kind, and pin and preview outcomes."""
         return self._dataplane.retries, self._dataplane.override_counts
 
-    def share(self, color: str) -> int:
-        """The color's share of the split, in basis points."""
-        split = self.settings.split
-        weight = split.candidate_weight
-        return BASIS_POINTS - weight if color == split.live else weight
-
     # -- commands (each journaled, then published) --------------------------------------
-
-    def _save(self, items: dict[str, JournalItem]) -> None:
-        try:
-            self.journal.save(items)
-        except OSError as exc:
-            raise Refused(
-                "state.dir", f"cannot write the journal {self.journal.path}: {exc.strerror}", 503
-            ) from None
-
-    def _change(self, changes: dict[str, Any], actor: Actor) -> Settings:
-        """Journal items and make them the running state, all or none; Refused changes
-        nothing."""
-        items = dict(self.items)
-        for key, value in changes.items():
-            items[key] = state.item(self.config, key, value, actor)
-        try:
-            settings = state.overlay(self.config, items)
-        except ValidationError as exc:
-            first = format_validation_error(exc)[0]
-            field, _, reason = first.partition(": ")
-            raise Refused(field, reason, 400) from None
-        except ValueError as exc:
-            field, _, reason = str(exc).partition(": ")
-            raise Refused(field, reason, 400) from None
-        self._save(items)
-        self.items = items
-        self.settings = settings
-        self.drained = state.drained_of(items)
-        return settings
 
     def set_split(
         self,
@@ -278,7 +206,7 @@ class ControlPlane:
         changes: dict[str, Any] = {"split": {"live": live, "candidate_weight": candidate_weight}}
         if salt is not None:
             changes["salt"] = salt
-        self._change(changes, actor)
+        self.desired.change(changes, actor)
         self.events.emit(
             "split_changed",
             f"live {live}, candidate {candidate} at {candidate_weight / 100:g}%"
@@ -306,11 +234,8 @@ class ControlPlane:
                 "health checks (set the idle color, or pass force)",
             )
         before = self.settings.pool(color).members()
-        self._change({f"pools.{color}": members.members()}, actor)
-        self.health.sync(
-            {uid: entry for uid, entry in self.configured().items() if entry[1].enabled}
-        )
-        self.outliers.forget(set(self.configured()))
+        self.desired.change({f"pools.{color}": members.members()}, actor)
+        self._sync_upstreams()
         self.events.emit(
             "pool_changed",
             f"{color}: {len(members.upstreams)} upstreams, version {members.version or '-'}",
@@ -323,7 +248,7 @@ class ControlPlane:
 
     def set_rules(self, pins: list[PinSettings], *, actor: Actor = "api") -> None:
         value = [pin.model_dump(mode="json", exclude_defaults=True) for pin in pins]
-        self._change({"rules": value}, actor)
+        self.desired.change({"rules": value}, actor)
         self.events.emit("rules_changed", f"{len(pins)} pin rules", actor=actor, rules=value)
         self.publish()
 
@@ -349,7 +274,7 @@ class ControlPlane:
     ) -> set[str]:
         """Mark upstreams drained (journaled) and take them out of rotation at once."""
         ids = self.resolve(color, upstream)
-        self._change({"drained": sorted(self.drained | ids)}, actor)
+        self.desired.change({"drained": sorted(self.drained | ids)}, actor)
         self.events.emit(
             "drain_started",
             f"draining {', '.join(sorted(ids))}",
@@ -381,7 +306,7 @@ class ControlPlane:
         """Put drained upstreams back into rotation (health checks still apply)."""
         ids = self.resolve(color, upstream) & self.drained
         if ids:
-            self._change({"drained": sorted(self.drained - ids)}, actor)
+            self.desired.change({"drained": sorted(self.drained - ids)}, actor)
             self.events.emit(
                 "undrained", f"back in rotation: {', '.join(sorted(ids))}", actor=actor
             )

@@ -76,7 +76,7 @@ class Daemon:
             "started",
             f"zdproxy {__version__} serving {', '.join(self.addresses)}",
             pid=os.getpid(),
-            journal=sorted(self.control.items),
+            journal=sorted(self.control.desired.items),
         )
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
 

@@ -1,0 +1,126 @@
+"""The desired state: the config file overlaid with the journaled runtime changes.
+
+This is what the operator wants, kept apart from how the control plane runs it
+(health, outliers, snapshots). Every change is validated as the file would be,
+then journaled, then made current, all or nothing; control/state.py says which
+of the file and the journal wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from zdproxy.config.loader import format_validation_error
+from zdproxy.config.settings import Settings
+from zdproxy.control import state
+from zdproxy.control.events import Actor, EventLog
+from zdproxy.control.journal import Journal, JournalCorrupt, JournalItem
+from zdproxy.routing.snapshot import BASIS_POINTS
+
+
+class Refused(Exception):
+    """A change that will not be made. Nothing changed."""
+
+    def __init__(self, field: str, reason: str, status: int = 409) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+        self.status = status
+
+
+class DesiredState:
+    def __init__(self, config: Settings, journal: Journal, events: EventLog) -> None:
+        self.config = config  # the file, as last loaded
+        self.settings = config  # the file overlaid with the journaled runtime changes
+        self.items: dict[str, JournalItem] = {}
+        self.drained: set[str] = set()  # upstream ids the operator took out of rotation
+        self.journal = journal
+        self.events = events
+
+    def read_journal(self) -> dict[str, JournalItem]:
+        """The journaled items. A journal that cannot be read is moved aside, with an
+        event, and counts as empty."""
+        try:
+            return self.journal.load()
+        except JournalCorrupt as exc:
+            aside = self.journal.quarantine()
+            self.events.emit(
+                "journal_corrupt",
+                f"{exc}; moved to {aside.name}, starting from the config file",
+                level=logging.ERROR,
+                path=str(aside),
+            )
+            return {}
+
+    def take_config(self, config: Settings, items: dict[str, JournalItem] | None = None) -> None:
+        """Take a (re)loaded config file with the current (or given) journal items; the
+        items whose file value changed give way to the file."""
+        items = dict(self.items if items is None else items)
+        for key in state.stale(config, items):
+            del items[key]
+            self.events.emit(
+                "config_takes_over",
+                f"the config file's {key} changed; its value replaces the runtime one",
+                actor="config",
+                item=key,
+            )
+        if "salt" not in items and (salt := state.generated_salt(config)) is not None:
+            items["salt"] = salt
+        try:
+            settings = state.overlay(config, items)
+        except (ValidationError, ValueError) as exc:
+            self.events.emit(
+                "journal_rejected",
+                f"the journaled changes do not fit the config file ({exc}); using the file",
+                level=logging.ERROR,
+                actor="config",
+            )
+            items = {"salt": items["salt"]} if not config.split.salt else {}
+            settings = state.overlay(config, items)
+        if items != self.items:
+            try:
+                self._save(items)
+            except Refused as exc:  # run on what we have; API changes will be refused
+                self.events.emit("journal_unwritable", str(exc), level=logging.ERROR)
+        self.config = config
+        self._current(items, settings)
+
+    def change(self, changes: dict[str, Any], actor: Actor) -> Settings:
+        """Validate, journal and make current a set of items, all or none."""
+        items = dict(self.items)
+        for key, value in changes.items():
+            items[key] = state.item(self.config, key, value, actor)
+        try:
+            settings = state.overlay(self.config, items)
+        except ValidationError as exc:
+            field, _, reason = format_validation_error(exc)[0].partition(": ")
+            raise Refused(field, reason, 400) from None
+        except ValueError as exc:
+            field, _, reason = str(exc).partition(": ")
+            raise Refused(field, reason, 400) from None
+        self._save(items)
+        self._current(items, settings)
+        return settings
+
+    def share(self, color: str) -> int:
+        """The color's share of the split, in basis points."""
+        split = self.settings.split
+        return (
+            BASIS_POINTS - split.candidate_weight if color == split.live else split.candidate_weight
+        )
+
+    def _current(self, items: dict[str, JournalItem], settings: Settings) -> None:
+        self.items = items
+        self.settings = settings
+        self.drained = state.drained_of(items)
+
+    def _save(self, items: dict[str, JournalItem]) -> None:
+        try:
+            self.journal.save(items)
+        except OSError as exc:
+            raise Refused(
+                "state.dir", f"cannot write the journal {self.journal.path}: {exc.strerror}", 503
+            ) from None
