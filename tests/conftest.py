@@ -109,10 +109,14 @@ class ZdProxy:
         }
         self.config.setdefault("log", {"level": "debug"})
         self.config_path.write_text(to_toml(self.config))
-        before = sum("reload_" in line for line in self.log_lines)
+        before = len(self.log_lines)
         self.process.send_signal(signal.SIGHUP)
-        await wait_until(lambda: sum("reload_" in line for line in self.log_lines) > before)
-        return any("reload_applied" in line for line in self.log_lines[-3:])
+
+        def outcome() -> list[str]:
+            return [line for line in self.log_lines[before:] if "reload_" in line]
+
+        await wait_until(lambda: bool(outcome()))
+        return "reload_applied" in outcome()[0]
 
     def stop(self, timeout: float = 15) -> int:
         if self.process.poll() is None:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from zdproxy import __version__
 from zdproxy.admin.models import FieldError, Problem
 from zdproxy.config.loader import format_validation_error
-from zdproxy.config.units import Address
+from zdproxy.config.units import Address, lone_surrogate
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 
@@ -105,9 +105,9 @@ class Tokens:
                 "(only /healthz, /readyz, /metrics and /v1/openapi.json answer without one)",
             )
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token
-        ):
+        # aiohttp keeps undecodable header bytes as surrogate escapes: give them back.
+        presented = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.token):
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
 
@@ -126,7 +126,13 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
         try:
             data = await request.json() if await request.read() else {}
         except ValueError:
-            raise ApiError(400, "the body is not valid JSON") from None
+            reason = "not valid JSON"
+            raise ApiError(
+                400, f"body: {reason}", [FieldError(field="body", reason=reason)]
+            ) from None
+        if (where := lone_surrogate(data)) is not None:
+            reason = "not valid Unicode (a lone surrogate)"
+            raise ApiError(400, f"{where}: {reason}", [FieldError(field=where, reason=reason)])
         try:
             body = route.body.model_validate(data)
         except ValidationError as exc:

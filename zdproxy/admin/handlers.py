@@ -248,7 +248,7 @@ class AdminAPI:
         if not body.wait:
             return m.DrainResult(upstreams=sorted(ids), finished=False, drained=True)
         result = await self.control.wait_drained(
-            ids, cut_after=body.cut_after, tunnel_grace=body.tunnel_grace
+            ids, cut_after=body.cut_after, tunnel_grace=body.tunnel_grace, actor=call.actor
         )
         return m.DrainResult(finished=True, **{**result.to_dict(), "upstreams": sorted(ids)})
 
@@ -276,18 +276,21 @@ class AdminAPI:
         events = self.control.events
         with events.follow() as follower:  # subscribed first, so nothing falls in between
             await response.prepare(request)
-            for past in events.history(sent, query.kind)[-query.limit :]:
-                await response.write(_sse(past))
-                sent = past.id
-            while True:
-                event = await follower.next(KEEPALIVE_SECONDS)
-                if event is None:
-                    if follower.ended:
-                        break  # stopping or lagged: the client reconnects with Last-Event-ID
-                    await response.write(b": keep-alive\n\n")
-                elif event.id > sent and query.kind in (None, event.kind):
-                    await response.write(_sse(event))
-                    sent = event.id
+            try:
+                for past in events.history(sent, query.kind)[-query.limit :]:
+                    await response.write(_sse(past))
+                    sent = past.id
+                while True:
+                    event = await follower.next(KEEPALIVE_SECONDS)
+                    if event is None:
+                        if follower.ended:
+                            break  # stopping or lagged: the client reconnects with Last-Event-ID
+                        await response.write(b": keep-alive\n\n")
+                    elif event.id > sent and query.kind in (None, event.kind):
+                        await response.write(_sse(event))
+                        sent = event.id
+            except ConnectionResetError:
+                pass  # the follower went away: nothing to answer
         return response
 
 

@@ -176,3 +176,23 @@ def read_secret(path: str) -> bytes:
     if len(secret) < MIN_SECRET_BYTES:
         raise ValueError(f"{path} holds a secret shorter than {MIN_SECRET_BYTES} bytes")
     return secret
+
+
+def lone_surrogate(value: object, path: str = "") -> str | None:
+    """Where in a decoded JSON value a string is not valid Unicode (JSON can spell a lone
+    surrogate, "\\ud800", which no UTF-8 encoder takes), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path or "(top level)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if (found := lone_surrogate(key, where) or lone_surrogate(item, where)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := lone_surrogate(item, f"{path}[{i}]")) is not None:
+                return found
+    return None

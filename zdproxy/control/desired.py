@@ -72,14 +72,15 @@ class DesiredState:
         try:
             settings = state.overlay(config, items)
         except (ValidationError, ValueError) as exc:
+            aside = self._set_aside()
             self.events.emit(
                 "journal_rejected",
-                f"the journaled changes do not fit the config file ({exc}); using the file",
+                f"the journaled changes do not fit the config file ({exc}); using the file"
+                + (f", the journal moved to {aside}" if aside else ""),
                 level=logging.ERROR,
                 actor="config",
             )
-            items = {"salt": items["salt"]} if not config.split.salt else {}
-            settings = state.overlay(config, items)
+            items, settings = self._file_only(config, items)
         if items != self.items:
             try:
                 self._save(items)
@@ -87,6 +88,27 @@ class DesiredState:
                 self.events.emit("journal_unwritable", str(exc), level=logging.ERROR)
         self.config = config
         self._current(items, settings)
+
+    def _file_only(
+        self, config: Settings, items: dict[str, JournalItem]
+    ) -> tuple[dict[str, JournalItem], Settings]:
+        """The file alone, keeping the journaled salt if it is valid (users keep their
+        color), else a new one."""
+        candidates = [{"salt": items["salt"]}] if "salt" in items else []
+        fresh = state.generated_salt(config)
+        candidates.append({"salt": fresh} if fresh is not None else {})
+        for kept in candidates:
+            try:
+                return kept, state.overlay(config, kept)
+            except (ValidationError, ValueError):
+                continue
+        raise AssertionError("the config file alone always applies")
+
+    def _set_aside(self) -> str:
+        try:
+            return self.journal.quarantine("rejected").name
+        except OSError:
+            return ""
 
     def change(self, changes: dict[str, Any], actor: Actor) -> Settings:
         """Validate, journal and make current a set of items, all or none."""

@@ -57,6 +57,7 @@ class EventLog:
         self._file_max = file_max
         self._files_kept = files_kept
         self._followers: set[_Follower] = set()
+        self._torn = False  # the file ends in a partial line (a crash mid-write)
         self._next_id = 1 + self._last_id_on_disk()
 
     def emit(
@@ -99,9 +100,11 @@ class EventLog:
         try:
             with self.path.open("rb") as file:
                 file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
-                lines = file.read().splitlines()
+                data = file.read()
+                lines = data.splitlines()
         except OSError:
             return 0
+        self._torn = bool(lines) and not data.endswith(b"\n")
         for line in reversed(lines):
             try:
                 return int(json.loads(line)["id"])
@@ -113,6 +116,9 @@ class EventLog:
         if self.path is None:
             return
         line = json.dumps(event.to_dict(), separators=(",", ":"), default=str) + "\n"
+        if self._torn:  # end the partial line, so that this event is a line of its own
+            line = "\n" + line
+            self._torn = False
         try:
             if self._file_max and self._size() + len(line) > self._file_max:
                 self._rotate()

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zdproxy.config.units import lone_surrogate
+
 FORMAT = 1
+TEMP_SUFFIX = ".tmp"
 
 
 class JournalCorrupt(Exception):
@@ -41,14 +44,17 @@ class Journal:
 
     def load(self) -> dict[str, JournalItem]:
         """The journaled items; {} when there is no journal yet."""
+        self._remove_leftovers()
         try:
-            text = self.path.read_text(encoding="utf-8")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise JournalCorrupt(f"cannot read {self.path}: {exc.strerror}") from None
         try:
-            document = json.loads(text)
+            document = json.loads(data.decode("utf-8"))
+            if (where := lone_surrogate(document)) is not None:
+                raise JournalCorrupt(f"{where} is not valid Unicode")
             if document.get("format") != FORMAT:
                 raise JournalCorrupt(f"unknown format {document.get('format')!r}")
             return {
@@ -70,7 +76,7 @@ class Journal:
             "items": {key: item.to_dict() for key, item in sorted(items.items())},
         }
         data = json.dumps(document, indent=1).encode()
-        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}{TEMP_SUFFIX}")
         with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(data)
             f.flush()
@@ -82,8 +88,14 @@ class Journal:
         finally:
             os.close(directory)
 
-    def quarantine(self) -> Path:
-        """Move a bad journal aside (kept for a post-mortem) and return where it went."""
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    def quarantine(self, why: str = "corrupt") -> Path:
+        """Move a journal aside (kept for a post-mortem) and return where it went."""
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 10**9:09d}"
+        aside = self.path.with_name(f"{self.path.name}.{why}-{stamp}")
         os.replace(self.path, aside)
         return aside
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of a save that a crash interrupted: never the journal, only noise."""
+        for leftover in self.path.parent.glob(f".{self.path.name}.*{TEMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)

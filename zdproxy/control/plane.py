@@ -22,6 +22,7 @@ from zdproxy.config.settings import (
     PoolMembers,
     Settings,
 )
+from zdproxy.config.units import Address
 from zdproxy.control.desired import DesiredState, Refused
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.events import Actor, EventLog
@@ -64,6 +65,7 @@ class ControlPlane:
         self.health = HealthChecker(self._health_changed)
         self.outliers = OutlierDetector(dataplane, self.health, events)
         self.telemetry = Telemetry(config.admin.status_window)
+        self.listeners: list[Address] = []  # zdproxy's own bound addresses: never upstreams
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -221,20 +223,37 @@ class ControlPlane:
     def set_pool(
         self, color: Color, members: PoolMembers, *, force: bool = False, actor: Actor = "api"
     ) -> None:
-        """Replace a color's upstreams and version label. New upstreams are routable after
-        their health checks pass. Refused, unless `force`, when the color takes traffic
-        and none of its routable upstreams would remain."""
+        """Replace a color's upstreams and version label. New upstreams of a checked pool
+        are routable after their health checks pass. Refused when an upstream is one of
+        zdproxy's own listeners (a loop), and, unless `force`, when the color takes
+        traffic and none of its routable upstreams would remain."""
+        for i, entry in enumerate(members.upstreams):
+            if any(_same_endpoint(entry.address, own) for own in self.listeners):
+                raise Refused(
+                    f"upstreams[{i}].address", f"{entry.address} is zdproxy's own listener", 400
+                )
         keep = {upstream_id(color, e.address) for e in members.upstreams}
         serving = {t.id for t in self._dataplane.snapshot.pools[color]}
         if self.share(color) and serving and not keep & serving and not force:
+            checked = self.settings.pool(color).health.enabled
             raise Refused(
                 "upstreams",
                 f"{color} takes {self.share(color) / 100:g}% of the traffic and none of its "
-                "healthy upstreams would remain; new upstreams serve only after passing their "
-                "health checks (set the idle color, or pass force)",
+                "serving upstreams would remain"
+                + (
+                    "; new upstreams serve only after passing their health checks"
+                    if checked
+                    else ""
+                )
+                + " (set the idle color, or pass force)",
             )
         before = self.settings.pool(color).members()
-        self.desired.change({f"pools.{color}": members.members()}, actor)
+        # Drain marks go with the upstreams they mark: one added back later starts fresh.
+        changes: dict[str, Any] = {f"pools.{color}": members.members()}
+        others = {uid for uid in self.drained if not uid.startswith(f"{color}/")}
+        if (drained := others | (self.drained & keep)) != self.drained:
+            changes["drained"] = sorted(drained)
+        self.desired.change(changes, actor)
         self._sync_upstreams()
         self.events.emit(
             "pool_changed",
@@ -248,7 +267,11 @@ class ControlPlane:
 
     def set_rules(self, pins: list[PinSettings], *, actor: Actor = "api") -> None:
         value = [pin.model_dump(mode="json", exclude_defaults=True) for pin in pins]
-        self.desired.change({"rules": value}, actor)
+        try:
+            self.desired.change({"rules": value}, actor)
+        except Refused as exc:  # the file calls them pins, the API rules
+            field = "rules" + exc.field.removeprefix("pins")
+            raise Refused(field, exc.reason, exc.status) from None
         self.events.emit("rules_changed", f"{len(pins)} pin rules", actor=actor, rules=value)
         self.publish()
 
@@ -267,37 +290,42 @@ class ControlPlane:
         `tunnel_grace`; anything still running after `cut_after` seconds is cut and counted.
         """
         ids = self.start_drain(color=color, upstream=upstream, actor=actor)
-        return await self.wait_drained(ids, cut_after=cut_after, tunnel_grace=tunnel_grace)
+        return await self.wait_drained(
+            ids, cut_after=cut_after, tunnel_grace=tunnel_grace, actor=actor
+        )
 
     def start_drain(
         self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"
     ) -> set[str]:
         """Mark upstreams drained (journaled) and take them out of rotation at once."""
         ids = self.resolve(color, upstream)
-        self.desired.change({"drained": sorted(self.drained | ids)}, actor)
-        self.events.emit(
-            "drain_started",
-            f"draining {', '.join(sorted(ids))}",
-            actor=actor,
-            upstreams=sorted(ids),
-        )
-        self.publish()
+        if ids - self.drained:
+            self.desired.change({"drained": sorted(self.drained | ids)}, actor)
+            self.events.emit(
+                "drain_started",
+                f"draining {', '.join(sorted(ids))}",
+                actor=actor,
+                upstreams=sorted(ids),
+            )
+            self.publish()
         return ids
 
     async def wait_drained(
-        self, ids: set[str], *, cut_after: float, tunnel_grace: float
+        self, ids: set[str], *, cut_after: float, tunnel_grace: float, actor: Actor = "api"
     ) -> DrainResult:
         result = await wait_drained(
             self._dataplane, ids, cut_after=cut_after, tunnel_grace=tunnel_grace
         )
-        self.events.emit(
-            "drained" if result.drained else "drain_cut",
-            f"{', '.join(result.upstreams)} "
-            + ("drained" if result.drained else f"timed out: {result.cut} cut")
-            + f" in {result.seconds:.2f}s",
-            level=logging.INFO if result.drained else logging.WARNING,
-            **result.to_dict(),
-        )
+        if ids:
+            self.events.emit(
+                "drained" if result.drained else "drain_cut",
+                f"{', '.join(result.upstreams)} "
+                + ("drained" if result.drained else f"timed out: {result.cut} cut")
+                + f" in {result.seconds:.2f}s",
+                actor=actor,
+                level=logging.INFO if result.drained else logging.WARNING,
+                **result.to_dict(),
+            )
         return result
 
     def undrain(
@@ -360,3 +388,19 @@ class ControlPlane:
             len(snapshot.pools["green"]),
         )
         return snapshot
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _same_endpoint(upstream: Address, listener: Address) -> bool:
+    """Would connecting to `upstream` reach `listener`? (Names are not resolved.)"""
+    if upstream.path is not None or listener.path is not None:
+        return upstream.path == listener.path
+    if upstream.port != listener.port:
+        return False
+    return (
+        upstream.host == listener.host
+        or listener.host in _WILDCARDS
+        or (upstream.is_loopback and listener.is_loopback)
+    )

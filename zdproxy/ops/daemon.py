@@ -15,6 +15,7 @@ from zdproxy.admin.handlers import ServiceState
 from zdproxy.admin.server import AdminServer
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
+from zdproxy.config.units import Address
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
@@ -71,6 +72,7 @@ class Daemon:
         await self.control.first_checks()
         proxy = self.settings.proxy
         self.addresses = await self.dataplane.listen(proxy.listen, proxy.backlog)
+        self.control.listeners = [Address.parse(a) for a in (*self.addresses, self.admin_address)]
         self.service.ready = True
         self.events.emit(
             "started",
