@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -33,6 +35,7 @@ from zdproxy.config.settings import Settings
 READY = re.compile(r"listening on (\S+)")
 ADMIN = re.compile(r"admin API on (\S+)")
 ADMIN_TOKEN = "test-admin-token-0123456789"  # given to every test proxy (ZDPROXY_ADMIN__TOKEN)
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def toml_value(value: Any) -> str:
@@ -295,6 +298,26 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - the condition is plain state, no event to await
             await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for configs that must name one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def admin_api(
+    proxy: ZdProxy, method: str, path: str, body: dict[str, Any] | None = None, status: int = 200
+) -> Any:
+    """One admin API call with the token; asserts its status and returns the JSON answer."""
+    async with (
+        aiohttp.ClientSession(proxy.admin_url, headers=ADMIN_AUTH) as session,
+        session.request(method, path, json=body) as response,
+    ):
+        answer = await response.json(content_type=None)
+        assert response.status == status, answer
+        return answer
 
 
 @dataclass

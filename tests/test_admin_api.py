@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import signal
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tests.conftest import (
     RawUpstream,
     Upstream,
     ZdProxy,
+    free_port,
     pools,
     start_zdproxy,
     wait_until,
@@ -225,12 +225,6 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> No
     async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 - the state is remote: nothing to await
             await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def logged(proxy: ZdProxy, text: str) -> bool:

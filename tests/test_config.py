@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream, ZdProxy, pools, to_toml
+from tests.conftest import Upstream, ZdProxy, free_port, pools, to_toml
 from zdproxy.config.units import Address, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +48,6 @@ def write_config(tmp_path: Path, text: str, name: str = "zdproxy.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def refuses_connections(port: int) -> bool:

@@ -14,15 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 READY_LINE = "zdproxy demo is running."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env() -> dict[str, str]:

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import signal
-import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,40 +18,25 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, Upstream, ZdProxy, pools, wait_until
+from tests.conftest import ADMIN_AUTH, Upstream, ZdProxy, admin_api, free_port, pools, wait_until
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TEMP_FILE = re.compile(r"^\.state\.json\.(\d+)\.tmp$")
 ROUNDS = 4  # kill -9 rounds of the crash test
 
 
 def admin(proxy: ZdProxy) -> aiohttp.ClientSession:
     """A session on the proxy's admin API, with the token."""
-    return aiohttp.ClientSession(proxy.admin_url, headers=AUTH)
-
-
-async def api(
-    proxy: ZdProxy, method: str, path: str, body: dict[str, Any] | None = None, status: int = 200
-) -> Any:
-    """One admin API call; asserts its status and returns the JSON answer."""
-    async with admin(proxy) as session, session.request(method, path, json=body) as response:
-        answer = await response.json(content_type=None)
-        assert response.status == status, answer
-        return answer
+    return aiohttp.ClientSession(proxy.admin_url, headers=ADMIN_AUTH)
 
 
 async def events_of(proxy: ZdProxy, kind: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = (await api(proxy, "GET", f"/v1/events?kind={kind}"))["events"]
+    events: list[dict[str, Any]] = (await admin_api(proxy, "GET", f"/v1/events?kind={kind}"))[
+        "events"
+    ]
     return events
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def kill(proxy: ZdProxy) -> None:
@@ -148,15 +132,15 @@ async def test_api_changes_survive_kill_9_and_users_keep_their_color(
 
     # The deploy, through the API: new build on the idle color, pin QA to it, then 40%.
     pool = {"upstreams": [{"address": green_v2.address, "weight": 7}], "version": "v2.0.1"}
-    assert await api(proxy, "PUT", "/v1/pools/green", pool) == pool
+    assert await admin_api(proxy, "PUT", "/v1/pools/green", pool) == pool
     rules = [{"name": "qa", "header": "X-Team", "values": ["qa"], "to": "green"}]
-    await api(proxy, "PUT", "/v1/rules", {"rules": rules})
-    split = await api(proxy, "PUT", "/v1/split", {"candidate_weight": 4000})
+    await admin_api(proxy, "PUT", "/v1/rules", {"rules": rules})
+    split = await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 4000})
     assert split["candidate_weight"] == 4000 and split["shares"] == {"blue": 60.0, "green": 40.0}
 
     users = await new_users(proxy.url, 200)
     assert set(users.values()) == {"blue", "green-v2"}  # 200 users at 40%: both colors
-    before = routing_view(await api(proxy, "GET", "/v1/status"))
+    before = routing_view(await admin_api(proxy, "GET", "/v1/status"))
     assert before["journal"] == ["pools.green", "rules", "salt", "split"]
     assert before["pools"]["green"] == {
         "version": "v2.0.1",
@@ -167,7 +151,7 @@ async def test_api_changes_survive_kill_9_and_users_keep_their_color(
     again = zdproxy(config)  # the same config, state dir and address
     assert again.url == proxy.url
 
-    after = routing_view(await api(again, "GET", "/v1/status"))
+    after = routing_view(await admin_api(again, "GET", "/v1/status"))
     assert after == before  # split (salt_id included), pools, version, rules, journal
     assert await returning_users(again.url, list(users)) == users
     assert await answered_by(again.url, 10, {"X-Team": "qa"}) == {"green-v2"}  # the rule
@@ -185,19 +169,19 @@ async def test_journaled_split_wins_until_the_file_changes_it_on_reload(
     blue, green = await upstream("blue"), await upstream("green")
     config = state_config(tmp_path, blue, green, salt="fixed-salt")
     proxy = zdproxy(config)
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
     proxy.stop()
 
     # An unchanged file: the runtime change stays.
     proxy = zdproxy(config)
-    split = await api(proxy, "GET", "/v1/split")
+    split = await admin_api(proxy, "GET", "/v1/split")
     assert split["candidate_weight"] == 2500
-    assert (await api(proxy, "GET", "/v1/status"))["journal"] == ["split"]
+    assert (await admin_api(proxy, "GET", "/v1/status"))["journal"] == ["split"]
 
     # Another item edited in the file (blue's version): the file's pool, the journal's split.
     config["pools"]["blue"]["version"] = "b2"
     assert await proxy.reload(config)
-    status = await api(proxy, "GET", "/v1/status")
+    status = await admin_api(proxy, "GET", "/v1/status")
     assert status["pools"]["blue"]["version"] == "b2"
     assert status["split"]["candidate_weight"] == 2500
     assert status["journal"] == ["split"]
@@ -206,7 +190,7 @@ async def test_journaled_split_wins_until_the_file_changes_it_on_reload(
     # The split itself edited in the file: the file's value wins, and says so.
     config["split"]["candidate_weight"] = 1000
     assert await proxy.reload(config)
-    status = await api(proxy, "GET", "/v1/status")
+    status = await admin_api(proxy, "GET", "/v1/status")
     assert status["split"]["candidate_weight"] == 1000
     assert status["journal"] == []
     [event] = await events_of(proxy, "config_takes_over")
@@ -216,7 +200,7 @@ async def test_journaled_split_wins_until_the_file_changes_it_on_reload(
     # And it stays the file's after a restart.
     kill(proxy)
     proxy = zdproxy(config)
-    assert (await api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1000
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1000
 
 
 async def test_file_edit_made_while_stopped_takes_over_at_start(
@@ -226,13 +210,15 @@ async def test_file_edit_made_while_stopped_takes_over_at_start(
     green_v2 = await upstream("green-v2")
     config = state_config(tmp_path, blue, green)
     proxy = zdproxy(config)
-    await api(proxy, "PUT", "/v1/pools/green", {"upstreams": [green_v2.address], "version": "v2"})
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
+    await admin_api(
+        proxy, "PUT", "/v1/pools/green", {"upstreams": [green_v2.address], "version": "v2"}
+    )
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
     kill(proxy)
 
     config["split"]["live"] = "green"  # the operator switches over in the file
     proxy = zdproxy(config)
-    status = await api(proxy, "GET", "/v1/status")
+    status = await admin_api(proxy, "GET", "/v1/status")
     assert status["split"]["live"] == "green" and status["split"]["candidate_weight"] == 0
     assert status["pools"]["green"]["version"] == "v2"  # the journaled pool is not disturbed
     assert status["journal"] == ["pools.green", "salt"]
@@ -262,7 +248,7 @@ async def test_corrupt_journal_is_moved_aside_and_the_config_applies(
     (state_dir / "state.json").write_bytes(garbage)
 
     proxy = zdproxy(config)
-    split = await api(proxy, "GET", "/v1/split")
+    split = await admin_api(proxy, "GET", "/v1/split")
     assert split["candidate_weight"] == 1500  # the file's
     [aside] = state_dir.glob("state.json.corrupt-*")
     assert aside.read_bytes() == garbage  # kept for a post-mortem
@@ -270,10 +256,10 @@ async def test_corrupt_journal_is_moved_aside_and_the_config_applies(
     assert event["data"]["path"] == str(aside)
     # A fresh journal replaced it (holding the drawn salt), and works.
     assert set(json.loads((state_dir / "state.json").read_text())["items"]) == {"salt"}
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 3000})
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 3000})
     kill(proxy)
     proxy = zdproxy(config)
-    assert (await api(proxy, "GET", "/v1/split"))["candidate_weight"] == 3000
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 3000
     assert await events_of(proxy, "journal_corrupt") == []
 
 
@@ -298,19 +284,19 @@ async def test_journal_that_does_not_fit_is_rejected_and_the_file_applies(
     blue, green = await upstream("blue"), await upstream("green")
     config = state_config(tmp_path, blue, green, candidate_weight=1500)
     proxy = zdproxy(config)
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 3000})
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 3000})
     kill(proxy)
     edit_journal(tmp_path / "state", key, value)
 
     proxy = zdproxy(config)
-    assert (await api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500  # the file's
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500  # the file's
     [event] = await events_of(proxy, "journal_rejected")
     assert event["actor"] == "config"
     assert await events_of(proxy, "journal_corrupt") == []
     kill(proxy)
     proxy = zdproxy(config)  # what was rejected is not read again
     assert await events_of(proxy, "journal_rejected") == []
-    assert (await api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500
 
 
 # -- the salt ---------------------------------------------------------------------------------
@@ -323,19 +309,19 @@ async def test_random_salt_differs_per_state_dir_and_is_kept_in_one(
     base = {"pools": pools([blue.address], [green.address])}
     one = zdproxy({**base, "state": {"dir": str(tmp_path / "one")}})
     two = zdproxy({**base, "state": {"dir": str(tmp_path / "two")}})
-    salt_one = (await api(one, "GET", "/v1/split"))["salt_id"]
-    salt_two = (await api(two, "GET", "/v1/split"))["salt_id"]
+    salt_one = (await admin_api(one, "GET", "/v1/split"))["salt_id"]
+    salt_two = (await admin_api(two, "GET", "/v1/split"))["salt_id"]
     assert re.fullmatch(r"[0-9a-f]{12}", salt_one)
     assert salt_one != salt_two
-    assert (await api(one, "GET", "/v1/status"))["journal"] == ["salt"]
+    assert (await admin_api(one, "GET", "/v1/status"))["journal"] == ["salt"]
 
     kill(one)
     one = zdproxy({**base, "state": {"dir": str(tmp_path / "one")}})
-    assert (await api(one, "GET", "/v1/split"))["salt_id"] == salt_one
+    assert (await admin_api(one, "GET", "/v1/split"))["salt_id"] == salt_one
 
     # A salt in the file is the file's: nothing drawn, nothing journaled.
     three = zdproxy({**base, "split": {"salt": "from-the-file"}})
-    status = await api(three, "GET", "/v1/status")
+    status = await admin_api(three, "GET", "/v1/status")
     assert status["journal"] == []
     assert status["split"]["salt_id"] == hashlib.sha256(b"from-the-file").hexdigest()[:12]
 
@@ -424,7 +410,7 @@ async def test_kill_9_during_split_changes_never_leaves_a_torn_journal(
                 assert name in ("state.json", "events.jsonl"), name
 
         proxy = zdproxy(config)
-        assert (await api(proxy, "GET", "/v1/split"))["candidate_weight"] == journaled
+        assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == journaled
         assert await events_of(proxy, "journal_corrupt") == []
         assert await events_of(proxy, "journal_rejected") == []
 
@@ -440,23 +426,23 @@ async def test_drain_mark_survives_kill_9_and_undrain_works(
     drained = f"blue/{one.address}"
     proxy = zdproxy(config)
     assert await answered_by(proxy.url, 40) == {"one", "two"}  # random: 2 in 2**40 fail
-    answer = await api(proxy, "POST", "/v1/drain", {"upstream": drained})
+    answer = await admin_api(proxy, "POST", "/v1/drain", {"upstream": drained})
     assert answer["upstreams"] == [drained] and answer["finished"] is False
     kill(proxy)
 
     proxy = zdproxy(config)
     seen = len(one.seen)
-    status = await api(proxy, "GET", "/v1/status")
+    status = await admin_api(proxy, "GET", "/v1/status")
     marks = {u["id"]: (u["drained"], u["routable"]) for u in status["pools"]["blue"]["upstreams"]}
     assert marks == {drained: (True, False), f"blue/{two.address}": (False, True)}
     assert await answered_by(proxy.url, 20) == {"two"}
     assert len(one.seen) == seen  # not one request reached the drained upstream
 
-    assert await api(proxy, "POST", "/v1/undrain", {"upstream": drained}) == {
+    assert await admin_api(proxy, "POST", "/v1/undrain", {"upstream": drained}) == {
         "upstreams": [drained]
     }
     assert await answered_by(proxy.url, 40) == {"one", "two"}
     kill(proxy)
     proxy = zdproxy(config)  # the undrain was journaled too
-    assert (await api(proxy, "GET", "/v1/status"))["journal"] == ["drained", "salt"]
+    assert (await admin_api(proxy, "GET", "/v1/status"))["journal"] == ["drained", "salt"]
     assert await answered_by(proxy.url, 40) == {"one", "two"}

@@ -14,13 +14,12 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_TOKEN, RawHandler, RawUpstream, Upstream, ZdProxy, pools
+from tests.conftest import ADMIN_AUTH, RawHandler, RawUpstream, Upstream, ZdProxy, admin_api, pools
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
 StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
 
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 EVENT_KEYS = {"id", "time", "kind", "reason", "actor", "data"}
 
 
@@ -78,18 +77,6 @@ async def metrics_when(
     except TimeoutError:
         raise AssertionError(f"metrics never matched:\n{metrics.text}") from None
     return metrics
-
-
-async def api(
-    proxy: ZdProxy, method: str, path: str, body: dict[str, Any] | None = None, status: int = 200
-) -> Any:
-    async with (
-        aiohttp.ClientSession(proxy.admin_url, headers=AUTH) as session,
-        session.request(method, path, json=body) as response,
-    ):
-        answer = await response.json(content_type=None)
-        assert response.status == status, answer
-        return answer
 
 
 async def get_all(url: str, paths: list[str]) -> list[tuple[int, str]]:
@@ -176,15 +163,15 @@ async def test_split_drain_and_reload_gauges(zdproxy: StartProxy, upstream: Star
     assert metrics.by("zdproxy_config_reloads_total", "result") == {"applied": 0, "refused": 0}
     assert metrics.by("zdproxy_upstream_drained", "upstream") == {blue_id: 0, green_id: 0}
 
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
     metrics = await scrape(proxy)
     assert metrics.by("zdproxy_split_weight", "color") == {"blue": 0.75, "green": 0.25}
 
-    await api(proxy, "POST", "/v1/drain", {"color": "green"})
+    await admin_api(proxy, "POST", "/v1/drain", {"color": "green"})
     metrics = await scrape(proxy)
     assert metrics.by("zdproxy_upstream_drained", "upstream") == {blue_id: 0, green_id: 1}
     assert metrics.by("zdproxy_upstream_up", "upstream") == {blue_id: 1, green_id: 0}
-    await api(proxy, "POST", "/v1/undrain", {"color": "green"})
+    await admin_api(proxy, "POST", "/v1/undrain", {"color": "green"})
     metrics = await scrape(proxy)
     assert metrics.by("zdproxy_upstream_drained", "upstream") == {blue_id: 0, green_id: 0}
     assert metrics.by("zdproxy_upstream_up", "upstream") == {blue_id: 1, green_id: 1}
@@ -240,7 +227,7 @@ async def test_retries_and_ejections(zdproxy: StartProxy, upstream: StartUpstrea
     assert metrics.get("zdproxy_upstream_up", color="green", upstream=ejected) == 0
     [other] = green_ids - {ejected}
     assert metrics.get("zdproxy_upstream_up", color="green", upstream=other) == 1
-    events = (await api(proxy, "GET", "/v1/events?kind=upstream_ejected"))["events"]
+    events = (await admin_api(proxy, "GET", "/v1/events?kind=upstream_ejected"))["events"]
     assert [e["data"]["upstream"] for e in events] == [ejected]
     for app in (green_a, green_b):  # each green upstream: its own count
         assert classes(metrics, f"green/{app.address}").get("5xx", 0) == len(app.seen)
@@ -255,21 +242,31 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+async def proxy_with_state(
+    zdproxy: StartProxy, upstream: StartUpstream, state: Path, **options: Any
+) -> tuple[ZdProxy, dict[str, Any], Upstream, Upstream]:
+    """zdproxy over a blue and a green app, its state (and event log) in `state`."""
+    blue, green = await upstream("blue"), await upstream("green")
+    config = {
+        "pools": pools([blue.address], [green.address]),
+        "state": {"dir": str(state), **options},
+    }
+    return zdproxy(config), config, blue, green
+
+
 async def test_events_file_holds_every_change(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    blue, green = await upstream("blue"), await upstream("green")
     state = tmp_path / "state"
-    config = {"pools": pools([blue.address], [green.address]), "state": {"dir": str(state)}}
-    proxy = zdproxy(config)
+    proxy, config, _, green = await proxy_with_state(zdproxy, upstream, state)
     began = time.time()
     pool = {"upstreams": [{"address": green.address, "weight": 100}], "version": "g2"}
-    await api(proxy, "PUT", "/v1/pools/green", pool)
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 1234})
+    await admin_api(proxy, "PUT", "/v1/pools/green", pool)
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 1234})
     rules = [{"header": "X-Team", "values": ["qa"], "to": "green"}]
-    await api(proxy, "PUT", "/v1/rules", {"rules": rules})
-    await api(proxy, "POST", "/v1/drain", {"color": "green", "wait": True})
-    await api(proxy, "POST", "/v1/undrain", {"color": "green"})
+    await admin_api(proxy, "PUT", "/v1/rules", {"rules": rules})
+    await admin_api(proxy, "POST", "/v1/drain", {"color": "green", "wait": True})
+    await admin_api(proxy, "POST", "/v1/undrain", {"color": "green"})
 
     written = read_events(state / "events.jsonl")
     assert all(set(event) == EVENT_KEYS for event in written)
@@ -284,7 +281,7 @@ async def test_events_file_holds_every_change(
         "undrained",
     ]
     # The file says what the API says.
-    assert written == (await api(proxy, "GET", "/v1/events"))["events"]
+    assert written == (await admin_api(proxy, "GET", "/v1/events"))["events"]
     times = [e["time"] for e in written]
     assert times == sorted(times) and began - 5 < times[0] and times[-1] <= time.time()
     assert [e["actor"] for e in written] == ["auto", "api", "api", "api", "api", "api", "api"]
@@ -301,7 +298,7 @@ async def test_events_file_holds_every_change(
     proxy.process.send_signal(signal.SIGKILL)
     proxy.process.wait(5)
     proxy = zdproxy(config)
-    [started] = (await api(proxy, "GET", "/v1/events?kind=started"))["events"]
+    [started] = (await admin_api(proxy, "GET", "/v1/events?kind=started"))["events"]
     assert started["id"] == written[-1]["id"] + 1
     assert read_events(state / "events.jsonl")[-1] == started
 
@@ -316,11 +313,11 @@ async def test_events_file_rotates_by_size_and_keeps_two(
         "state": {"dir": str(state), "events_file_max": 4096, "events_files_kept": 2},
     }
     proxy = zdproxy(config)
-    async with aiohttp.ClientSession(proxy.admin_url, headers=AUTH) as session:
+    async with aiohttp.ClientSession(proxy.admin_url, headers=ADMIN_AUTH) as session:
         for weight in range(1, 121):
             async with session.put("/v1/split", json={"candidate_weight": weight}) as response:
                 assert response.status == 200
-    history = (await api(proxy, "GET", "/v1/events?limit=1000"))["events"]
+    history = (await admin_api(proxy, "GET", "/v1/events?limit=1000"))["events"]
     assert len(history) == 121  # started, then 120 changes
 
     names = sorted(path.name for path in state.iterdir() if path.name.startswith("events"))
@@ -341,11 +338,9 @@ async def test_events_file_rotates_by_size_and_keeps_two(
 async def test_event_after_a_torn_last_line_is_a_line_of_its_own(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    blue, green = await upstream("blue"), await upstream("green")
     state = tmp_path / "state"
-    config = {"pools": pools([blue.address], [green.address]), "state": {"dir": str(state)}}
-    proxy = zdproxy(config)
-    await api(proxy, "PUT", "/v1/split", {"candidate_weight": 100})
+    proxy, config, _, _ = await proxy_with_state(zdproxy, upstream, state)
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 100})
     proxy.process.send_signal(signal.SIGKILL)
     proxy.process.wait(5)
     path = state / "events.jsonl"
@@ -354,6 +349,6 @@ async def test_event_after_a_torn_last_line_is_a_line_of_its_own(
     path.write_bytes(whole[: len(whole) - len(last) // 2])  # half the last line made it
 
     proxy = zdproxy(config)
-    [started] = (await api(proxy, "GET", "/v1/events?kind=started"))["events"]
+    [started] = (await admin_api(proxy, "GET", "/v1/events?kind=started"))["events"]
     assert started["id"] == 2  # after the last whole event: the torn one is skipped
     assert json.loads(path.read_text().splitlines()[-1]) == started

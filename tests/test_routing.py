@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +17,15 @@ import pytest
 from aiohttp import web
 
 from tests.apps import upstream_app
-from tests.conftest import RawUpstream, Upstream, ZdProxy, in_process_settings, pools, wait_until
+from tests.conftest import (
+    RawUpstream,
+    Upstream,
+    ZdProxy,
+    free_port,
+    in_process_settings,
+    pools,
+    wait_until,
+)
 from zdproxy.config.units import Address
 from zdproxy.ops.daemon import Daemon
 from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
@@ -54,12 +61,6 @@ async def names(
                 return str(body["name"])
 
         return Counter(await asyncio.gather(*(one(i) for i in range(count))))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def split(live: str, candidate_weight: int) -> dict[str, Any]:
