@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -200,3 +202,20 @@ async def test_events_follow_streams_new_events(
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+async def test_admin_api_on_a_unix_socket(zdproxy: StartProxy, upstream: StartUpstream) -> None:
+    blue = await upstream("blue")
+    with tempfile.TemporaryDirectory(prefix="zd-") as short:  # sun_path holds 108 bytes
+        path = Path(short) / "admin.sock"
+        proxy = zdproxy({"pools": pools([blue.address]), "admin": {"listen": f"unix:{path}"}})
+        assert proxy.admin_address == f"unix:{path}"
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+        env = {"ZDPROXY_ADMIN": f"unix:{path}", "ZDPROXY_TOKEN": ADMIN_TOKEN}
+        status = await run_cli("status", "--json", env=env)
+        assert status.code == 0, status.err
+        assert (
+            json.loads(status.out)["pools"]["blue"]["upstreams"][0]["id"] == f"blue/{blue.address}"
+        )
+        assert (await run_cli("shift", "0", env=env)).code == 0

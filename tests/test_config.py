@@ -262,6 +262,33 @@ def test_check_listener_that_is_also_an_upstream(tmp_path: Path) -> None:
     assert "pools.blue: 127.0.0.1:9001 is zdproxy's own listener" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("admin", "env", "message"),
+    [
+        ({"listen": "0.0.0.0:9901"}, {}, "admin.listen: 0.0.0.0:9901 is not loopback"),
+        ({"listen": "127.0.0.1:9901"}, {"ZDPROXY_ADMIN__TOKEN": "short"}, "at least 16 bytes"),
+        ({"token_file": "/nonexistent/token"}, {}, "admin: cannot read /nonexistent/token"),
+    ],
+)
+def test_check_refuses_an_unsafe_admin_listener(
+    tmp_path: Path, admin: dict[str, str], env: dict[str, str], message: str
+) -> None:
+    path = write_config(tmp_path, to_toml({"admin": admin}))
+    result = zdproxy_cli("check", "--config", str(path), env=clean_env(**env))
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+
+
+def test_check_accepts_a_public_admin_listener_with_a_token(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    path = write_config(
+        tmp_path, to_toml({"admin": {"listen": "0.0.0.0:9901", "token_file": str(token)}})
+    )
+    result = zdproxy_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+
+
 def test_check_invalid_toml(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[proxy]\nlisten = "127.0.0.1:8080\n')
     result = zdproxy_cli("check", "--config", str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,21 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+# A check that spans fields names the one at fault first: "listen: 0.0.0.0:9901 is ...".
+_NAMED = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.DOTALL)
+
+
 def format_validation_error(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors(include_url=False):
+        path = _field_path(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown option (check the spelling)"
-        lines.append(f"{_field_path(error['loc'])}: {message}")
+        elif named := _NAMED.match(message):
+            path = named[1] if path == "(top level)" else f"{path}.{named[1]}"
+            message = named[2]
+        lines.append(f"{path}: {message}")
     return lines
 
 
