@@ -32,8 +32,8 @@ from tests.apps import upstream_app
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.settings import Settings
 
-READY = re.compile(r"listening on (\S+)")
-ADMIN = re.compile(r"admin API on (\S+)")
+READY = re.compile(r"listening on ([^\s\"]+)")  # inside the quoted msg of a logfmt line
+ADMIN = re.compile(r"admin API on ([^\s\"]+)")
 ADMIN_TOKEN = "test-admin-token-0123456789"  # given to every test proxy (ZDPROXY_ADMIN__TOKEN)
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -4,6 +4,7 @@ and a restart, until the config file's own value for the same item changes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -32,11 +33,20 @@ def admin(proxy: ZdProxy) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(proxy.admin_url, headers=ADMIN_AUTH)
 
 
-async def events_of(proxy: ZdProxy, kind: str) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = (await admin_api(proxy, "GET", f"/v1/events?kind={kind}"))[
-        "events"
-    ]
+async def events_of(proxy: ZdProxy, kind: str, after: int = 0) -> list[dict[str, Any]]:
+    """The events of `kind` with an id above `after` (the history outlives restarts)."""
+    answer = await admin_api(proxy, "GET", f"/v1/events?kind={kind}&since={after}")
+    events: list[dict[str, Any]] = answer["events"]
     return events
+
+
+def last_event_id(state_dir: Path) -> int:
+    """The id of the last whole event in the event log: what came before a restart."""
+    ids = []
+    for line in (state_dir / "events.jsonl").read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            ids.append(json.loads(line)["id"])
+    return max(ids, default=0)
 
 
 def kill(proxy: ZdProxy) -> None:
@@ -156,7 +166,8 @@ async def test_api_changes_survive_kill_9_and_users_keep_their_color(
     assert await returning_users(again.url, list(users)) == users
     assert await answered_by(again.url, 10, {"X-Team": "qa"}) == {"green-v2"}  # the rule
     assert green.seen == []  # the replaced upstream never comes back
-    [started] = await events_of(again, "started")
+    first, started = await events_of(again, "started")  # the history outlives the restart
+    assert first["data"]["journal"] == ["salt"]
     assert started["data"]["journal"] == ["pools.green", "rules", "salt", "split"]
 
 
@@ -258,9 +269,10 @@ async def test_corrupt_journal_is_moved_aside_and_the_config_applies(
     assert set(json.loads((state_dir / "state.json").read_text())["items"]) == {"salt"}
     await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 3000})
     kill(proxy)
+    mark = last_event_id(state_dir)
     proxy = zdproxy(config)
     assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 3000
-    assert await events_of(proxy, "journal_corrupt") == []
+    assert await events_of(proxy, "journal_corrupt", after=mark) == []
 
 
 def edit_journal(state_dir: Path, key: str, value: Any) -> None:
@@ -288,14 +300,16 @@ async def test_journal_that_does_not_fit_is_rejected_and_the_file_applies(
     kill(proxy)
     edit_journal(tmp_path / "state", key, value)
 
+    mark = last_event_id(tmp_path / "state")
     proxy = zdproxy(config)
     assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500  # the file's
-    [event] = await events_of(proxy, "journal_rejected")
+    [event] = await events_of(proxy, "journal_rejected", after=mark)
     assert event["actor"] == "config"
-    assert await events_of(proxy, "journal_corrupt") == []
+    assert await events_of(proxy, "journal_corrupt", after=mark) == []
     kill(proxy)
+    mark = last_event_id(tmp_path / "state")
     proxy = zdproxy(config)  # what was rejected is not read again
-    assert await events_of(proxy, "journal_rejected") == []
+    assert await events_of(proxy, "journal_rejected", after=mark) == []
     assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500
 
 
@@ -409,10 +423,11 @@ async def test_kill_9_during_split_changes_never_leaves_a_torn_journal(
             else:
                 assert name in ("state.json", "events.jsonl"), name
 
+        mark = last_event_id(state_dir)
         proxy = zdproxy(config)
         assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == journaled
-        assert await events_of(proxy, "journal_corrupt") == []
-        assert await events_of(proxy, "journal_rejected") == []
+        assert await events_of(proxy, "journal_corrupt", after=mark) == []
+        assert await events_of(proxy, "journal_rejected", after=mark) == []
 
 
 # -- drain marks ------------------------------------------------------------------------------

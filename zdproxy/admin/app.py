@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,10 +20,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from zdproxy import __version__
 from zdproxy.admin.models import FieldError, Problem
 from zdproxy.config.loader import format_validation_error
-from zdproxy.config.units import Address, lone_surrogate
+from zdproxy.config.units import lone_surrogate
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 
@@ -188,30 +187,18 @@ def build_app(routes: list[Route], tokens: Tokens) -> web.Application:
 
 
 class AdminListener:
-    """Serves the app on the admin address; a unix socket gets mode 0660."""
+    """Serves the app on the admin listener."""
 
     def __init__(self, app: web.Application) -> None:
         # Calls still running at stop (a drain with wait) get a short grace, not aiohttp's 60 s.
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS
         )
-        self.address = ""
 
-    async def start(self, address: Address) -> str:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on a listening socket (bound by the daemon, or inherited)."""
         await self._runner.setup()
-        site: web.BaseSite
-        if address.path is not None:
-            site = web.UnixSite(self._runner, address.path)
-            await site.start()
-            os.chmod(address.path, 0o660)
-            self.address = str(address)
-        else:
-            site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True)
-            await site.start()
-            host, port = self._runner.addresses[0][:2]
-            self.address = str(Address(host, port))
-        log.info("admin API on %s (zdproxy %s)", self.address, __version__)
-        return self.address
+        await web.SockSite(self._runner, sock).start()
 
     async def close(self) -> None:
         await self._runner.cleanup()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -9,7 +11,6 @@ from zdproxy.admin.app import AdminListener, Call, Route, Tokens, build_app
 from zdproxy.admin.handlers import AdminAPI, ServiceState
 from zdproxy.admin.metrics import CONTENT_TYPE, Exporter
 from zdproxy.admin.openapi import openapi_document
-from zdproxy.config.units import Address
 from zdproxy.control.plane import ControlPlane
 
 
@@ -38,8 +39,8 @@ class AdminServer:
     async def _openapi(self, call: Call) -> BaseModel | web.StreamResponse:
         return web.json_response(self._openapi_body)
 
-    async def start(self, address: Address) -> str:
-        return await self._listener.start(address)
+    async def start(self, sock: socket.socket) -> None:
+        await self._listener.start(sock)
 
     async def close(self) -> None:
         await self._listener.close()

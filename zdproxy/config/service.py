@@ -67,6 +67,21 @@ class AdminSettings(_Section):
         return self.token.get_secret_value().encode() or self._file_token
 
 
+class ReloadSettings(_Section):
+    """When the config file is read again besides SIGHUP (and `systemctl reload`)."""
+
+    watch: bool = Field(
+        default=True,
+        description="Reload when the config file (or a TLS file it names) changes on disk.",
+    )
+    debounce: Duration = Field(
+        default=0.5,
+        ge=0.05,
+        le=60,
+        description="Changes within this time are one reload (an editor's save is several).",
+    )
+
+
 def _default_state_dir() -> str:
     # systemd's StateDirectory= exports STATE_DIRECTORY (colon-separated if several).
     return os.environ.get("STATE_DIRECTORY", "/var/lib/zdproxy").split(":")[0]

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zdproxy.config.overrides import PinSettings, PreviewSettings
-from zdproxy.config.service import AdminSettings, StateSettings
+from zdproxy.config.service import AdminSettings, ReloadSettings, StateSettings
+from zdproxy.config.tls import TlsSettings
 from zdproxy.config.units import Address, AddressField, Duration, Networks, Size
 
 Color = Literal["blue", "green"]
@@ -54,6 +55,17 @@ class ProxySettings(Section):
             "Networks (CIDR) of proxies in front of zdproxy whose X-Forwarded-For/Proto/Host "
             "are kept and appended to; from anyone else they are replaced."
         ),
+    )
+    shutdown_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "On stop or restart, requests in flight (and WebSocket tunnels) get this long "
+            "to finish; what is left is then cut."
+        ),
+    )
+    tls: TlsSettings = Field(
+        default_factory=TlsSettings, description="TLS on this listener ([proxy.tls])."
     )
     via: str = Field(
         default="zdproxy",
@@ -293,7 +305,15 @@ class RetrySettings(Section):
 
 
 class LogSettings(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log lines go to stderr (journald under systemd) in logfmt: see ops/logs.py."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="The lowest level logged; a reload changes it."
+    )
+    access: bool = Field(default=False, description="Log one line per (sampled) response.")
+    access_sample: float = Field(
+        default=1.0, gt=0, le=1, description="Share of responses the access log writes."
+    )
 
 
 class Settings(BaseSettings):
@@ -315,6 +335,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     admin: AdminSettings = AdminSettings()
     state: StateSettings = StateSettings()
+    reload: ReloadSettings = ReloadSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -24,6 +24,7 @@ log = logging.getLogger("zdproxy.events")
 Actor = Literal["api", "cli", "auto", "config"]
 ACTORS: tuple[Actor, ...] = ("api", "cli", "auto", "config")
 FOLLOWER_BACKLOG = 1000
+TAIL_BYTES = 1024 * 1024  # how much of the file start-up reads back into the ring
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ class EventLog:
         self._files_kept = files_kept
         self._followers: set[_Follower] = set()
         self._torn = False  # the file ends in a partial line (a crash mid-write)
-        self._next_id = 1 + self._last_id_on_disk()
+        self._next_id = 1 + self._load_tail()
 
     def emit(
         self,
@@ -72,7 +73,9 @@ class EventLog:
         event = Event(self._next_id, time.time(), kind, reason, actor, data)
         self._next_id += 1
         self._ring.append(event)
-        log.log(level, "%s: %s (%s)", kind, reason, actor)
+        log.log(
+            level, "%s: %s", kind, reason, extra={"fields": {"event": event.id, "actor": actor}}
+        )
         self._append(event)
         for follower in list(self._followers):
             follower.push(event)
@@ -93,24 +96,25 @@ class EventLog:
 
     # -- the file ---------------------------------------------------------------------
 
-    def _last_id_on_disk(self) -> int:
-        """Ids continue across restarts, so a follower's Last-Event-ID keeps its meaning."""
+    def _load_tail(self) -> int:
+        """Put the newest events of the file back in the ring (the history outlives a
+        restart) and return the last id: ids continue, so a follower's Last-Event-ID
+        keeps its meaning."""
         if self.path is None:
             return 0
         try:
             with self.path.open("rb") as file:
-                file.seek(max(0, file.seek(0, os.SEEK_END) - 65536))
+                file.seek(max(0, file.seek(0, os.SEEK_END) - TAIL_BYTES))
                 data = file.read()
-                lines = data.splitlines()
         except OSError:
             return 0
-        self._torn = bool(lines) and not data.endswith(b"\n")
-        for line in reversed(lines):
+        self._torn = bool(data) and not data.endswith(b"\n")
+        for line in data.splitlines():
             try:
-                return int(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash
-        return 0
+                self._ring.append(Event(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue  # a line cut by the seek, or torn by a crash
+        return self._ring[-1].id if self._ring else 0
 
     def _append(self, event: Event) -> None:
         if self.path is None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
-import stat
+import ssl
 from math import inf
 
 from zdproxy.config.settings import Settings
-from zdproxy.config.units import Address
+from zdproxy.dataplane.access import AccessLog
 from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
 from zdproxy.dataplane.http import H_STICKY, REQUEST_HEADERS
@@ -24,6 +23,7 @@ log = logging.getLogger("zdproxy.dataplane")
 
 _EMPTY = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
 RETRY_WINDOW = 10.0  # seconds of requests the retry budget looks at
+STOP_IDLE_GRACE = 0.5  # seconds an idle keep-alive connection may still send a request at stop
 
 
 class ProxyServer:
@@ -68,7 +68,9 @@ class ProxyServer:
         self.tunnel_idle_timeout = upstream.tunnel_idle_timeout
         self.via_line = b"Via: 1.1 %s\r\n" % proxy.via.encode() if proxy.via else b""
         self.head_end = self.via_line + b"\r\n"  # the last bytes of every upstream request head
-        self.scheme = b"http"
+        self.scheme = b"https" if proxy.tls.enabled else b"http"
+        log = settings.log
+        self.access_log = AccessLog(log.access_sample) if log.access else None
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
         shortest = min(
             self.header_timeout,
@@ -178,26 +180,22 @@ class ProxyServer:
 
     # -- listeners ---------------------------------------------------------------------
 
-    async def listen(self, address: Address, backlog: int = 1024) -> list[str]:
-        """Start accepting on an address; returns the bound addresses (port 0 resolved)."""
+    async def listen(
+        self, sock: socket.socket, backlog: int = 1024, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Start accepting on a listening socket (bound by the daemon, or inherited)."""
         server: asyncio.base_events.Server
-        if address.path is not None:
-            _remove_stale_socket(address.path)
+        if sock.family == socket.AF_UNIX:
             server = await self.loop.create_unix_server(
-                lambda: ClientConnection(self), address.path, backlog=backlog
+                lambda: ClientConnection(self), sock=sock, backlog=backlog, ssl=tls
             )
         else:
             server = await self.loop.create_server(
-                lambda: ClientConnection(self),
-                address.host,
-                address.port,
-                backlog=backlog,
-                reuse_address=True,
+                lambda: ClientConnection(self), sock=sock, backlog=backlog, ssl=tls
             )
         self._servers.append(server)
         if self._timer is None:
             self._timer = self.loop.call_later(self.tick, self._sweep)
-        return [_describe(sock) for sock in server.sockets]
 
     def retry_allowed(self) -> bool:
         """Within the budget: retries stay below a share of recent requests (3 always)."""
@@ -229,9 +227,14 @@ class ProxyServer:
         self.stopping = True
         for server in self._servers:
             server.close()
-        for conn in list(self.connections):
-            if conn.active is None and not conn.queue and conn.tunnel_peer is None:
-                conn.transport.close()
+        # An idle keep-alive connection is closed only if it stays idle a moment: one that
+        # a client is about to reuse carries that request, answered with Connection: close,
+        # instead of racing our FIN with its request.
+        idle_until = self.loop.time() + STOP_IDLE_GRACE
+        for conn in self.connections:
+            idle = conn.active is None and not conn.queue and not conn.in_head
+            if idle and conn.tunnel_peer is None:
+                conn.deadline = min(conn.deadline, idle_until)
         cut = 0
         if self.connections:
             self._all_closed = asyncio.Event()
@@ -255,19 +258,3 @@ class ProxyServer:
         conn.deadline = inf
         if self._all_closed is not None and not self.connections:
             self._all_closed.set()
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _describe(sock: socket.socket) -> str:
-    name = sock.getsockname()
-    if isinstance(name, str):
-        return f"unix:{name}"
-    host, port = name[0], name[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

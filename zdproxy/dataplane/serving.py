@@ -150,7 +150,11 @@ class ExchangeDriver:
             self.transport.write(
                 error_response(status, detail, close=not exchange.client_keep_alive)
             )
-        self.exchange_done(exchange, self.server.loop.time())
+        now = self.server.loop.time()
+        if (access := self.server.access_log) is not None:
+            upstream = exchange.pool.target.id if exchange.pool is not None else "-"
+            access.response(exchange, status, upstream, now - (exchange.started or now))
+        self.exchange_done(exchange, now)
 
     def _reject(self, status: int, detail: str) -> None:
         """A request we refuse to forward: reply after the responses already owed, then close."""

@@ -359,6 +359,8 @@ class UpstreamConnection(asyncio.Protocol):
         pool.outstanding -= 1
         client = exchange.client
         pool.stats.observe(self._status, now - exchange.started)
+        if (access := client.server.access_log) is not None:
+            access.response(exchange, self._status, pool.target.id, now - exchange.started)
         reusable = (
             self._keep_alive
             and exchange.request_complete

@@ -1,11 +1,20 @@
-"""`zdproxy run`: start the planes on uvloop, stop gracefully on SIGTERM or SIGINT."""
+"""`zdproxy run`: start the planes on uvloop; SIGTERM/SIGINT stop gracefully, SIGHUP
+reloads the config, SIGUSR2 restarts zdproxy in place (a re-exec that keeps the
+listening sockets, so not one connection is refused).
+
+Under systemd it takes its listeners from socket activation and speaks the notify
+protocol (READY, RELOADING, STOPPING, WATCHDOG): see ops/systemd.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 from pathlib import Path
 
 import uvloop
@@ -15,15 +24,20 @@ from zdproxy.admin.handlers import ServiceState
 from zdproxy.admin.server import AdminServer
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
+from zdproxy.config.tls import load_chain, server_context
 from zdproxy.config.units import Address
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.dataplane.server import ProxyServer
+from zdproxy.ops.logs import set_level
+from zdproxy.ops.sockets import bind, describe, hand_on, park
+from zdproxy.ops.systemd import Notifier, listen_fds
+from zdproxy.ops.watch import start_watch
 
 log = logging.getLogger("zdproxy")
 
-SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish on SIGTERM
+ADMIN_BACKLOG = 128
 # Settings read once at start; a reload that changes them says so.
 RESTART_ONLY = (
     ("proxy", "listen"),
@@ -33,16 +47,29 @@ RESTART_ONLY = (
     ("state", "events_in_memory"),
     ("state", "events_file_max"),
     ("state", "events_files_kept"),
+    ("reload", "watch"),
 )
 
 
 class Daemon:
     """The running process: data plane and control plane wired together."""
 
-    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
+        self.notifier = notifier if notifier is not None else Notifier("")
         self.stop_requested = asyncio.Event()
+        self.restart_requested = False
+        self.sockets: dict[str, socket.socket] = {}  # by the names systemd passes: proxy, admin
+        self._watchdog: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        tls = settings.proxy.tls
+        self.tls = server_context(tls.cert_file, tls.key_file) if tls.enabled else None
         self.state_dir = Path(settings.state.dir)
         state = settings.state
         self.events = EventLog(
@@ -59,19 +86,37 @@ class Daemon:
         self.addresses: list[str] = []
         self.admin_address = ""
 
-    async def start(self) -> None:
+    async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
+        """Restore the state, serve the admin API, wait for the first health verdicts, then
+        accept on the proxy listener: bound here, or `inherited` (systemd, or the process
+        this one replaced), in which case clients waited in its backlog all along."""
+        inherited_sockets: dict[str, socket.socket | None] = dict(inherited or {})
         try:
             self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(f"state.dir: cannot create {self.state_dir}: {exc.strerror}") from None
         self.control.restore()
         self.control.start()
-        self.admin_address = await self.admin.start(self.settings.admin.listen)
-        if not self.settings.admin.bearer_token:
+        admin = self.settings.admin
+        self.sockets["admin"] = inherited_sockets.pop("admin", None) or bind(
+            admin.listen, ADMIN_BACKLOG, mode=0o660
+        )
+        await self.admin.start(self.sockets["admin"])
+        self.admin_address = describe(self.sockets["admin"])
+        log.info("admin API on %s (zdproxy %s)", self.admin_address, __version__)
+        if not admin.bearer_token:
             log.warning("admin: no token configured; /v1 answers 401 to every call")
         await self.control.first_checks()
         proxy = self.settings.proxy
-        self.addresses = await self.dataplane.listen(proxy.listen, proxy.backlog)
+        self.sockets["proxy"] = inherited_sockets.pop("proxy", None) or bind(
+            proxy.listen, proxy.backlog
+        )
+        await self.dataplane.listen(self.sockets["proxy"], proxy.backlog, self.tls)
+        self.addresses = [describe(self.sockets["proxy"])]
+        for name, unused in inherited_sockets.items():
+            if unused is not None:
+                log.warning("ignoring the passed socket %r (%s)", name, describe(unused))
+                unused.close()
         self.control.listeners = [Address.parse(a) for a in (*self.addresses, self.admin_address)]
         self.service.ready = True
         self.events.emit(
@@ -81,6 +126,44 @@ class Daemon:
             journal=sorted(self.control.desired.items),
         )
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
+        self.notifier.ready(f"serving {', '.join(self.addresses)}")
+        if (interval := self.notifier.watchdog_interval()) is not None:
+            self._watchdog = asyncio.ensure_future(self.notifier.watchdog(interval))
+        self._watch_files()
+
+    def _watch_files(self) -> None:
+        """Follow the config file (and the TLS files it names) for changes."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self.config_path is None or not self.settings.reload.watch:
+            return
+        tls = self.settings.proxy.tls
+        paths = [self.config_path, *((Path(tls.cert_file), Path(tls.key_file)) if self.tls else ())]
+        self._watch = start_watch(paths, self.settings.reload.debounce, self._files_changed)
+
+    def _files_changed(self, changed: set[Path]) -> None:
+        assert self.config_path is not None
+        if self.config_path.resolve() in changed:
+            self.reload()  # reloads the TLS files too
+        else:
+            self._reload_tls()
+
+    def _reload_tls(self) -> None:
+        tls = self.settings.proxy.tls
+        if self.tls is None or not tls.enabled:
+            return
+        try:
+            load_chain(self.tls, tls.cert_file, tls.key_file)
+        except ValueError as exc:
+            self.events.emit(
+                "tls_reload_refused",
+                f"proxy.tls: {exc}; new connections keep the previous certificate",
+                actor="config",
+                level=logging.ERROR,
+            )
+            return
+        self.events.emit("tls_reloaded", f"certificate {tls.cert_file} loaded", actor="config")
 
     def reload(self) -> bool:
         """Re-read the config file and apply it. An invalid file changes nothing.
@@ -91,8 +174,15 @@ class Daemon:
         if self.config_path is None:
             log.warning("reload: no config file to read")
             return False
+        self.notifier.reloading()
         try:
-            new = load_settings(self.config_path)
+            return self._reload(self.config_path)
+        finally:
+            self.notifier.ready(f"serving {', '.join(self.addresses)}")
+
+    def _reload(self, config_path: Path) -> bool:
+        try:
+            new = load_settings(config_path)
         except ConfigError as exc:
             self.service.reloads["refused"] += 1
             self.events.emit(
@@ -109,14 +199,21 @@ class Daemon:
             if getattr(getattr(self.settings, section), name)
             != getattr(getattr(new, section), name)
         ]
+        if new.proxy.tls.enabled != self.settings.proxy.tls.enabled:
+            needs_restart.append("proxy.tls")  # the listener itself changes
+        watched = (self.settings.proxy.tls, self.settings.reload)
         self.settings = new
         self.dataplane.configure(new)
         self.control.apply_settings(new)
         self.admin.tokens.token = new.admin.bearer_token
+        set_level(new.log.level)
+        self._reload_tls()
+        if (new.proxy.tls, new.reload) != watched:
+            self._watch_files()
         self.service.reloads["applied"] += 1
         self.events.emit(
             "reload_applied",
-            f"applied {self.config_path}"
+            f"applied {config_path}"
             + (
                 f"; {', '.join(needs_restart)} take effect after a restart" if needs_restart else ""
             ),
@@ -126,38 +223,73 @@ class Daemon:
         return True
 
     async def stop(self) -> None:
+        """Stop accepting, answer what is in flight (with Connection: close) for up to
+        proxy.shutdown_timeout, close idle connections, then cut what is left."""
         self.service.stopping = True
+        if self.restart_requested:
+            self.notifier.reloading()  # the same pid comes back: a reload to systemd
+            self.notifier.send("STATUS=restarting in place")
+        else:
+            self.notifier.stopping()
+        for task in (self._watchdog, self._watch):
+            if task is not None:
+                task.cancel()
         await self.control.close()
-        cut = await self.dataplane.stop(SHUTDOWN_GRACE)
+        cut = await self.dataplane.stop(self.settings.proxy.shutdown_timeout)
         self.events.emit(
-            "stopped", f"{cut} connections cut after the grace period" if cut else "clean", cut=cut
+            "stopped",
+            f"{cut} connections cut after the grace period" if cut else "clean",
+            cut=cut,
+            restart=self.restart_requested,
         )
         self.events.close()
         await self.admin.close()
 
+    def restart(self) -> None:
+        """Stop serving gracefully, then exec zdproxy again (a new binary after an
+        upgrade) with the listening sockets kept open: clients wait in the backlog."""
+        log.info("restart requested: finishing requests in flight, then re-executing")
+        self.restart_requested = True
+        self.stop_requested.set()
+
     def handle_signals(self) -> None:
-        """SIGTERM and SIGINT stop gracefully; SIGHUP reloads the config file."""
+        """SIGTERM and SIGINT stop gracefully; SIGHUP reloads the config file; SIGUSR2
+        restarts zdproxy in place."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR2, self.restart)
 
-    async def serve(self) -> None:
+    async def serve(self, inherited: dict[str, socket.socket]) -> dict[str, int] | None:
+        """Run until stopped; for a restart, the parked listening sockets to hand on."""
         self.handle_signals()
-        await self.start()
+        await self.start(inherited)
         await self.stop_requested.wait()
         log.info("stopping: finishing requests in flight")
+        parked = park(self.sockets) if self.restart_requested else None
         await self.stop()
-
-
-async def _serve(settings: Settings, config_path: Path) -> None:
-    await Daemon(settings, config_path).serve()
+        return parked
 
 
 def run(settings: Settings, config_path: Path) -> int:
+    notifier = Notifier()
+    inherited = listen_fds()
+
+    async def serve() -> dict[str, int] | None:
+        return await Daemon(settings, config_path, notifier).serve(inherited)
+
     try:
-        uvloop.run(_serve(settings, config_path))
+        parked = uvloop.run(serve())
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={exc.errno or 0}")
         return 1
-    return 0
+    if parked is None:
+        return 0
+    env = {**os.environ, **hand_on(parked), **notifier.environment()}
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    log.info("re-executing %s", " ".join(argv))
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    os.execve(sys.executable, argv, env)
