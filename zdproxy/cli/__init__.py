@@ -29,7 +29,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
-        help="run the proxy in the foreground (SIGTERM: graceful stop, SIGHUP: reload)",
+        help="run the proxy in the foreground (SIGTERM: graceful stop, SIGHUP: reload, "
+        "SIGUSR2: restart in place)",
+        description="Run zdproxy in the foreground. SIGTERM or SIGINT: stop accepting, "
+        "finish requests in flight, exit. SIGHUP (or a change of the config file): reload. "
+        "SIGUSR2: restart in place, keeping the listening sockets (an upgrade without "
+        "downtime). Under systemd: listeners from socket activation, READY/RELOADING/"
+        "STOPPING/WATCHDOG notifications; see docs/operations.md.",
     )
     run.add_argument("--config", "-c", required=True, help="path to the TOML config file")
 
