@@ -117,10 +117,14 @@ def upstream_app(name: str, seen: list[dict[str, Any]], **options: Any) -> web.A
         return web.json_response(body, status=int(readiness.get("status", 200)))
 
     failing: dict[str, int] = options.get("failing", {})
+    delay: dict[str, float] = options.get("delay", {})
 
     @web.middleware
     async def fail_on_purpose(request: web.Request, handler: Any) -> web.StreamResponse:
-        """While the test sets failing["status"], every request but /readyz gets it."""
+        """While the test sets failing["status"], every request but /readyz gets it; while
+        it sets delay["seconds"], every such request waits that long first."""
+        if delay.get("seconds") and request.path != "/readyz":
+            await asyncio.sleep(delay["seconds"])
         if failing.get("status") and request.path != "/readyz":
             await record(request)
             return web.Response(status=failing["status"], text=f"{name} failing\n")

@@ -257,7 +257,7 @@ async def test_reads_show_the_configured_pools_split_and_rules(quiet: Admin) -> 
     assert blue["window"]["requests"] == 0 and blue["window"]["errors"] == 0
     green = status["pools"]["green"]
     assert (green["version"], green["share"], green["upstreams"]) == ("g-0", 0.0, [])
-    assert status["rollout"] == {"state": "idle"}
+    assert status["rollout"]["state"] == "idle" and status["rollout"]["history"] == []
     assert status["journal"] == ["salt"]  # zdproxy drew a salt and journaled it
     split = await quiet.get("/v1/split")
     assert split == status["split"]
@@ -316,6 +316,12 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
         ("/v1/rules", "get"),
         ("/v1/rules", "put"),
         ("/v1/events", "get"),
+        ("/v1/rollout", "get"),
+        ("/v1/rollouts", "post"),
+        *(
+            (f"/v1/rollout/{action}", "post")
+            for action in ("pause", "resume", "promote", "abort", "retry")
+        ),
     }
     assert operations == public | guarded
     for path, method in guarded:

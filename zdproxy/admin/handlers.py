@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -18,6 +19,13 @@ from zdproxy.config.settings import COLORS, Color
 from zdproxy.control.events import Event
 from zdproxy.control.plane import ControlPlane
 
+ROLLOUT_ACTIONS = {
+    "pause": "Hold the current step (the judge still runs)",
+    "resume": "Continue a paused step (its hold starts again)",
+    "promote": "Skip the remaining steps: the candidate goes live now",
+    "abort": "Roll back: the old live color takes all traffic again",
+    "retry": "Start a failed or aborted rollout again from its first step",
+}
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps idle proxies from cutting the stream
 
 
@@ -105,6 +113,27 @@ class AdminAPI:
                 self.undrain,
                 m.Undrained,
                 body=m.Target,
+            ),
+            Route("GET", "/v1/rollout", "The current or last rollout", self.get_rollout, m.Rollout),
+            Route(
+                "POST",
+                "/v1/rollouts",
+                "Deploy a color: start a rollout with a plan of the config file",
+                self.start_rollout,
+                m.Rollout,
+                body=m.RolloutStart,
+                description="Refused (409) while another rollout is active, or when the color "
+                "is already live. Hooks are the plan's, from the config file.",
+            ),
+            *(
+                Route(
+                    "POST",
+                    f"/v1/rollout/{action}",
+                    summary,
+                    partial(self.rollout_action, action),
+                    m.Rollout,
+                )
+                for action, summary in ROLLOUT_ACTIONS.items()
             ),
             Route("GET", "/v1/rules", "The pin rules", self.get_rules, m.Rules),
             Route(
@@ -197,9 +226,39 @@ class AdminAPI:
             pools=pools,
             split=self._split(),
             rules=control.settings.pins,
-            rollout=m.Rollout(),
+            rollout=self._rollout(),
             journal=sorted(control.desired.items),
         )
+
+    def _rollout(self) -> m.Rollout:
+        rollout = self.control.rollouts.current
+        if rollout is None:
+            return m.Rollout()
+        plan = self.control.settings.plans.get(rollout.plan)
+        return m.Rollout(
+            state=rollout.state,  # type: ignore[arg-type]
+            id=rollout.id,
+            candidate=rollout.candidate,
+            previous=rollout.previous,
+            plan=rollout.plan,
+            step=rollout.step or None,
+            steps=len(plan.steps) if plan else None,
+            share=self.control.share(rollout.candidate) / 100,
+            reason=rollout.reason,
+            history=[m.RolloutEntry.model_validate(entry) for entry in rollout.history],
+        )
+
+    async def get_rollout(self, call: Call) -> BaseModel:
+        return self._rollout()
+
+    async def start_rollout(self, call: Call) -> BaseModel:
+        body: m.RolloutStart = call.body
+        self.control.rollouts.start(body.color, body.plan, call.actor)
+        return self._rollout()
+
+    async def rollout_action(self, action: str, call: Call) -> BaseModel:
+        getattr(self.control.rollouts, action)(call.actor)
+        return self._rollout()
 
     async def get_pool(self, call: Call) -> BaseModel:
         return self._pool(call.param("color"))

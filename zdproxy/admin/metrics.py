@@ -24,6 +24,7 @@ from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
 from zdproxy.control.plane import ControlPlane
+from zdproxy.control.rollout import ACTIVE
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.records import LATENCY_BUCKETS
 
@@ -74,6 +75,7 @@ class ZdproxyCollector(Collector):
         for color in COLORS:
             weights.add_metric([color], control.share(color) / 10000)
         yield weights
+        yield from self._rollouts()
         family = CounterMetricFamily(
             "zdproxy_config_reloads", "Config reloads by result", labels=["result"]
         )
@@ -146,6 +148,27 @@ class ZdproxyCollector(Collector):
                 drained.add_metric(labels, float(target.id in control.drained))
                 ejections.add_metric(labels, control.outliers.ejections(target.id))
         yield from (up, healthy, in_flight, drained, ejections)
+
+    def _rollouts(self) -> Iterator[Metric]:
+        rollouts = self.control.rollouts
+        ended = CounterMetricFamily(
+            "zdproxy_rollouts",
+            "Rollouts ended, by how: done, rolled_back, aborted, frozen, failed",
+            labels=["result"],
+        )
+        for result, n in rollouts.counts.items():
+            ended.add_metric([result], n)
+        yield ended
+        current = rollouts.current
+        active = current is not None and current.state in ACTIVE
+        yield GaugeMetricFamily(
+            "zdproxy_rollout_active", "1 while a rollout runs", value=float(active)
+        )
+        yield GaugeMetricFamily(
+            "zdproxy_rollout_step",
+            "The running rollout's step (0: preflight or none)",
+            value=float(current.step if active and current is not None else 0),
+        )
 
 
 def _bound(value: float) -> str:

@@ -168,8 +168,51 @@ class PoolStatus(BaseModel):
     window: Window
 
 
+RolloutStateName = Literal[
+    "idle",
+    "preflight",
+    "step",
+    "paused",
+    "baking",
+    "finishing",
+    "done",
+    "rolled_back",
+    "aborted",
+    "frozen",
+    "failed",
+]
+
+
+class RolloutEntry(BaseModel):
+    time: float
+    state: RolloutStateName
+    step: int
+    reason: str
+    actor: Literal["api", "cli", "auto", "config"]
+
+
 class Rollout(BaseModel):
-    state: Literal["idle"] = "idle"
+    """The current (or last) rollout; state "idle" when there has been none."""
+
+    state: RolloutStateName = "idle"
+    id: int | None = None
+    candidate: Color | None = None
+    previous: Color | None = Field(default=None, description="The live color it started from.")
+    plan: str | None = None
+    step: int | None = Field(default=None, description="1-based, while stepping.")
+    steps: int | None = None
+    share: float | None = Field(default=None, description="The candidate's share, percent.")
+    reason: str = ""
+    history: list[RolloutEntry] = Field(default_factory=list)
+
+
+class RolloutStart(Body):
+    """POST /v1/rollouts: deploy a color with a plan of the config file."""
+
+    color: Color
+    plan: str | None = Field(
+        default=None, max_length=200, description="Default: rollout.default_plan or the first."
+    )
 
 
 class Status(BaseModel):

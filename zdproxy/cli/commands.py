@@ -21,23 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from zdproxy.cli.client import AdminClient, ApiRefused, Endpoint, Unreachable, UsageError
+from zdproxy.cli.rollout import add_rollout_commands
 from zdproxy.cli.views import event_line, status_table
 from zdproxy.config.units import parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+EXIT_ROLLOUT_FAILED = 5
 
 EXIT_CODES = """exit codes:
   0  done (wait: every condition holds)
   1  zdproxy refused the change or answered an error
   2  bad arguments or an unreadable config
   3  zdproxy's admin API cannot be reached
-  4  wait: timed out"""
+  4  wait: timed out
+  5  wait --until done: the rollout was rolled back, aborted, frozen or failed"""
 
 CONDITIONS = """conditions (repeat --until to require several):
   healthy:COLOR       the color has upstreams, every one up (or unchecked) and not ejected
   drained:COLOR       every upstream of the color is drained with nothing in flight
   drained:COLOR/ADDR  the same for one upstream, e.g. drained:blue/127.0.0.1:9001
-  live:COLOR          the color takes all the traffic"""
+  live:COLOR          the color takes all the traffic
+  done                the rollout finished (exit 5 at once if it rolled back or was
+                      aborted, frozen or failed)"""
 
 Command = Callable[[AdminClient, argparse.Namespace], Awaitable[int]]
 
@@ -130,6 +135,7 @@ def add_commands(commands: Any) -> None:
     )
     wait.add_argument("--timeout", default="5m", help="give up after this (default 5m)")
     wait.add_argument("--interval", default="500ms", help="poll this often (default 500ms)")
+    add_rollout_commands(command, common)
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -298,17 +304,20 @@ async def _wait(client: AdminClient, args: argparse.Namespace) -> int:
     timeout = _duration(args.timeout, "--timeout")
     interval = max(0.05, _duration(args.interval, "--interval"))
     deadline = time.monotonic() + timeout
-    why = "not checked yet"
     while True:
         try:
             status = await client.call("GET", "/v1/status")
             unmet = [reason for check in checks if (reason := check(status))]
+        except RolloutFailed as exc:
+            print(f"zdproxy wait: {exc}", file=sys.stderr)
+            return EXIT_ROLLOUT_FAILED
+        except Unreachable as exc:  # zdproxy may be restarting: keep trying until the deadline
+            unmet = [str(exc)]
+        else:
             if not unmet:
                 print("; ".join(args.until) + ": ok")
                 return EXIT_OK
-            why = "; ".join(unmet)
-        except Unreachable as exc:  # zdproxy may be restarting: keep trying until the deadline
-            why = str(exc)
+        why = "; ".join(unmet)
         if time.monotonic() + interval > deadline:
             print(f"zdproxy wait: timed out after {args.timeout}: {why}", file=sys.stderr)
             return EXIT_TIMEOUT
@@ -318,7 +327,26 @@ async def _wait(client: AdminClient, args: argparse.Namespace) -> int:
 Check = Callable[[dict[str, Any]], str | None]  # None when the condition holds, else why not
 
 
+class RolloutFailed(Exception):
+    """`wait --until done` can never hold: the rollout ended without success."""
+
+
+def _rollout_done(status: dict[str, Any]) -> str | None:
+    rollout = status["rollout"]
+    state = rollout["state"]
+    if state == "done":
+        return None
+    if state in ("rolled_back", "aborted", "frozen", "failed"):
+        raise RolloutFailed(f"rollout {rollout['id']} {state}: {rollout['reason']}")
+    if state == "idle":
+        return "no rollout yet"
+    step = f" (step {rollout['step']} of {rollout['steps']})" if rollout["step"] else ""
+    return f"rollout {rollout['id']} is {state}{step}: {rollout['reason']}"
+
+
 def _condition(text: str) -> Check:
+    if text == "done":
+        return _rollout_done
     kind, _, subject = text.partition(":")
     color = subject.partition("/")[0]
     if color not in ("blue", "green") or kind not in ("healthy", "drained", "live"):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zdproxy.config.overrides import PinSettings, PreviewSettings
+from zdproxy.config.plans import HookSettings, PlanSettings, RolloutSettings, check_plans
 from zdproxy.config.service import AdminSettings, ReloadSettings, StateSettings
 from zdproxy.config.tls import TlsSettings
 from zdproxy.config.units import Address, AddressField, Duration, Networks, Size
@@ -336,6 +337,13 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     state: StateSettings = StateSettings()
     reload: ReloadSettings = ReloadSettings()
+    plans: dict[str, PlanSettings] = Field(
+        default_factory=dict, description="Rollout plans by name ([plans.NAME])."
+    )
+    hooks: dict[str, HookSettings] = Field(
+        default_factory=dict, description="Commands plans may run, by name ([hooks.NAME])."
+    )
+    rollout: RolloutSettings = RolloutSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -358,6 +366,7 @@ class Settings(BaseSettings):
         """The rules that span sections; also run on settings changed through the API."""
         self._listener_is_not_an_upstream()
         self._one_role_per_header()
+        check_plans(self.plans, self.hooks, self.rollout.default_plan)
 
     def pool(self, color: str) -> PoolSettings:
         pool: PoolSettings = getattr(self.pools, color)

@@ -29,6 +29,7 @@ from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
+from zdproxy.control.rollout import Rollouts
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.dataplane.pins import OverrideCounters
 from zdproxy.dataplane.server import ProxyServer
@@ -66,6 +67,7 @@ class ControlPlane:
         self.outliers = OutlierDetector(dataplane, self.health, events)
         self.telemetry = Telemetry(config.admin.status_window)
         self.listeners: list[Address] = []  # zdproxy's own bound addresses: never upstreams
+        self.rollouts = Rollouts(self)
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -87,6 +89,7 @@ class ControlPlane:
         self._ticker = asyncio.ensure_future(self._tick_forever())
 
     async def close(self) -> None:
+        await self.rollouts.close()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -108,7 +111,10 @@ class ControlPlane:
     def restore(self) -> RoutingSnapshot:
         """At start: the config file overlaid with the journal (see control/state.py)."""
         self.desired.take_config(self.desired.config, self.desired.read_journal())
-        return self._reconfigured()
+        snapshot = self._reconfigured()
+        if (journaled := self.desired.items.get("rollout")) is not None:
+            self.rollouts.resume_after_restart(journaled.value)
+        return snapshot
 
     def apply_settings(self, config: Settings) -> RoutingSnapshot:
         """Take a reloaded config file: the runtime changes it overrides give way, health
@@ -117,7 +123,10 @@ class ControlPlane:
         return self._reconfigured()
 
     def _reconfigured(self) -> RoutingSnapshot:
-        self.telemetry.window = self.settings.admin.status_window
+        settings = self.settings
+        self.telemetry.window = settings.admin.status_window
+        judged = [plan.judge.window for plan in settings.plans.values()]
+        self.telemetry.retain = max([settings.admin.status_window, *judged])
         self._sync_upstreams()
         return self.publish()
 

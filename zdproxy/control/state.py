@@ -32,7 +32,8 @@ from zdproxy.config.settings import (
 )
 from zdproxy.control.journal import JournalItem
 
-KEYS = ("pools.blue", "pools.green", "split", "salt", "rules", "drained")
+KEYS = ("pools.blue", "pools.green", "split", "salt", "rules", "drained", "rollout")
+RUNTIME_ONLY = ("drained", "rollout")  # no value in the file: never taken over by it
 
 _PINS = TypeAdapter(list[PinSettings])
 
@@ -47,8 +48,8 @@ def file_value(config: Settings, key: str) -> Any:
         return config.split.salt
     if key == "rules":
         return [pin.model_dump(mode="json", exclude_defaults=True) for pin in config.pins]
-    if key == "drained":
-        return []
+    if key in RUNTIME_ONLY:
+        return None
     raise KeyError(key)
 
 
@@ -67,7 +68,7 @@ def stale(config: Settings, items: Mapping[str, JournalItem]) -> list[str]:
     return [
         key
         for key, entry in items.items()
-        if key not in KEYS or (key != "drained" and entry.basis != basis_of(config, key))
+        if key not in KEYS or (key not in RUNTIME_ONLY and entry.basis != basis_of(config, key))
     ]
 
 

@@ -112,7 +112,8 @@ class WindowView:
 
 class Telemetry:
     def __init__(self, window: float) -> None:
-        self.window = window
+        self.window = window  # of `status`
+        self.retain = window  # how long slices are kept: the longest window anyone asks for
         self.totals: dict[str, Totals] = {}
         self.latency: dict[str, Latency] = {color: Latency() for color in COLORS}
         self._slices: dict[str, deque[Slice]] = {color: deque() for color in COLORS}
@@ -135,16 +136,22 @@ class Telemetry:
             if piece.requests:
                 queue.append(piece)
                 self.latency[color].add(piece.latency.buckets, piece.latency.total)
-            while queue and queue[0].at <= now - self.window:
+            while queue and queue[0].at <= now - self.retain:
                 queue.popleft()
 
-    def view(self, color: str, now: float) -> WindowView:
+    def view(
+        self, color: str, now: float, seconds: float | None = None, since: float = 0.0
+    ) -> WindowView:
+        """A color's traffic over the last `seconds` (default: the status window), not
+        counting what came before `since` (a rollout step's start)."""
+        seconds = self.window if seconds is None else min(seconds, self.retain)
+        start = max(now - seconds, since)
         latency = Latency()
         requests = errors = 0
         for piece in self._slices[color]:
-            if piece.at > now - self.window:
+            if piece.at > start:
                 requests += piece.requests
                 errors += piece.errors
                 latency.add(piece.latency.buckets, piece.latency.total)
-        started = self._started if self._started is not None else now
-        return WindowView(min(self.window, now - started), requests, errors, latency)
+        began = max(self._started if self._started is not None else now, start)
+        return WindowView(min(seconds, now - began), requests, errors, latency)

@@ -1,0 +1,64 @@
+"""Hooks: commands from the config file ([hooks.NAME]), run with a timeout, their
+output kept (the end of it) for the event that reports them. Nothing in the API can
+name a command; it can only name a plan, whose hooks the file declares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from zdproxy.config.plans import HookSettings
+
+OUTPUT_KEPT = 4096  # bytes of a hook's output kept for its event
+
+
+@dataclass(frozen=True)
+class HookResult:
+    name: str
+    ok: bool
+    status: str  # "exit 0", "exit 3", "timed out after 30s", "cannot start: ..."
+    output: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "hook": self.name,
+            "ok": self.ok,
+            "status": self.status,
+            "output": self.output,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def run_hook(name: str, hook: HookSettings, env: dict[str, str]) -> HookResult:
+    """Run one hook in its own process group (a timeout kills all it started)."""
+    started = time.monotonic()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *hook.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **hook.env, **env},
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return HookResult(name, False, f"cannot start: {exc.strerror}", "", 0.0)
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(hook.timeout):
+            output = await process.stdout.read()
+            code = await process.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        status, ok, output = f"timed out after {hook.timeout:g}s", False, b""
+    else:
+        status, ok = f"exit {code}", code == 0
+    text = output[-OUTPUT_KEPT:].decode(errors="replace")
+    return HookResult(name, ok, status, text, time.monotonic() - started)
