@@ -135,6 +135,25 @@ class AdminAPI:
                 )
                 for action, summary in ROLLOUT_ACTIONS.items()
             ),
+            Route(
+                "GET",
+                "/v1/rolling",
+                "The current or last rolling update",
+                self.get_rolling,
+                m.Rolling,
+            ),
+            Route(
+                "POST",
+                "/v1/rolling",
+                "Update a pool's upstreams one at a time with a hook of the config file",
+                self.start_rolling,
+                m.Rolling,
+                body=m.RollingStart,
+                description="Each upstream is drained, the hook runs with its address in "
+                "ZDPROXY_UPSTREAM, and it comes back after passing its health checks; the "
+                "first failure stops the update. Refused (409) while one runs, or when it "
+                "would leave a color that takes traffic with no upstream.",
+            ),
             Route("GET", "/v1/rules", "The pin rules", self.get_rules, m.Rules),
             Route(
                 "PUT",
@@ -259,6 +278,18 @@ class AdminAPI:
     async def rollout_action(self, action: str, call: Call) -> BaseModel:
         getattr(self.control.rollouts, action)(call.actor)
         return self._rollout()
+
+    def _rolling(self) -> m.Rolling:
+        rolling = self.control.rolling.current
+        return m.Rolling() if rolling is None else m.Rolling.model_validate(rolling.to_dict())
+
+    async def get_rolling(self, call: Call) -> BaseModel:
+        return self._rolling()
+
+    async def start_rolling(self, call: Call) -> BaseModel:
+        body: m.RollingStart = call.body
+        self.control.rolling.start(body.color, body.hook, body.max_unavailable, call.actor)
+        return self._rolling()
 
     async def get_pool(self, call: Call) -> BaseModel:
         return self._pool(call.param("color"))

@@ -206,6 +206,27 @@ class Rollout(BaseModel):
     history: list[RolloutEntry] = Field(default_factory=list)
 
 
+class RollingStart(Body):
+    """POST /v1/rolling: update a pool's upstreams one by one with a hook of the config."""
+
+    color: Color
+    hook: str = Field(min_length=1, max_length=200, description="A [hooks.NAME] of the config.")
+    max_unavailable: int = Field(default=1, ge=1, le=100, description="Upstreams out at once.")
+
+
+class Rolling(BaseModel):
+    """The current (or last) rolling update; state "idle" when there has been none."""
+
+    state: Literal["idle", "running", "done", "failed"] = "idle"
+    id: int | None = None
+    color: Color | None = None
+    hook: str | None = None
+    max_unavailable: int | None = None
+    updated: list[str] = Field(default_factory=list)
+    pending: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
 class RolloutStart(Body):
     """POST /v1/rollouts: deploy a color with a plan of the config file."""
 

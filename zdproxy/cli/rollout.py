@@ -1,8 +1,11 @@
-"""The CLI's rollout commands: `deploy`, and `rollout show|pause|resume|promote|abort|retry`."""
+"""The CLI's rollout commands: `deploy`, `rollout show|pause|resume|promote|abort|retry`,
+and `rolling` (a rolling update inside one pool)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +37,15 @@ def add_rollout_commands(command: Register, common: argparse.ArgumentParser) -> 
     for action, text in ACTIONS.items():
         parser = actions.add_parser(action, help=text, parents=[common])
         parser.set_defaults(admin_command=_action)
+    rolling = command(
+        "rolling",
+        _rolling,
+        "update COLOR's upstreams one at a time: drain, run the hook, wait healthy, return",
+    )
+    rolling.add_argument("color", choices=["blue", "green"])
+    rolling.add_argument("--hook", required=True, help="a [hooks.NAME] of the config file")
+    rolling.add_argument("--max-unavailable", type=int, default=1, help="out at once (default 1)")
+    rolling.add_argument("--wait", action="store_true", help="return when it is done or failed")
 
 
 def describe(rollout: dict[str, Any]) -> str:
@@ -63,4 +75,19 @@ async def _show(client: AdminClient, args: argparse.Namespace) -> int:
 
 async def _action(client: AdminClient, args: argparse.Namespace) -> int:
     print(describe(await client.call("POST", f"/v1/rollout/{args.rollout_action}")))
+    return 0
+
+
+async def _rolling(client: AdminClient, args: argparse.Namespace) -> int:
+    body = {"color": args.color, "hook": args.hook, "max_unavailable": args.max_unavailable}
+    rolling = await client.call("POST", "/v1/rolling", body)
+    print(f"rolling update {rolling['id']} of {args.color}: {len(rolling['pending'])} upstreams")
+    while args.wait and rolling["state"] == "running":
+        await asyncio.sleep(0.5)
+        rolling = await client.call("GET", "/v1/rolling")
+    if rolling["state"] == "failed":
+        print(f"zdproxy rolling: failed: {rolling['reason']}", file=sys.stderr)
+        return 1
+    if rolling["state"] == "done":
+        print(f"done: {', '.join(rolling['updated'])}")
     return 0

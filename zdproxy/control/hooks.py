@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from zdproxy.config.plans import HookSettings
 
@@ -24,7 +25,7 @@ class HookResult:
     output: str
     seconds: float
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "hook": self.name,
             "ok": self.ok,

@@ -29,6 +29,7 @@ from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
+from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import Rollouts
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.dataplane.pins import OverrideCounters
@@ -68,6 +69,7 @@ class ControlPlane:
         self.telemetry = Telemetry(config.admin.status_window)
         self.listeners: list[Address] = []  # zdproxy's own bound addresses: never upstreams
         self.rollouts = Rollouts(self)
+        self.rolling = RollingUpdates(self)
         self._ticker: asyncio.Task[None] | None = None
 
     @property
@@ -90,6 +92,7 @@ class ControlPlane:
 
     async def close(self) -> None:
         await self.rollouts.close()
+        await self.rolling.close()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
