@@ -318,6 +318,8 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
         ("/v1/events", "get"),
         ("/v1/rollout", "get"),
         ("/v1/rollouts", "post"),
+        ("/v1/rolling", "get"),
+        ("/v1/rolling", "post"),
         *(
             (f"/v1/rollout/{action}", "post")
             for action in ("pause", "resume", "promote", "abort", "retry")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -104,6 +105,20 @@ async def test_demo_serves_blue_and_stops_cleanly(
     status = await run_cli("status", *cli)
     assert status.code == 0, status.err
     assert "live blue, candidate green at 0%" in status.out
+
+    # The README's rollback walk-through: green fails on purpose (its own switch), a
+    # deploy of it is judged on the demo's own traffic and rolled back.
+    green = re.search(r"green \(v2, candidate\) (http://\S+)", text)
+    assert green, text
+    async with aiohttp.ClientSession() as session:
+        async with session.post(green.group(1) + "/_demo/fail") as resp:
+            assert (await resp.json())["failing"] is True
+        assert (await run_cli("deploy", "green", *cli)).code == 0
+        waited = await run_cli("wait", "--until", "done", "--timeout", "30s", *cli)
+        assert waited.code == 5, waited
+        assert "rolled_back: judge failed green: error rate" in waited.err
+        async with session.post(green.group(1) + "/_demo/recover") as resp:
+            assert (await resp.json())["failing"] is False
     assert (await run_cli("shift", "100", *cli)).code == 0
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/") as r:
         assert (await r.json())["color"] == "green"

@@ -1,7 +1,6 @@
-"""Graceful drain, as the control plane's awaitable operation (the admin API will expose it).
-
-zdproxy runs in process here (Daemon on the test's loop, real sockets), because
-no user-facing command reaches drain yet.
+"""Graceful drain, the control plane's operation behind POST /v1/drain (whose contract
+tests/test_admin_api.py covers), in process: Daemon on the test's loop, real sockets,
+so the tests can look at the drain result and the data plane directly.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Upstream, in_process_settings, pools, wait_until
+from zdproxy.control.drain import DrainResult
 from zdproxy.ops.daemon import Daemon
 
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -40,6 +40,19 @@ async def daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterat
         await instance.stop()
 
 
+async def drained(
+    zd: Daemon,
+    *,
+    color: str | None = None,
+    upstream: str | None = None,
+    cut_after: float = 30.0,
+    tunnel_grace: float = 5.0,
+) -> DrainResult:
+    """What POST /v1/drain with wait does: mark, then wait until nothing is in flight."""
+    ids = zd.control.start_drain(color=color, upstream=upstream)
+    return await zd.control.wait_drained(ids, cut_after=cut_after, tunnel_grace=tunnel_grace)
+
+
 def url(instance: Daemon, path: str = "/") -> str:
     return f"http://{instance.addresses[0]}{path}"
 
@@ -57,7 +70,7 @@ async def test_drain_lets_requests_in_flight_finish_and_sends_new_ones_elsewhere
 
         slow = [asyncio.ensure_future(get(f"/slow/2000?{i}")) for i in range(5)]
         await wait_until(lambda: len(blue.seen) == 5)  # all five reached blue
-        drain = asyncio.ensure_future(zd.control.drain(color="blue", cut_after=10))
+        drain = asyncio.ensure_future(drained(zd, color="blue", cut_after=10))
         await asyncio.sleep(0)  # the drain has swapped the snapshot
         during = [await get(f"/during/{i}") for i in range(10)]
         result = await drain
@@ -84,7 +97,7 @@ async def test_drain_gives_tunnels_a_grace_period_then_closes_them(
         assert await ws.receive_str(timeout=5) == "blue:before"
         loop = asyncio.get_running_loop()
         started = loop.time()
-        drain = asyncio.ensure_future(zd.control.drain(color="blue", cut_after=5, tunnel_grace=0.4))
+        drain = asyncio.ensure_future(drained(zd, color="blue", cut_after=5, tunnel_grace=0.4))
         await asyncio.sleep(0.1)
         await ws.send_str("during grace")  # the tunnel still works inside the grace period
         assert await ws.receive_str(timeout=5) == "blue:during grace"
@@ -105,7 +118,7 @@ async def test_drain_that_times_out_cuts_and_says_how_many(
         # A POST: aiohttp would silently retry a GET whose connection was cut.
         stuck = asyncio.ensure_future(session.post(url(zd, "/slow/5000"), data=b"x"))
         await wait_until(lambda: bool(blue.seen))
-        result = await zd.control.drain(upstream=f"blue/{blue.address}", cut_after=0.3)
+        result = await drained(zd, upstream=f"blue/{blue.address}", cut_after=0.3)
         with pytest.raises(aiohttp.ClientError):
             await stuck
     assert not result.drained and result.cut == 1
@@ -118,7 +131,7 @@ async def test_drain_of_an_unknown_upstream_is_refused(
     blue = await upstream("blue")
     zd = await daemon({"pools": pools([blue.address])})
     with pytest.raises(ValueError, match="unknown upstream"):
-        await zd.control.drain(upstream="blue/127.0.0.1:1")
+        await drained(zd, upstream="blue/127.0.0.1:1")
     with pytest.raises(ValueError, match="unknown color"):
-        await zd.control.drain(color="red")
+        await drained(zd, color="red")
     assert zd.control.drained == set()

@@ -284,14 +284,21 @@ def edit_journal(state_dir: Path, key: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "value", "weight"),
     [
-        pytest.param("split", {"live": "blue", "candidate_weight": 99999}, id="split"),
-        pytest.param("salt", 5, id="salt"),
+        # The split itself does not fit: the file's split applies.
+        pytest.param("split", {"live": "blue", "candidate_weight": 99999}, 1500, id="split"),
+        # Only the salt does not fit: it alone is dropped, the journaled split stays.
+        pytest.param("salt", 5, 3000, id="salt"),
     ],
 )
-async def test_journal_that_does_not_fit_is_rejected_and_the_file_applies(
-    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path, key: str, value: Any
+async def test_journal_item_that_does_not_fit_is_rejected_alone(
+    zdproxy: StartProxy,
+    upstream: StartUpstream,
+    tmp_path: Path,
+    key: str,
+    value: Any,
+    weight: int,
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
     config = state_config(tmp_path, blue, green, candidate_weight=1500)
@@ -302,15 +309,15 @@ async def test_journal_that_does_not_fit_is_rejected_and_the_file_applies(
 
     mark = last_event_id(tmp_path / "state")
     proxy = zdproxy(config)
-    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500  # the file's
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == weight
     [event] = await events_of(proxy, "journal_rejected", after=mark)
-    assert event["actor"] == "config"
+    assert event["actor"] == "config" and event["data"]["item"] == key
     assert await events_of(proxy, "journal_corrupt", after=mark) == []
     kill(proxy)
     mark = last_event_id(tmp_path / "state")
     proxy = zdproxy(config)  # what was rejected is not read again
     assert await events_of(proxy, "journal_rejected", after=mark) == []
-    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1500
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == weight
 
 
 # -- the salt ---------------------------------------------------------------------------------

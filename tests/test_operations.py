@@ -259,3 +259,47 @@ def test_logfmt_values_round_trip(text: str) -> None:
     from zdproxy.ops.logs import _value
 
     assert logfmt(f"msg={_value(text)}") == {"msg": text}
+
+
+# -- what a reload or restart must not do ---------------------------------------------
+
+
+async def test_a_file_that_does_not_fit_the_runtime_changes_is_refused(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue, green = await upstream("blue"), await upstream("green")
+    proxy = zdproxy({"pools": pools([blue.address], [green.address])})
+    rule = {"name": "tenant", "header": "X-Tenant", "values": ["acme"], "to": "green"}
+    await admin_api(proxy, "PUT", "/v1/rules", {"rules": [rule]})
+    await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 10000})
+    # Valid alone, but the preview header would now be the header the API's rule reads.
+    assert not await proxy.reload({**proxy.config, "preview": {"header": "X-Tenant"}})
+    refused = (await admin_api(proxy, "GET", "/v1/events?kind=reload_refused"))["events"][-1]
+    assert "rules[0].header" in refused["reason"] or "pins[0].header" in refused["reason"]
+    assert (await admin_api(proxy, "GET", "/v1/rules"))["rules"][0]["name"] == "tenant"
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 10000
+
+
+async def test_editing_a_health_setting_keeps_the_verdicts(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    checked = {"path": "/readyz", "interval": "100ms", "rise": 2}
+    config = {
+        "pools": {**pools([blue.address]), "blue": {"upstreams": [blue.address], "health": checked}}
+    }
+    proxy = zdproxy(config)
+    edited = {**checked, "interval": "150ms"}
+    assert await proxy.reload(
+        {
+            **config,
+            "pools": {**config["pools"], "blue": {"upstreams": [blue.address], "health": edited}},
+        }
+    )
+    # At once, not after `rise` new checks: the verdict survived the edit.
+    status = await admin_api(proxy, "GET", "/v1/status")
+    assert status["pools"]["blue"]["upstreams"][0]["routable"] is True
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/") as resp:
+        assert resp.status == 200
+    kinds = [e["kind"] for e in (await admin_api(proxy, "GET", "/v1/events"))["events"]]
+    assert "upstream_down" not in kinds

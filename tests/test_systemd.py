@@ -280,3 +280,18 @@ async def test_restart_in_place_under_load_fails_no_request(
     started = (await proc.admin("GET", "/v1/events?kind=started"))["events"]
     assert [e["data"]["pid"] for e in started] == [proc.process.pid] * (restarts + 1)
     assert (await proc.admin("GET", "/v1/split")) == split  # the journal kept the state
+
+
+async def test_restart_is_refused_while_the_config_file_is_invalid(
+    activated: Callable[..., Awaitable[Activated]], upstream: StartUpstream, tmp_path: Path
+) -> None:
+    app = await upstream("blue")
+    proc = await activated({"pools": pools([app.address])})
+    config = tmp_path / "zdproxy.toml"
+    config.write_text(config.read_text() + "\n[split]\ncandidate_weight = 20000\n")
+    proc.process.send_signal(signal.SIGUSR2)
+    await wait_until(lambda: proc.count("restart_refused") == 1)
+    assert proc.count("split.candidate_weight") >= 1
+    async with aiohttp.ClientSession() as session, session.get(proc.url + "/") as resp:
+        assert resp.status == 200  # the running zdproxy carries on
+    assert proc.count("listening on") == 1

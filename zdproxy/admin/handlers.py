@@ -362,12 +362,14 @@ class AdminAPI:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         resume = request.headers.get("Last-Event-ID", "")
-        sent = max(query.since, int(resume)) if resume.isdigit() else query.since
+        resuming = resume.isascii() and resume.isdigit()
+        sent = max(query.since, int(resume)) if resuming else query.since
         events = self.control.events
         with events.follow() as follower:  # subscribed first, so nothing falls in between
             await response.prepare(request)
             try:
-                for past in events.history(sent, query.kind)[-query.limit :]:
+                history = events.history(sent, query.kind)
+                for past in history if resuming else history[-query.limit :]:  # resume: all
                     await response.write(_sse(past))
                     sent = past.id
                 while True:

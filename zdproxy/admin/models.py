@@ -260,4 +260,4 @@ class Events(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "ready", "not ready"]
+    status: Literal["ok", "ready"]

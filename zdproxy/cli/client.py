@@ -120,11 +120,15 @@ class AdminClient:
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
-    async def stream(self, path: str) -> AsyncIterator[dict[str, Any]]:
-        """Server-sent events of `path`, decoded, until the server ends the stream."""
+    async def stream(self, path: str, last_id: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """Server-sent events of `path`, decoded, until the server ends the stream;
+        `last_id` resumes after that event (Last-Event-ID)."""
+        headers = {"Last-Event-ID": str(last_id)} if last_id else {}
         try:
             async with self.session.get(
-                self.base + path, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+                self.base + path,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             ) as response:
                 if response.status >= 400:
                     raise ApiRefused(
@@ -134,12 +138,13 @@ class AdminClient:
                     line = raw.decode().rstrip("\n")
                     if line.startswith("data: "):
                         yield json.loads(line[len("data: ") :])
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: Exception) -> Unreachable:
+        reason = str(exc) or type(exc).__name__
         return Unreachable(
-            f"no answer from zdproxy's admin API at {self.endpoint.address}: {exc!r}"
+            f"no answer from zdproxy's admin API at {self.endpoint.address}: {reason}"
         )
 
 

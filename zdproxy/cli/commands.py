@@ -27,6 +27,7 @@ from zdproxy.config.units import parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_ROLLOUT_FAILED = 5
+RECONNECT_SECONDS = 1.0  # `events -f` after its stream ended
 
 EXIT_CODES = """exit codes:
   0  done (wait: every condition holds)
@@ -294,9 +295,16 @@ async def _events(client: AdminClient, args: argparse.Namespace) -> int:
         for event in (await client.call("GET", "/v1/events" + query))["events"]:
             show(event)
         return EXIT_OK
-    async for event in client.stream("/v1/events" + query + "&follow=1"):
-        show(event)
-    return EXIT_OK
+    # Like tail -F: through a restart of zdproxy the stream resumes where it stopped.
+    last_id = 0
+    while True:
+        try:
+            async for event in client.stream("/v1/events" + query + "&follow=1", last_id):
+                show(event)
+                last_id = event["id"]
+        except Unreachable as exc:
+            print(f"zdproxy events: {exc}; retrying", file=sys.stderr)
+        await asyncio.sleep(RECONNECT_SECONDS)
 
 
 async def _wait(client: AdminClient, args: argparse.Namespace) -> int:

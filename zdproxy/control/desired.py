@@ -9,16 +9,17 @@ of the file and the journal wins.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from zdproxy.config.loader import format_validation_error
-from zdproxy.config.settings import Settings
+from zdproxy.config.settings import COLORS, Settings
 from zdproxy.control import state
 from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.journal import Journal, JournalCorrupt, JournalItem
-from zdproxy.routing.snapshot import BASIS_POINTS
+from zdproxy.routing.snapshot import BASIS_POINTS, upstream_id
 
 
 class Refused(Exception):
@@ -55,32 +56,36 @@ class DesiredState:
             )
             return {}
 
-    def take_config(self, config: Settings, items: dict[str, JournalItem] | None = None) -> None:
+    def take_config(
+        self, config: Settings, items: dict[str, JournalItem] | None = None, *, reload: bool = False
+    ) -> None:
         """Take a (re)loaded config file with the current (or given) journal items; the
-        items whose file value changed give way to the file."""
+        items whose file value changed give way to the file.
+
+        On a reload, a file that the remaining runtime changes do not fit is refused
+        (Refused; nothing changes). At start, the items that do not fit are dropped, one
+        by one, with an event each: zdproxy starts.
+        """
         items = dict(self.items if items is None else items)
-        for key in state.stale(config, items):
+        taken_over = state.stale(config, items)
+        for key in taken_over:
             del items[key]
+        if "salt" not in items and (salt := state.generated_salt(config)) is not None:
+            items["salt"] = salt
+        try:
+            settings = state.overlay(config, items)
+        except (ValidationError, ValueError) as exc:
+            if reload:
+                raise self._refusal(exc, "the runtime changes in the journal") from None
+            items, settings = self._fitting(config, items)
+        items = self._prune_drained(items, settings)
+        for key in taken_over:
             self.events.emit(
                 "config_takes_over",
                 f"the config file's {key} changed; its value replaces the runtime one",
                 actor="config",
                 item=key,
             )
-        if "salt" not in items and (salt := state.generated_salt(config)) is not None:
-            items["salt"] = salt
-        try:
-            settings = state.overlay(config, items)
-        except (ValidationError, ValueError) as exc:
-            aside = self._set_aside()
-            self.events.emit(
-                "journal_rejected",
-                f"the journaled changes do not fit the config file ({exc}); using the file"
-                + (f", the journal moved to {aside}" if aside else ""),
-                level=logging.ERROR,
-                actor="config",
-            )
-            items, settings = self._file_only(config, items)
         if items != self.items:
             try:
                 self._save(items)
@@ -89,26 +94,61 @@ class DesiredState:
         self.config = config
         self._current(items, settings)
 
-    def _file_only(
+    @staticmethod
+    def _prune_drained(items: dict[str, JournalItem], settings: Settings) -> dict[str, JournalItem]:
+        """Drain marks go with their upstreams: one removed from the file and added back
+        later starts fresh, not silently drained."""
+        entry = items.get("drained")
+        if entry is None:
+            return items
+        configured = {
+            upstream_id(color, e.address)
+            for color in COLORS
+            for e in settings.pool(color).upstreams
+        }
+        kept = [uid for uid in entry.value if uid in configured]
+        if kept == list(entry.value):
+            return items
+        return {**items, "drained": replace(entry, value=kept)}
+
+    def _fitting(
         self, config: Settings, items: dict[str, JournalItem]
     ) -> tuple[dict[str, JournalItem], Settings]:
-        """The file alone, keeping the journaled salt if it is valid (users keep their
-        color), else a new one."""
-        candidates = [{"salt": items["salt"]}] if "salt" in items else []
-        fresh = state.generated_salt(config)
-        candidates.append({"salt": fresh} if fresh is not None else {})
-        for kept in candidates:
+        """The items that fit the file, each tried in turn; the others are dropped with
+        an event (the journal as it was is kept aside)."""
+        aside = self._set_aside()
+        kept: dict[str, JournalItem] = {}
+        for key, entry in items.items():
             try:
-                return kept, state.overlay(config, kept)
-            except (ValidationError, ValueError):
+                state.overlay(config, {**kept, key: entry})
+            except (ValidationError, ValueError) as exc:
+                self.events.emit(
+                    "journal_rejected",
+                    f"the journaled {key} does not fit the config file ({exc}); the file's "
+                    "value applies" + (f" (the journal was kept as {aside})" if aside else ""),
+                    level=logging.ERROR,
+                    actor="config",
+                    item=key,
+                )
                 continue
-        raise AssertionError("the config file alone always applies")
+            kept[key] = entry
+        if "salt" not in kept and (salt := state.generated_salt(config)) is not None:
+            kept["salt"] = salt
+        return kept, state.overlay(config, kept)
 
     def _set_aside(self) -> str:
         try:
             return self.journal.quarantine("rejected").name
         except OSError:
             return ""
+
+    @staticmethod
+    def _refusal(exc: ValidationError | ValueError, what: str) -> Refused:
+        if isinstance(exc, ValidationError):
+            field, _, reason = format_validation_error(exc)[0].partition(": ")
+        else:
+            field, _, reason = str(exc).partition(": ")
+        return Refused(field, f"{reason} (with {what})" if what else reason, 400)
 
     def change(self, changes: dict[str, Any], actor: Actor) -> Settings:
         """Validate, journal and make current a set of items, all or none."""
@@ -117,12 +157,8 @@ class DesiredState:
             items[key] = state.item(self.config, key, value, actor)
         try:
             settings = state.overlay(self.config, items)
-        except ValidationError as exc:
-            field, _, reason = format_validation_error(exc)[0].partition(": ")
-            raise Refused(field, reason, 400) from None
-        except ValueError as exc:
-            field, _, reason = str(exc).partition(": ")
-            raise Refused(field, reason, 400) from None
+        except (ValidationError, ValueError) as exc:
+            raise self._refusal(exc, "") from None
         self._save(items)
         self._current(items, settings)
         return settings

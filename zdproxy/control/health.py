@@ -83,12 +83,14 @@ class HealthChecker:
         for upstream_id in list(self._probes):
             entry = wanted.get(upstream_id)
             probe = self._probes[upstream_id]
-            if (
-                entry is None
-                or entry[1] != probe.settings
-                or entry[0].address != probe.target.address
-            ):
+            if entry is None or entry[0].address != probe.target.address:
                 self._stop(self._probes.pop(upstream_id))
+            elif entry[1] != probe.settings:
+                # New settings, same upstream: its verdict stands (a live pool must not
+                # drop out of rotation because its check interval was edited).
+                self._stop(self._probes.pop(upstream_id))
+                self._probes[upstream_id] = replacement = _Probe(*entry, state=probe.state)
+                replacement.task = asyncio.ensure_future(self._loop(replacement))
             else:
                 probe.target = entry[0]  # the weight may have changed
         for upstream_id, (target, settings) in wanted.items():

@@ -121,8 +121,9 @@ class ControlPlane:
 
     def apply_settings(self, config: Settings) -> RoutingSnapshot:
         """Take a reloaded config file: the runtime changes it overrides give way, health
-        checks start or stop, a snapshot is published."""
-        self.desired.take_config(config)
+        checks start or stop, a snapshot is published. Refused if the file does not fit
+        the runtime changes that remain (nothing changes then)."""
+        self.desired.take_config(config, reload=True)
         return self._reconfigured()
 
     def _reconfigured(self) -> RoutingSnapshot:
@@ -138,6 +139,7 @@ class ControlPlane:
         configured = self.configured()
         self.health.sync({uid: entry for uid, entry in configured.items() if entry[1].enabled})
         self.outliers.forget(set(configured))
+        self.telemetry.forget(set(configured))
 
     async def first_checks(self) -> None:
         """Wait (bounded) for the first verdict on every checked upstream, so that a
@@ -286,25 +288,6 @@ class ControlPlane:
             raise Refused(field, exc.reason, exc.status) from None
         self.events.emit("rules_changed", f"{len(pins)} pin rules", actor=actor, rules=value)
         self.publish()
-
-    async def drain(
-        self,
-        *,
-        color: str | None = None,
-        upstream: str | None = None,
-        cut_after: float = 30.0,
-        tunnel_grace: float = 5.0,
-        actor: Actor = "api",
-    ) -> DrainResult:
-        """Take a color or one upstream out of rotation and wait until its work is done.
-
-        New requests go elsewhere at once; requests in flight finish; tunnels get
-        `tunnel_grace`; anything still running after `cut_after` seconds is cut and counted.
-        """
-        ids = self.start_drain(color=color, upstream=upstream, actor=actor)
-        return await self.wait_drained(
-            ids, cut_after=cut_after, tunnel_grace=tunnel_grace, actor=actor
-        )
 
     def start_drain(
         self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"

@@ -119,6 +119,11 @@ class Telemetry:
         self._slices: dict[str, deque[Slice]] = {color: deque() for color in COLORS}
         self._started: float | None = None
 
+    def forget(self, configured: set[str]) -> None:
+        """Drop the totals of upstreams no longer configured (their metric series go)."""
+        for upstream in set(self.totals) - configured:
+            del self.totals[upstream]
+
     def add(self, now: float, records: list[IntervalRecord]) -> None:
         if self._started is None:
             self._started = now

@@ -39,11 +39,12 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.pools: dict[str, UpstreamPool] = {}
         self._retired: set[UpstreamPool] = set()
-        # Pin matches and preview outcomes, across snapshots (the metrics issue exports them).
+        # Pin matches and preview outcomes, across snapshots (exported as metrics).
         self.override_counts = OverrideCounters()
         self.table = RoutingTable(_EMPTY, {}, self.override_counts)
         self.request_headers = REQUEST_HEADERS  # plus what steering, pins and preview read
         self.stopping = False
+        self.scheme = b"http"  # X-Forwarded-Proto: set by listen() from the listener
         self.retries = {"connect": 0, "reset": 0, "status": 0, "over_budget": 0}
         # The retry budget's window: requests and retries since the last sweep reset.
         self.window_requests = 0
@@ -68,7 +69,6 @@ class ProxyServer:
         self.tunnel_idle_timeout = upstream.tunnel_idle_timeout
         self.via_line = b"Via: 1.1 %s\r\n" % proxy.via.encode() if proxy.via else b""
         self.head_end = self.via_line + b"\r\n"  # the last bytes of every upstream request head
-        self.scheme = b"https" if proxy.tls.enabled else b"http"
         log = settings.log
         self.access_log = AccessLog(log.access_sample) if log.access else None
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in proxy.trusted_proxies]
@@ -184,6 +184,7 @@ class ProxyServer:
         self, sock: socket.socket, backlog: int = 1024, tls: ssl.SSLContext | None = None
     ) -> None:
         """Start accepting on a listening socket (bound by the daemon, or inherited)."""
+        self.scheme = b"https" if tls is not None else b"http"  # what the listener speaks
         server: asyncio.base_events.Server
         if sock.family == socket.AF_UNIX:
             server = await self.loop.create_unix_server(

@@ -26,6 +26,7 @@ from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
 from zdproxy.config.tls import load_chain, server_context
 from zdproxy.config.units import Address
+from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
@@ -38,6 +39,7 @@ from zdproxy.ops.watch import start_watch
 log = logging.getLogger("zdproxy")
 
 ADMIN_BACKLOG = 128
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 # Settings read once at start; a reload that changes them says so.
 RESTART_ONLY = (
     ("proxy", "listen"),
@@ -47,7 +49,6 @@ RESTART_ONLY = (
     ("state", "events_in_memory"),
     ("state", "events_file_max"),
     ("state", "events_files_kept"),
-    ("reload", "watch"),
 )
 
 
@@ -87,36 +88,38 @@ class Daemon:
         self.admin_address = ""
 
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
-        """Restore the state, serve the admin API, wait for the first health verdicts, then
-        accept on the proxy listener: bound here, or `inherited` (systemd, or the process
-        this one replaced), in which case clients waited in its backlog all along."""
-        inherited_sockets: dict[str, socket.socket | None] = dict(inherited or {})
+        """Take the listeners (bound here, or `inherited` from systemd or from the process
+        this one replaced: clients then waited in their backlog all along), restore the
+        state, serve the admin API, wait for the first health verdicts, then accept."""
+        if (interval := self.notifier.watchdog_interval()) is not None:
+            # From the first moment: systemd's watchdog runs while zdproxy starts, too.
+            self._watchdog = asyncio.ensure_future(self.notifier.watchdog(interval))
+        passed: dict[str, socket.socket | None] = dict(inherited or {})
+        admin, proxy = self.settings.admin, self.settings.proxy
+        # Bound before anything is written: a second zdproxy on the same ports stops
+        # here, before it could touch the running one's journal and events.
+        self.sockets["admin"] = passed.pop("admin", None) or bind(
+            admin.listen, ADMIN_BACKLOG, mode=0o660
+        )
+        self.sockets["proxy"] = passed.pop("proxy", None) or bind(proxy.listen, proxy.backlog)
+        for name, unused in passed.items():
+            if unused is not None:
+                log.warning("ignoring the passed socket %r (%s)", name, describe(unused))
+                unused.close()
         try:
             self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(f"state.dir: cannot create {self.state_dir}: {exc.strerror}") from None
         self.control.restore()
         self.control.start()
-        admin = self.settings.admin
-        self.sockets["admin"] = inherited_sockets.pop("admin", None) or bind(
-            admin.listen, ADMIN_BACKLOG, mode=0o660
-        )
         await self.admin.start(self.sockets["admin"])
         self.admin_address = describe(self.sockets["admin"])
         log.info("admin API on %s (zdproxy %s)", self.admin_address, __version__)
         if not admin.bearer_token:
             log.warning("admin: no token configured; /v1 answers 401 to every call")
         await self.control.first_checks()
-        proxy = self.settings.proxy
-        self.sockets["proxy"] = inherited_sockets.pop("proxy", None) or bind(
-            proxy.listen, proxy.backlog
-        )
         await self.dataplane.listen(self.sockets["proxy"], proxy.backlog, self.tls)
         self.addresses = [describe(self.sockets["proxy"])]
-        for name, unused in inherited_sockets.items():
-            if unused is not None:
-                log.warning("ignoring the passed socket %r (%s)", name, describe(unused))
-                unused.close()
         self.control.listeners = [Address.parse(a) for a in (*self.addresses, self.admin_address)]
         self.service.ready = True
         self.events.emit(
@@ -127,8 +130,6 @@ class Daemon:
         )
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
         self.notifier.ready(f"serving {', '.join(self.addresses)}")
-        if (interval := self.notifier.watchdog_interval()) is not None:
-            self._watchdog = asyncio.ensure_future(self.notifier.watchdog(interval))
         self._watch_files()
 
     def _watch_files(self) -> None:
@@ -144,7 +145,7 @@ class Daemon:
 
     def _files_changed(self, changed: set[Path]) -> None:
         assert self.config_path is not None
-        if self.config_path.resolve() in changed:
+        if {self.config_path.absolute(), self.config_path.resolve()} & changed:
             self.reload()  # reloads the TLS files too
         else:
             self._reload_tls()
@@ -154,6 +155,9 @@ class Daemon:
         if self.tls is None or not tls.enabled:
             return
         try:
+            # Tried on a fresh context first: a failed load into the live one would leave
+            # it with the new certificate and the old key, and every handshake failing.
+            server_context(tls.cert_file, tls.key_file)
             load_chain(self.tls, tls.cert_file, tls.key_file)
         except ValueError as exc:
             self.events.emit(
@@ -180,19 +184,26 @@ class Daemon:
         finally:
             self.notifier.ready(f"serving {', '.join(self.addresses)}")
 
+    def _refuse_reload(self, source: str, errors: list[str]) -> bool:
+        self.service.reloads["refused"] += 1
+        self.events.emit(
+            "reload_refused",
+            f"{source}: the running configuration stays: " + "; ".join(errors),
+            actor="config",
+            level=logging.ERROR,
+            errors=errors,
+        )
+        return False
+
     def _reload(self, config_path: Path) -> bool:
         try:
             new = load_settings(config_path)
         except ConfigError as exc:
-            self.service.reloads["refused"] += 1
-            self.events.emit(
-                "reload_refused",
-                f"{exc.source}: the running configuration stays: " + "; ".join(exc.errors),
-                actor="config",
-                level=logging.ERROR,
-                errors=exc.errors,
-            )
-            return False
+            return self._refuse_reload(exc.source, exc.errors)
+        try:
+            self.control.apply_settings(new)  # first: it may refuse, and then nothing changed
+        except Refused as exc:
+            return self._refuse_reload(str(config_path), [str(exc)])
         needs_restart = [
             f"{section}.{name}"
             for section, name in RESTART_ONLY
@@ -204,7 +215,6 @@ class Daemon:
         watched = (self.settings.proxy.tls, self.settings.reload)
         self.settings = new
         self.dataplane.configure(new)
-        self.control.apply_settings(new)
         self.admin.tokens.token = new.admin.bearer_token
         set_level(new.log.level)
         self._reload_tls()
@@ -231,7 +241,8 @@ class Daemon:
             self.notifier.send("STATUS=restarting in place")
         else:
             self.notifier.stopping()
-        for task in (self._watchdog, self._watch):
+        # The watchdog keeps pinging through a restart's drain, until the exec.
+        for task in (self._watch,) if self.restart_requested else (self._watchdog, self._watch):
             if task is not None:
                 task.cancel()
         await self.control.close()
@@ -247,7 +258,20 @@ class Daemon:
 
     def restart(self) -> None:
         """Stop serving gracefully, then exec zdproxy again (a new binary after an
-        upgrade) with the listening sockets kept open: clients wait in the backlog."""
+        upgrade) with the listening sockets kept open: clients wait in the backlog.
+        Refused while the config file is invalid: the new process could not start."""
+        if self.config_path is not None:
+            try:
+                load_settings(self.config_path)
+            except ConfigError as exc:
+                self.events.emit(
+                    "restart_refused",
+                    f"{exc.source} is invalid, zdproxy keeps running: " + "; ".join(exc.errors),
+                    actor="config",
+                    level=logging.ERROR,
+                    errors=exc.errors,
+                )
+                return
         log.info("restart requested: finishing requests in flight, then re-executing")
         self.restart_requested = True
         self.stop_requested.set()
@@ -260,6 +284,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR2, self.restart)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # blocked over a re-exec
 
     async def serve(self, inherited: dict[str, socket.socket]) -> dict[str, int] | None:
         """Run until stopped; for a restart, the parked listening sockets to hand on."""
@@ -286,9 +311,12 @@ def run(settings: Settings, config_path: Path) -> int:
         notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={exc.errno or 0}")
         return 1
     if parked is None:
+        notifier.close()
         return 0
     env = {**os.environ, **hand_on(parked), **notifier.environment()}
     argv = [sys.executable, *sys.orig_argv[1:]]
+    # Held until the new image has its handlers: a signal in between would kill it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     log.info("re-executing %s", " ".join(argv))
     with contextlib.suppress(Exception):
         logging.shutdown()

@@ -6,6 +6,8 @@ would run it, from a config file the demo writes under `.demo/`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -13,7 +15,7 @@ import socket
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, DummyCookieJar, web
 
 from zdproxy.config.loader import load_settings
 from zdproxy.ops.daemon import Daemon
@@ -53,22 +55,63 @@ token_file = "{token_file}"
 
 [state]
 dir = "{state}"
+
+# `zdproxy deploy green --config .demo/zdproxy.toml`: seconds per step, so a whole
+# rollout takes about half a minute. The demo sends its own traffic (a few users per
+# second) so that the judge has something to judge.
+[plans.canary]
+steps = [
+  {{ weight = 10, hold = "4s" }},
+  {{ weight = 50, hold = "4s" }},
+  {{ weight = 100, hold = "2s" }},
+]
+bake = "8s"
+
+[plans.canary.judge]
+window = "4s"
+min_requests = 10
 """
+
+TRAFFIC_PER_SECOND = 20  # the demo's own users, so that rollouts are judged
 
 
 def sample_app(color: str, version: str) -> web.Application:
-    """The app a team would deploy: answers its color and version, and a health check."""
+    """The app a team would deploy: answers its color and version, and a health check.
+
+    POST /_demo/fail makes it answer 500 (its health check stays fine, as a bad
+    release's often does); POST /_demo/recover undoes it. That switch is the app's,
+    not zdproxy's: it shows the judge catching a failure it was not told about.
+    """
+    failing = False
 
     async def index(request: web.Request) -> web.Response:
+        if failing:
+            return web.json_response({"color": color, "error": "failing on purpose"}, status=500)
         return web.json_response({"color": color, "version": version, "path": request.path})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "color": color})
 
+    async def switch(request: web.Request) -> web.Response:
+        nonlocal failing
+        failing = request.match_info["how"] == "fail"
+        return web.json_response({"color": color, "failing": failing})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/_demo/{how:fail|recover}", switch)
     app.router.add_route("*", "/{tail:.*}", index)
     return app
+
+
+async def _traffic(url: str) -> None:
+    """A few users per second through zdproxy, each new (no cookie), until cancelled."""
+    async with ClientSession(cookie_jar=DummyCookieJar()) as session:
+        while True:
+            with contextlib.suppress(ClientError):
+                async with session.get(url) as response:
+                    await response.read()
+            await asyncio.sleep(1 / TRAFFIC_PER_SECOND)
 
 
 def _free_port() -> int:
@@ -119,6 +162,7 @@ async def _demo(port: int, admin_port: int, directory: Path) -> None:
     daemon = Daemon(load_settings(config), config)
     daemon.handle_signals()
     await daemon.start()
+    traffic = asyncio.ensure_future(_traffic(f"http://127.0.0.1:{port}/"))
     print(
         f"""
 zdproxy demo is running.
@@ -137,15 +181,20 @@ Send half of the users to green, and watch the decisions:
   zdproxy events --follow --config {config}
 Each user keeps their color (zdproxy's zd_bucket cookie):
   curl -s -c /tmp/zd.jar -b /tmp/zd.jar http://127.0.0.1:{port}/   # repeat: same color
-Then make green live, drain blue and wait until it is safe to stop:
-  zdproxy shift 100 --config {config}
-  zdproxy drain blue --config {config}
-  zdproxy wait --until drained:blue --timeout 30s --config {config}
+Deploy green with the canary plan (10%, 50%, 100%, judged; the demo sends a few
+users per second itself) and wait until blue is drained:
+  zdproxy deploy green --config {config}
+  zdproxy wait --until done --config {config}
+Or make green fail first, and watch zdproxy roll it back within a second:
+  curl -X POST http://127.0.0.1:{green_port}/_demo/fail
+  zdproxy deploy green --config {config}; zdproxy wait --until done --config {config}
+  curl -X POST http://127.0.0.1:{green_port}/_demo/recover; zdproxy rollout retry --config {config}
 Edits of {config} apply on kill -HUP {os.getpid()}. Ctrl-C stops everything.
 """,
         flush=True,
     )
     await daemon.stop_requested.wait()
+    traffic.cancel()
     await daemon.stop()
     for runner in runners:
         await runner.cleanup()

@@ -20,9 +20,7 @@ HIGH_FD = 100  # dups parked above the range that the exec'd process hands out f
 def bind(address: Address, backlog: int, mode: int | None = None) -> socket.socket:
     """A listening socket on `address`; a unix socket replaces a stale one and gets `mode`."""
     if address.path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(address.path).st_mode):
-                os.unlink(address.path)
+        _remove_if_stale(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(address.path)
         if mode is not None:
@@ -40,6 +38,21 @@ def bind(address: Address, backlog: int, mode: int | None = None) -> socket.sock
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def _remove_if_stale(path: str) -> None:
+    """Remove a unix socket left by a dead process; one that answers is in use, and
+    binding then fails as for a TCP port in use."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def describe(sock: socket.socket) -> str:

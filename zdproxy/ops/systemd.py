@@ -32,10 +32,6 @@ class Notifier:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.setblocking(False)
 
-    @property
-    def enabled(self) -> bool:
-        return self._socket is not None
-
     def environment(self) -> dict[str, str]:
         """What a re-exec of this process needs to keep notifying."""
         return {"NOTIFY_SOCKET": self._given} if self._given else {}
@@ -86,8 +82,8 @@ def listen_fds() -> dict[str, socket.socket]:
     """The listening sockets passed by systemd (or systemd-socket-activate), by name.
 
     Names come from LISTEN_FDNAMES (FileDescriptorName= in the .socket unit: "proxy",
-    "admin"); an unnamed single socket is "proxy". The variables are removed so that
-    children (hooks) do not inherit them.
+    "admin"). A single socket is "proxy" whatever its name (systemd names it after its
+    unit by default). The variables are removed so that hooks do not inherit them.
     """
     pid = os.environ.pop("LISTEN_PID", "")
     count = os.environ.pop("LISTEN_FDS", "")
@@ -96,8 +92,10 @@ def listen_fds() -> dict[str, socket.socket]:
         return {}
     n = int(count)
     labels = names.split(":") if names else []
-    if len(labels) != n:
-        labels = ["proxy"] if n == 1 else [f"fd{i}" for i in range(n)]
+    if n == 1:
+        labels = ["proxy"]
+    elif len(labels) != n:
+        labels = [f"fd{i}" for i in range(n)]
     sockets = {}
     for i, label in enumerate(labels):
         fd = LISTEN_FDS_START + i

@@ -42,7 +42,9 @@ async def watch(
 def start_watch(
     paths: Iterable[Path], debounce: float, on_change: Callable[[set[Path]], None]
 ) -> asyncio.Task[None]:
-    wanted = {path.resolve() for path in paths}
+    # As named (certbot swaps a symlink in the named directory) and as resolved (an
+    # editor rewrites the target): a change of either counts.
+    wanted = {p for path in paths for p in (path.absolute(), path.resolve())}
     task = asyncio.ensure_future(watch(wanted, debounce, on_change))
     task.add_done_callback(_report)
     return task
