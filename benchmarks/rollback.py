@@ -1,7 +1,9 @@
 """Rollback reaction time and user-visible errors during a bad canary.
 
 For each mode (retry on the live pool for 500s, or not), one zdproxy process runs
-`trials` rollouts of a green pool at 50%; after a second of healthy traffic green
+`trials` rollouts of a green pool at 10% (a first canary step; the default retry
+budget, 20% of recent requests, covers its failures); after a second of healthy
+traffic green
 starts answering 500, and the time from that switch to the rollback (the
 `rollout_rolled_back` event, emitted right after the weight went to 0) is measured.
 GET load runs throughout; every 5xx or error a client sees is counted.
@@ -46,7 +48,7 @@ upstreams = ["127.0.0.1:{green}"]
 [retry]
 statuses = {statuses}
 [plans.bad]
-steps = [{{ weight = 50, hold = "1h" }}]
+steps = [{{ weight = 10, hold = "1h" }}]
 [plans.bad.judge]
 window = "3s"
 min_requests = 10
@@ -172,8 +174,13 @@ async def measure(retry: bool, trials: int, clients: int, tmp: Path) -> dict[str
                     fresh = [e for e in events["events"] if e["time"] > switched]
                     return fresh[-1] if fresh else None
 
-                event = await until(rolled_back)
+                try:
+                    event = await until(rolled_back, within=10)
+                except TimeoutError:
+                    rollout = await zd.api(admin, "GET", "/v1/rollout")
+                    raise SystemExit(f"trial {trial}: no rollback within 10 s: {rollout}") from None
                 reactions.append(event["time"] - switched)
+                print(f"  trial {trial + 1}: {reactions[-1] * 1000:.0f} ms", file=sys.stderr)
             done.set()
             await asyncio.gather(*load)
     finally:

@@ -29,7 +29,12 @@ class JudgeSettings(_Section):
     times the live pool's. A breach must repeat on `consecutive_breaches` ticks.
     """
 
-    tick: Duration = Field(default=0.25, ge=0.05, le=0.25, description="How often it judges.")
+    tick: Duration = Field(
+        default=0.1,
+        ge=0.05,
+        le=0.25,
+        description="How often it judges; the records it reads are 100 ms fresh.",
+    )
     window: Duration = Field(
         default=10.0, ge=1, le=600, description="The sliding window it judges over."
     )

@@ -72,9 +72,10 @@ class Latency:
 
 @dataclass
 class Slice:
-    """One color's responses in one tick."""
+    """One color's responses in one tick: those recorded between `start` and `at`."""
 
     at: float
+    start: float
     requests: int = 0
     errors: int = 0  # 5xx answers plus upstream failures
     latency: Latency = field(default_factory=Latency)
@@ -118,6 +119,7 @@ class Telemetry:
         self.latency: dict[str, Latency] = {color: Latency() for color in COLORS}
         self._slices: dict[str, deque[Slice]] = {color: deque() for color in COLORS}
         self._started: float | None = None
+        self._last: float | None = None  # the previous add: where the next slice starts
 
     def forget(self, configured: set[str]) -> None:
         """Drop the totals of upstreams no longer configured (their metric series go)."""
@@ -127,7 +129,8 @@ class Telemetry:
     def add(self, now: float, records: list[IntervalRecord]) -> None:
         if self._started is None:
             self._started = now
-        slices: dict[str, Slice] = {color: Slice(now) for color in COLORS}
+        start, self._last = (self._last if self._last is not None else now), now
+        slices: dict[str, Slice] = {color: Slice(now, start) for color in COLORS}
         for record in records:
             color = color_of(record.upstream_id)
             self.totals.setdefault(record.upstream_id, Totals()).add(record)
@@ -148,13 +151,14 @@ class Telemetry:
         self, color: str, now: float, seconds: float | None = None, since: float = 0.0
     ) -> WindowView:
         """A color's traffic over the last `seconds` (default: the status window), not
-        counting what came before `since` (a rollout step's start)."""
+        counting any slice that began before `since` (a rollout step's start: what the
+        previous step, or a rollout rolled back a moment ago, did is not judged)."""
         seconds = self.window if seconds is None else min(seconds, self.retain)
         start = max(now - seconds, since)
         latency = Latency()
         requests = errors = 0
         for piece in self._slices[color]:
-            if piece.at > start:
+            if piece.at > now - seconds and piece.start >= since:
                 requests += piece.requests
                 errors += piece.errors
                 latency.add(piece.latency.buckets, piece.latency.total)
