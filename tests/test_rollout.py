@@ -15,7 +15,16 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Upstream, ZdProxy, admin_api, free_port, pools, wait_until
+from tests.conftest import (
+    ADMIN_TOKEN,
+    Upstream,
+    ZdProxy,
+    admin_api,
+    free_port,
+    pools,
+    run_cli,
+    wait_until,
+)
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -290,3 +299,60 @@ async def test_kill_9_mid_rollout_resumes_with_the_same_weights(
     assert running.failures == []
     kinds = [e["kind"] for e in (await admin_api(again, "GET", "/v1/events"))["events"]]
     assert "rollout_resumed" in kinds
+
+
+async def test_rollback_wins_over_a_pause_and_is_counted(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+) -> None:
+    failing: dict[str, int] = {}
+    blue, green = await upstream("blue"), await upstream("green", failing=failing)
+    config = rollout_config(blue, green, tmp_path, steps=[{"weight": 30, "hold": "30s"}])
+    proxy = zdproxy(config)
+    async with load(proxy.url):
+        await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"})
+        await until_rollout(proxy, lambda r: r["state"] == "step")
+        assert (await admin_api(proxy, "POST", "/v1/rollout/pause"))["state"] == "paused"
+        failing["status"] = 500  # paused, but still judged
+        rolled = await until_rollout(proxy, lambda r: r["state"] != "paused")
+    assert rolled["state"] == "rolled_back"
+    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/metrics") as r:
+        metrics = await r.text()
+    assert 'zdproxy_rollouts_total{result="rolled_back"} 1.0' in metrics
+    assert "zdproxy_rollout_active 0.0" in metrics
+    # Nothing re-promotes by itself; a retry is a command.
+    await asyncio.sleep(0.3)
+    assert (await rollout_of(proxy))["state"] == "rolled_back"
+
+
+async def test_freeze_keeps_the_traffic_and_alerts_instead_of_rolling_back(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+) -> None:
+    failing: dict[str, int] = {}
+    blue, green = await upstream("blue"), await upstream("green", failing=failing)
+    steps = [{"weight": 40, "hold": "30s"}]
+    proxy = zdproxy(rollout_config(blue, green, tmp_path, steps=steps, on_failure="freeze"))
+    async with load(proxy.url):
+        await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"})
+        await until_rollout(proxy, lambda r: r["state"] == "step")
+        failing["status"] = 500
+        frozen = await until_rollout(proxy, lambda r: r["state"] != "step")
+    assert frozen["state"] == "frozen" and "frozen" in frozen["reason"]
+    assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 4000  # kept
+    [event] = (await admin_api(proxy, "GET", "/v1/events?kind=rollout_frozen"))["events"]
+    assert event["data"]["numbers"]["candidate"]["errors"] > 0
+
+
+async def test_deploy_and_wait_until_done_from_the_cli(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+) -> None:
+    blue, green = await upstream("blue"), await upstream("green")
+    proxy = zdproxy(rollout_config(blue, green, tmp_path, steps=[]))
+    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    async with load(proxy.url):
+        deployed = await run_cli("deploy", "green", env=env)
+        assert deployed.code == 0, deployed.err
+        assert deployed.out.startswith("rollout 1: green with plan canary:")
+        waited = await run_cli("wait", "--until", "done", "--timeout", "30s", env=env)
+    assert (waited.code, waited.out.strip()) == (0, "done: ok"), waited
+    again = await run_cli("deploy", "green", env=env)  # green is live now
+    assert again.code == 1 and "green is already live" in again.err

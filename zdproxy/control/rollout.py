@@ -191,18 +191,18 @@ class Rollouts:
         if split.live != rollout.previous or split.candidate_weight != weight:
             self.control.set_split(weight, live=rollout.previous, force=True, actor="auto")
         loop = asyncio.get_running_loop()
-        began = loop.time()
+        judged_from = held_from = loop.time()  # the judge's window, and the hold's start
         judge = Judge(plan.judge)
         while True:
-            verdict = await self._judge_tick(rollout, plan, judge, since=began)
-            if rollout.state == "paused":
-                began = loop.time()  # the hold starts again on resume
-                continue
+            verdict = await self._judge_tick(rollout, plan, judge, since=judged_from)
             if self._promote:
                 self._promote = False
                 self._promoted(rollout, "promoted by hand")
                 return
-            elapsed = loop.time() - began
+            if rollout.state == "paused":
+                held_from = loop.time()  # still judged; the hold starts again on resume
+                continue
+            elapsed = loop.time() - held_from
             if elapsed < step.hold:
                 continue
             if verdict.outcome == "pass" and judge.breaches == 0:
