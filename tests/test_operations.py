@@ -288,15 +288,22 @@ async def test_editing_a_health_setting_keeps_the_verdicts(
     config = {
         "pools": {**pools([blue.address]), "blue": {"upstreams": [blue.address], "health": checked}}
     }
-    proxy = zdproxy(config)
+    # Started off the loop: the upstream on this loop must answer the first checks.
+    proxy = await asyncio.get_running_loop().run_in_executor(None, zdproxy, config)
+    before = await admin_api(proxy, "GET", "/v1/status")
+    assert before["pools"]["blue"]["upstreams"][0]["health"] == "up"
     edited = {**checked, "interval": "150ms"}
+    mark = len(proxy.log_lines)
     assert await proxy.reload(
         {
             **config,
             "pools": {**config["pools"], "blue": {"upstreams": [blue.address], "health": edited}},
         }
     )
-    # At once, not after `rise` new checks: the verdict survived the edit.
+    # The snapshot the reload published still routes to blue: the verdict survived the
+    # edit (a fresh probe would start "not up" and take blue out until `rise` checks).
+    published = [line for line in proxy.log_lines[mark:] if "routing: live=blue" in line]
+    assert published and all("blue=1 " in line for line in published), published
     status = await admin_api(proxy, "GET", "/v1/status")
     assert status["pools"]["blue"]["upstreams"][0]["routable"] is True
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/") as resp:

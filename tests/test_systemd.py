@@ -295,3 +295,28 @@ async def test_restart_is_refused_while_the_config_file_is_invalid(
     async with aiohttp.ClientSession() as session, session.get(proc.url + "/") as resp:
         assert resp.status == 200  # the running zdproxy carries on
     assert proc.count("listening on") == 1
+
+
+async def test_restart_in_place_moves_a_listener_the_config_moved(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    app = await upstream("blue")
+    old_port, new_port = free_port(), free_port()
+    config: dict[str, Any] = {
+        "proxy": {"listen": f"127.0.0.1:{old_port}"},
+        "pools": pools([app.address]),
+        "reload": {"watch": False},
+    }
+    proxy = zdproxy(config)
+    moved = {**proxy.config, "proxy": {"listen": f"127.0.0.1:{new_port}"}}
+    proxy.config_path.write_text(to_toml(moved))
+    proxy.process.send_signal(signal.SIGUSR2)
+    await wait_until(
+        lambda: any(f"listening on 127.0.0.1:{new_port}" in x for x in proxy.log_lines), within=20
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{new_port}/") as resp:
+            assert resp.status == 200
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with session.get(f"http://127.0.0.1:{old_port}/") as resp:
+                await resp.read()

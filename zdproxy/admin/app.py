@@ -140,12 +140,15 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
 
 
 def _endpoint(
-    route: Route, tokens: Tokens
+    route: Route, tokens: Tokens, stopping: Callable[[], bool]
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         try:
             if route.auth:
                 tokens.check(request)
+            if route.method != "GET" and stopping():
+                # Health checks and the tick are closing: a change now would not be acted on.
+                raise ApiError(503, "zdproxy is stopping: try again when it is back")
             body, query = await _parse(route, request)
             result = await route.handler(Call(request, body, query, _actor(request)))
         except ApiError as exc:
@@ -178,11 +181,11 @@ async def _problems(
         return problem(500, "internal error; see zdproxy's log")
 
 
-def build_app(routes: list[Route], tokens: Tokens) -> web.Application:
+def build_app(routes: list[Route], tokens: Tokens, stopping: Callable[[], bool]) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
     for route in routes:
         path = route.path.replace("{color}", "{color:blue|green}")
-        app.router.add_route(route.method, path, _endpoint(route, tokens))
+        app.router.add_route(route.method, path, _endpoint(route, tokens, stopping))
     return app
 
 

@@ -31,7 +31,8 @@ class AdminServer:
             Route("GET", "/v1/openapi.json", "This document", self._openapi, auth=False),
         ]
         self._openapi_body = openapi_document(routes)
-        self._listener = AdminListener(build_app(routes, self.tokens))
+        app = build_app(routes, self.tokens, lambda: service.stopping)
+        self._listener = AdminListener(app)
 
     async def _metrics(self, call: Call) -> BaseModel | web.StreamResponse:
         return web.Response(body=self._exporter.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.ops.logs import set_level
-from zdproxy.ops.sockets import bind, describe, hand_on, park
+from zdproxy.ops.sockets import bind, describe, hand_on, own_sockets, park
 from zdproxy.ops.systemd import Notifier, listen_fds
 from zdproxy.ops.watch import start_watch
 
@@ -67,6 +68,9 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.restart_requested = False
         self.sockets: dict[str, socket.socket] = {}  # by the names systemd passes: proxy, admin
+        # Listeners zdproxy bound itself (now, or before a restart in place): theirs follow
+        # the config's addresses; systemd's belong to its socket units.
+        self.own: set[str] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         tls = settings.proxy.tls
@@ -96,12 +100,18 @@ class Daemon:
             self._watchdog = asyncio.ensure_future(self.notifier.watchdog(interval))
         passed: dict[str, socket.socket | None] = dict(inherited or {})
         admin, proxy = self.settings.admin, self.settings.proxy
+        for name, address in (("admin", admin.listen), ("proxy", proxy.listen)):
+            self._follow_config(passed, name, address)
         # Bound before anything is written: a second zdproxy on the same ports stops
         # here, before it could touch the running one's journal and events.
-        self.sockets["admin"] = passed.pop("admin", None) or bind(
-            admin.listen, ADMIN_BACKLOG, mode=0o660
-        )
-        self.sockets["proxy"] = passed.pop("proxy", None) or bind(proxy.listen, proxy.backlog)
+        if (sock := passed.pop("admin", None)) is None:
+            sock = bind(admin.listen, ADMIN_BACKLOG, mode=0o660)
+            self.own.add("admin")
+        self.sockets["admin"] = sock
+        if (sock := passed.pop("proxy", None)) is None:
+            sock = bind(proxy.listen, proxy.backlog)
+            self.own.add("proxy")
+        self.sockets["proxy"] = sock
         for name, unused in passed.items():
             if unused is not None:
                 log.warning("ignoring the passed socket %r (%s)", name, describe(unused))
@@ -131,6 +141,19 @@ class Daemon:
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
         self.notifier.ready(f"serving {', '.join(self.addresses)}")
         self._watch_files()
+
+    def _follow_config(
+        self, passed: dict[str, socket.socket | None], name: str, address: Address
+    ) -> None:
+        """After a restart in place, a listener the config moved is bound anew (the old
+        one closes: a restart is how listener changes take effect)."""
+        sock = passed.get(name)
+        if sock is None or name not in self.own or (address.port == 0 and not address.path):
+            return
+        if not _same_place(describe(sock), address):
+            log.warning("%s listener moves from %s to %s", name, describe(sock), address)
+            sock.close()
+            passed[name] = None
 
     def _watch_files(self) -> None:
         """Follow the config file (and the TLS files it names) for changes."""
@@ -297,12 +320,30 @@ class Daemon:
         return parked
 
 
+def _same_place(bound: str, address: Address) -> bool:
+    """Is a socket bound at `bound` where `address` asks? (A host name matches any host.)"""
+    if address.path is not None:
+        return bound == str(address)
+    here = Address.parse(bound)
+    if here.port != address.port:
+        return False
+    try:
+        return ipaddress.ip_address(address.host or "") == ipaddress.ip_address(here.host or "")
+    except ValueError:
+        return True  # a name: resolved by bind(), not worth a move
+
+
 def run(settings: Settings, config_path: Path) -> int:
     notifier = Notifier()
     inherited = listen_fds()
+    own = own_sockets()
+    daemon: Daemon | None = None
 
     async def serve() -> dict[str, int] | None:
-        return await Daemon(settings, config_path, notifier).serve(inherited)
+        nonlocal daemon
+        daemon = Daemon(settings, config_path, notifier)
+        daemon.own = own
+        return await daemon.serve(inherited)
 
     try:
         parked = uvloop.run(serve())
@@ -313,7 +354,8 @@ def run(settings: Settings, config_path: Path) -> int:
     if parked is None:
         notifier.close()
         return 0
-    env = {**os.environ, **hand_on(parked), **notifier.environment()}
+    assert daemon is not None
+    env = {**os.environ, **hand_on(parked, daemon.own), **notifier.environment()}
     argv = [sys.executable, *sys.orig_argv[1:]]
     # Held until the new image has its handlers: a signal in between would kill it.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)

@@ -73,13 +73,23 @@ def park(sockets: dict[str, socket.socket]) -> dict[str, int]:
     }
 
 
-def hand_on(parked: dict[str, int]) -> dict[str, str]:
+def hand_on(parked: dict[str, int], own: set[str]) -> dict[str, str]:
     """Put the parked sockets at fd 3, 4, ... for an exec, as systemd passes them, and
-    return the environment that names them."""
+    return the environment that names them (and those zdproxy bound itself)."""
     for i, fd in enumerate(parked.values()):
         os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
     return {
         "LISTEN_FDS": str(len(parked)),
         "LISTEN_PID": str(os.getpid()),  # an exec keeps the pid
         "LISTEN_FDNAMES": ":".join(parked),
+        OWN_SOCKETS: ":".join(sorted(own)),
     }
+
+
+# The passed sockets zdproxy bound itself, before a restart in place: their addresses
+# follow the config. systemd's belong to its socket units and are never moved.
+OWN_SOCKETS = "ZDPROXY_OWN_SOCKETS"
+
+
+def own_sockets() -> set[str]:
+    return {name for name in os.environ.pop(OWN_SOCKETS, "").split(":") if name}
