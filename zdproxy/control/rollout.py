@@ -288,6 +288,8 @@ class Rollouts:
         when called from the run itself; a command (abort) stops the run instead."""
         shifted = rollout.state != "preflight"
         if shifted:
+            if rollout.state == "finishing":  # the old color was being drained: back in
+                self.control.undrain(color=rollout.previous, actor=actor)
             self.control.set_split(0, live=rollout.previous, force=True, actor=actor)
         self.counts[state] += 1
         self._enter(rollout, state, reason, actor, level=logging.ERROR, numbers=numbers)
