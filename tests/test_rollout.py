@@ -52,7 +52,8 @@ def rollout_config(blue: Upstream, green: Upstream, tmp_path: Path, **plan: Any)
 
 
 class Load:
-    """New users (no cookie) sending GETs until stopped; every outcome is kept."""
+    """New users (no cookie) sending GETs until stopped; every outcome is kept with the
+    time its request was sent (which snapshot routed it)."""
 
     def __init__(self, url: str, path: str = "/") -> None:
         self.url = url + path
@@ -62,13 +63,14 @@ class Load:
     async def client(self) -> None:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             while not self.done.is_set() and len(self.outcomes) < 200_000:
+                sent = time.time()
                 try:
                     async with session.get(self.url) as resp:
                         body = await resp.read()
                         name = json.loads(body)["name"] if resp.status == 200 else str(resp.status)
                 except (aiohttp.ClientError, ValueError) as exc:
                     name = f"error: {exc!r}"
-                self.outcomes.append((time.time(), name))
+                self.outcomes.append((sent, name))
 
     @property
     def failures(self) -> list[str]:
@@ -108,6 +110,9 @@ async def test_a_healthy_canary_completes_every_step_without_a_failed_request(
     async with load(proxy.url) as running:
         started = await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"})
         assert started["state"] in ("preflight", "step") and started["candidate"] == "green"
+        # While it steers the split, nobody else does.
+        steered = await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 0}, status=409)
+        assert "steers the split" in steered["detail"]
         done = await until_rollout(proxy, lambda r: r["state"] in ("done", "rolled_back"))
     assert done["state"] == "done", done
     assert running.failures == []

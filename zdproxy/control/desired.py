@@ -150,8 +150,12 @@ class DesiredState:
             field, _, reason = str(exc).partition(": ")
         return Refused(field, f"{reason} (with {what})" if what else reason, 400)
 
-    def change(self, changes: dict[str, Any], actor: Actor) -> Settings:
-        """Validate, journal and make current a set of items, all or none."""
+    def change(self, changes: dict[str, Any], actor: Actor, *, durable: bool = True) -> Settings:
+        """Validate, journal and make current a set of items, all or none.
+
+        `durable=False` is for a rollback: it happens even when the journal cannot be
+        written (an event says so), because protecting users beats remembering it.
+        """
         items = dict(self.items)
         for key, value in changes.items():
             items[key] = state.item(self.config, key, value, actor)
@@ -159,7 +163,12 @@ class DesiredState:
             settings = state.overlay(self.config, items)
         except (ValidationError, ValueError) as exc:
             raise self._refusal(exc, "") from None
-        self._save(items)
+        try:
+            self._save(items)
+        except Refused as exc:
+            if durable:
+                raise
+            self.events.emit("journal_unwritable", str(exc), level=logging.ERROR)
         self._current(items, settings)
         return settings
 

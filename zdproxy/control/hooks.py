@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,30 +37,40 @@ class HookResult:
 
 
 async def run_hook(name: str, hook: HookSettings, env: dict[str, str]) -> HookResult:
-    """Run one hook in its own process group (a timeout kills all it started)."""
+    """Run one hook in its own process group: a timeout or a cancel (abort, stop) kills
+    everything it started. The hook is done when its process exits: its output goes to
+    a file, not a pipe, so a child it left running in the background (a restarted app
+    server) neither holds it up nor is killed."""
     started = time.monotonic()
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *hook.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **hook.env, **env},
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return HookResult(name, False, f"cannot start: {exc.strerror}", "", 0.0)
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(hook.timeout):
-            output = await process.stdout.read()
-            code = await process.wait()
-    except TimeoutError:
+    with tempfile.TemporaryFile() as output:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *hook.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **hook.env, **env},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            return HookResult(name, False, f"cannot start: {exc.strerror}", "", 0.0)
+        try:
+            async with asyncio.timeout(hook.timeout):
+                code = await process.wait()
+            status, ok = f"exit {code}", code == 0
+        except TimeoutError:
+            _kill(process)
+            await process.wait()
+            status, ok = f"timed out after {hook.timeout:g}s", False
+        except BaseException:
+            _kill(process)
+            raise
+        output.seek(max(0, output.seek(0, os.SEEK_END) - OUTPUT_KEPT))
+        text = output.read().decode(errors="replace")
+    return HookResult(name, ok, status, text, time.monotonic() - started)
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
-        status, ok, output = f"timed out after {hook.timeout:g}s", False, b""
-    else:
-        status, ok = f"exit {code}", code == 0
-    text = output[-OUTPUT_KEPT:].decode(errors="replace")
-    return HookResult(name, ok, status, text, time.monotonic() - started)

@@ -30,7 +30,7 @@ from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.rolling import RollingUpdates
-from zdproxy.control.rollout import Rollouts
+from zdproxy.control.rollout import ACTIVE, Rollouts
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.dataplane.pins import OverrideCounters
 from zdproxy.dataplane.server import ProxyServer
@@ -201,9 +201,18 @@ class ControlPlane:
         salt: str | None = None,
         force: bool = False,
         actor: Actor = "api",
+        rollout: dict[str, Any] | None = None,
     ) -> None:
         """Move the split. Refused when a color that would get traffic has nothing
-        routable, unless `force` (its share then goes to the other color, or 503)."""
+        routable, unless `force` (its share then goes to the other color, or 503), and
+        from outside while a rollout steers it. A rollout passes its own state, journaled
+        in the same write: a crash never leaves one without the other."""
+        if rollout is None and (running := self.rollouts.active()) is not None:
+            raise Refused(
+                "candidate_weight",
+                f"rollout {running.id} is {running.state} and steers the split: use "
+                "zdproxy rollout pause|promote|abort",
+            )
         live = live or self.settings.split.live
         candidate: Color = "green" if live == "blue" else "blue"
         shares: dict[Color, int] = {
@@ -222,7 +231,9 @@ class ControlPlane:
         changes: dict[str, Any] = {"split": {"live": live, "candidate_weight": candidate_weight}}
         if salt is not None:
             changes["salt"] = salt
-        self.desired.change(changes, actor)
+        if rollout is not None:
+            changes["rollout"] = rollout
+        self.desired.change(changes, actor, durable=rollout is None or rollout["state"] in ACTIVE)
         self.events.emit(
             "split_changed",
             f"live {live}, candidate {candidate} at {candidate_weight / 100:g}%"

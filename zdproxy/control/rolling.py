@@ -85,6 +85,11 @@ class RollingUpdates:
         try:
             while rolling.pending:
                 batch = rolling.pending[: rolling.max_unavailable]
+                if self._would_empty(rolling.color, batch):
+                    first = batch[0]
+                    reason = "no other upstream of the color is serving now; stopped before it"
+                    self._end(rolling, "failed", f"{first}: {reason}")
+                    return
                 results = await asyncio.gather(*(self._update(rolling, uid) for uid in batch))
                 for uid, failure in zip(batch, results, strict=True):
                     if failure is not None:
@@ -96,6 +101,14 @@ class RollingUpdates:
         except Exception as exc:
             logging.getLogger("zdproxy.rolling").exception("rolling update failed")
             self._end(rolling, "failed", f"internal error: {exc!r}")
+
+    def _would_empty(self, color: Color, batch: list[str]) -> bool:
+        """Would taking `batch` out leave a color that takes traffic with nothing?"""
+        control = self.control
+        if not control.share(color):
+            return False
+        others = [t.id for t in control.targets_of(color) if t.id not in batch]
+        return not any(control.routable(uid) for uid in others)
 
     async def _update(self, rolling: RollingState, uid: str) -> str | None:
         """One upstream through drain, hook, health, undrain; why it failed, or None."""

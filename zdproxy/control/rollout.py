@@ -72,7 +72,12 @@ class Rollouts:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # pause, resume, promote: look again now
         self._promote = False
-        self._hooks_after: asyncio.Task[None] | None = None  # on_rollback hooks, after the swap
+        self._hooks_after: set[asyncio.Task[None]] = set()  # on_rollback hooks, after the swap
+
+    def active(self) -> RolloutState | None:
+        """The running rollout, if any."""
+        current = self.current
+        return current if current is not None and current.state in ACTIVE else None
 
     # -- commands ----------------------------------------------------------------------
 
@@ -88,10 +93,16 @@ class Rollouts:
         live = settings.split.live
         if color == live:
             raise Refused("color", f"{color} is already live: deploy to the other color")
+        rolling = self.control.rolling.current
+        if rolling is not None and rolling.state == "running":
+            raise Refused("color", f"rolling update {rolling.id} of {rolling.color} is running")
         number = (self.current.id if self.current else 0) + 1
         rollout = RolloutState(number, color, live, name)
         self.control.undrain(color=color, actor=actor)  # a deploy wants traffic there
-        self._enter(rollout, "preflight", f"deploy {color} with plan {name}", actor)
+        # No user request reaches the candidate before its preflight and hooks passed.
+        weight = self.control.share(color)
+        split = (0, live) if weight else None
+        self._enter(rollout, "preflight", f"deploy {color} with plan {name}", actor, split=split)
         self._launch()
         return rollout
 
@@ -126,12 +137,17 @@ class Rollouts:
         """At start: continue an active rollout from the journal (holds restart)."""
         rollout = RolloutState(**journaled)
         self.current = rollout
-        if rollout.state in ACTIVE and rollout.plan in self.control.settings.plans:
-            self._event("rollout_resumed", f"resumed in {rollout.state} after a restart", "auto")
-            self._launch()
+        if rollout.state not in ACTIVE:
+            return
+        if rollout.plan not in self.control.settings.plans:
+            reason = f"plan {rollout.plan!r} is no longer in the config file"
+            self._rollback(rollout, "failed", reason, "auto", {})
+            return
+        self._event("rollout_resumed", f"resumed in {rollout.state} after a restart", "auto")
+        self._launch()
 
     async def close(self) -> None:
-        for task in (self._task, self._hooks_after):
+        for task in (self._task, *self._hooks_after):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -189,7 +205,9 @@ class Rollouts:
         weight = round(step.weight * 100)
         split = self.control.settings.split
         if split.live != rollout.previous or split.candidate_weight != weight:
-            self.control.set_split(weight, live=rollout.previous, force=True, actor="auto")
+            self.control.set_split(
+                weight, live=rollout.previous, force=True, actor="auto", rollout=rollout.to_dict()
+            )
         loop = asyncio.get_running_loop()
         judged_from = held_from = loop.time()  # the judge's window, and the hold's start
         judge = Judge(plan.judge)
@@ -236,7 +254,10 @@ class Rollouts:
         ids = self.control.start_drain(color=rollout.previous, actor="auto")
         await self.control.wait_drained(ids, cut_after=30.0, tunnel_grace=5.0, actor="auto")
         for name in plan.post_promote:
-            await self._hook(rollout, name)
+            if name not in rollout.hooks_done:
+                await self._hook(rollout, name)
+                rollout.hooks_done.append(name)
+                self._journal(rollout)
         self.counts["done"] += 1
         reason = f"{rollout.candidate} is live; {rollout.previous} drained"
         self._enter(rollout, "done", reason, "auto")
@@ -262,8 +283,8 @@ class Rollouts:
 
     def _promoted(self, rollout: RolloutState, reason: str) -> None:
         """The candidate becomes live; the old live pool stays warm for the bake."""
-        self.control.set_split(0, live=rollout.candidate, force=True, actor="auto")
-        self._enter(rollout, "baking", f"{reason}: {rollout.candidate} is live, baking", "auto")
+        baking = f"{reason}: {rollout.candidate} is live, baking"
+        self._enter(rollout, "baking", baking, "auto", split=(0, rollout.candidate))
 
     def _fail(self, rollout: RolloutState, plan: PlanSettings, verdict: Verdict) -> None:
         if plan.on_failure == "freeze":
@@ -286,16 +307,22 @@ class Rollouts:
     ) -> None:
         """One snapshot swap: the old live color back, the candidate at 0. Raises _Ended
         when called from the run itself; a command (abort) stops the run instead."""
-        shifted = rollout.state != "preflight"
-        if shifted:
-            if rollout.state == "finishing":  # the old color was being drained: back in
-                self.control.undrain(color=rollout.previous, actor=actor)
-            self.control.set_split(0, live=rollout.previous, force=True, actor=actor)
+        control = self.control
+        shifted = (
+            control.share(rollout.candidate) > 0 or control.settings.split.live != rollout.previous
+        )
+        if shifted and rollout.state == "finishing":  # the old color was being drained
+            control.undrain(color=rollout.previous, actor=actor)
         self.counts[state] += 1
-        self._enter(rollout, state, reason, actor, level=logging.ERROR, numbers=numbers)
+        split = (0, rollout.previous) if shifted else None
+        self._enter(
+            rollout, state, reason, actor, level=logging.ERROR, numbers=numbers, split=split
+        )
         plan = self.control.settings.plans.get(rollout.plan)
         if shifted and plan is not None and plan.on_rollback:
-            self._hooks_after = asyncio.ensure_future(self._on_rollback(rollout, plan))
+            hooks = asyncio.ensure_future(self._on_rollback(rollout, plan))
+            self._hooks_after.add(hooks)
+            hooks.add_done_callback(self._hooks_after.discard)
         task = self._task
         if task is not None and task is asyncio.current_task():
             raise _Ended
@@ -322,7 +349,10 @@ class Rollouts:
         step: int | None = None,
         level: int = logging.INFO,
         numbers: dict[str, Any] | None = None,
+        split: tuple[int, Color] | None = None,
     ) -> None:
+        """Move to `state`; with `split` (weight, live color), the split changes in the
+        same journal write."""
         rollout.state = state
         rollout.reason = reason
         if step is not None:
@@ -331,7 +361,13 @@ class Rollouts:
         rollout.history.append({**entry, "actor": actor})
         del rollout.history[:-100]  # bounded
         self.current = rollout
-        self._journal(rollout)
+        if split is None:
+            self._journal(rollout)
+        else:
+            weight, live = split
+            self.control.set_split(
+                weight, live=live, force=True, actor=actor, rollout=rollout.to_dict()
+            )
         self._event(f"rollout_{state}", reason, actor, level=level, numbers=numbers or {})
         self._wake.set()
 

@@ -50,6 +50,20 @@ class Latency:
     def count(self) -> int:
         return sum(self.buckets)
 
+    def bucket_of(self, q: float) -> tuple[float, float] | None:
+        """The bounds of the bucket holding the q-quantile (the last is open: inf)."""
+        count = self.count
+        if not count:
+            return None
+        seen = 0
+        for i, n in enumerate(self.buckets):
+            seen += n
+            if n and seen >= q * count:
+                lower = LATENCY_BUCKETS[i - 1] if i else 0.0
+                upper = LATENCY_BUCKETS[i] if i < len(LATENCY_BUCKETS) else float("inf")
+                return lower, upper
+        return LATENCY_BUCKETS[-1], float("inf")
+
     def quantile(self, q: float) -> float | None:
         """The q-quantile in seconds, interpolated inside its bucket; None without data."""
         count = self.count
