@@ -254,17 +254,14 @@ class AdminAPI:
         if rollout is None:
             return m.Rollout()
         plan = self.control.settings.plans.get(rollout.plan)
-        return m.Rollout(
-            state=rollout.state,  # type: ignore[arg-type]
-            id=rollout.id,
-            candidate=rollout.candidate,
-            previous=rollout.previous,
-            plan=rollout.plan,
-            step=rollout.step or None,
-            steps=len(plan.steps) if plan else None,
-            share=self.control.share(rollout.candidate) / 100,
-            reason=rollout.reason,
-            history=[m.RolloutEntry.model_validate(entry) for entry in rollout.history],
+        return m.Rollout.model_validate(
+            {
+                **rollout.to_dict(),
+                "step": rollout.step or None,
+                "steps": len(plan.steps) if plan else None,
+                "share": self.control.share(rollout.candidate) / 100,
+            },
+            strict=False,
         )
 
     async def get_rollout(self, call: Call) -> BaseModel:

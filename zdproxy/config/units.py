@@ -141,6 +141,19 @@ class Address:
         except ValueError:
             return False
 
+    def reaches(self, listener: Address) -> bool:
+        """Would connecting here reach `listener` (a socket bound there)? Host names are
+        not resolved; a wildcard listener is reached on its port from any address."""
+        if self.path is not None or listener.path is not None:
+            return self.path == listener.path
+        if self.port != listener.port:
+            return False
+        return (
+            self.host == listener.host
+            or listener.host in ("0.0.0.0", "::", "")
+            or (self.is_loopback and listener.is_loopback)
+        )
+
     def __str__(self) -> str:
         if self.path is not None:
             return f"unix:{self.path}"

@@ -253,7 +253,7 @@ class ControlPlane:
         zdproxy's own listeners (a loop), and, unless `force`, when the color takes
         traffic and none of its routable upstreams would remain."""
         for i, entry in enumerate(members.upstreams):
-            if any(_same_endpoint(entry.address, own) for own in self.listeners):
+            if any(entry.address.reaches(own) for own in self.listeners):
                 raise Refused(
                     f"upstreams[{i}].address", f"{entry.address} is zdproxy's own listener", 400
                 )
@@ -394,19 +394,3 @@ class ControlPlane:
             len(snapshot.pools["green"]),
         )
         return snapshot
-
-
-_WILDCARDS = ("0.0.0.0", "::", "")
-
-
-def _same_endpoint(upstream: Address, listener: Address) -> bool:
-    """Would connecting to `upstream` reach `listener`? (Names are not resolved.)"""
-    if upstream.path is not None or listener.path is not None:
-        return upstream.path == listener.path
-    if upstream.port != listener.port:
-        return False
-    return (
-        upstream.host == listener.host
-        or listener.host in _WILDCARDS
-        or (upstream.is_loopback and listener.is_loopback)
-    )
