@@ -16,7 +16,8 @@ from typing import Any, Literal
 from zdproxy.config.plans import JudgeSettings
 from zdproxy.control.telemetry import WindowView
 
-Outcome = Literal["pass", "fail", "inconclusive"]
+# "breach": beyond a limit, but not yet on `consecutive_breaches` ticks in a row.
+Outcome = Literal["pass", "breach", "fail", "inconclusive"]
 
 
 def wilson(errors: int, n: int, z: float) -> tuple[float, float]:
@@ -57,7 +58,7 @@ class Judge:
             return Verdict("pass", "within limits", _numbers(candidate, live))
         self.breaches += 1
         if self.breaches < self.settings.consecutive_breaches:
-            return Verdict("pass", f"breach {self.breaches}: {breach.reason}", breach.numbers)
+            return Verdict("breach", f"breach {self.breaches}: {breach.reason}", breach.numbers)
         return breach
 
     def _breach(self, candidate: WindowView, live: WindowView) -> Verdict | None:

@@ -91,12 +91,16 @@ class RollingUpdates:
                     self._end(rolling, "failed", f"{first}: {reason}")
                     return
                 results = await asyncio.gather(*(self._update(rolling, uid) for uid in batch))
+                failed = []
                 for uid, failure in zip(batch, results, strict=True):
-                    if failure is not None:
-                        self._end(rolling, "failed", f"{uid}: {failure}; it stays drained")
-                        return
-                    rolling.pending.remove(uid)
-                    rolling.updated.append(uid)
+                    if failure is None:
+                        rolling.pending.remove(uid)
+                        rolling.updated.append(uid)
+                    else:
+                        failed.append(f"{uid}: {failure}")
+                if failed:  # the others of the batch finished and are counted above
+                    self._end(rolling, "failed", "; ".join(failed) + "; it stays drained")
+                    return
             self._end(rolling, "done", f"{len(rolling.updated)} upstreams updated")
         except Exception as exc:
             logging.getLogger("zdproxy.rolling").exception("rolling update failed")

@@ -72,6 +72,7 @@ class Rollouts:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # pause, resume, promote: look again now
         self._promote = False
+        self._resumed = False
         self._hooks_after: set[asyncio.Task[None]] = set()  # on_rollback hooks, after the swap
 
     def active(self) -> RolloutState | None:
@@ -113,6 +114,7 @@ class Rollouts:
 
     def resume(self, actor: Actor) -> RolloutState:
         rollout = self._active("resume", ("paused",))
+        self._resumed = True  # even if the run never saw the pause (both within a tick)
         self._enter(rollout, "step", "resumed: the step's hold starts again", actor)
         return rollout
 
@@ -217,13 +219,14 @@ class Rollouts:
                 self._promote = False
                 self._promoted(rollout, "promoted by hand")
                 return
-            if rollout.state == "paused":
+            if rollout.state == "paused" or self._resumed:
+                self._resumed = False
                 held_from = loop.time()  # still judged; the hold starts again on resume
                 continue
             elapsed = loop.time() - held_from
             if elapsed < step.hold:
                 continue
-            if verdict.outcome == "pass" and judge.breaches == 0:
+            if verdict.outcome == "pass":
                 break
             if verdict.outcome == "inconclusive" and plan.inconclusive == "fail":
                 self._fail(rollout, plan, verdict)
