@@ -22,7 +22,6 @@ from typing import Any, Literal
 log = logging.getLogger("zdproxy.events")
 
 Actor = Literal["api", "cli", "auto", "config"]
-ACTORS: tuple[Actor, ...] = ("api", "cli", "auto", "config")
 FOLLOWER_BACKLOG = 1000
 TAIL_BYTES = 1024 * 1024  # how much of the file start-up reads back into the ring
 

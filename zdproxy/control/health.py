@@ -71,9 +71,6 @@ class HealthChecker:
         self._settled: asyncio.Event | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, still closing
 
-    def is_checked(self, upstream_id: str) -> bool:
-        return upstream_id in self._probes
-
     def state(self, upstream_id: str) -> UpstreamHealth | None:
         probe = self._probes.get(upstream_id)
         return probe.state if probe else None
