@@ -11,8 +11,9 @@ from tests.test_pins import FAR, SECRET, sign
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.overrides import INTERPRETED_HEADERS
 from zdproxy.dataplane.http import H_PREVIEW, REQUEST_HEADERS
-from zdproxy.dataplane.pins import OverrideCounters, Overrides
+from zdproxy.dataplane.pins import Overrides
 from zdproxy.routing.preview import mint_token, verify_token
+from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import PinRule, PreviewPolicy, RoutingSnapshot
 
 NOW = time.time()

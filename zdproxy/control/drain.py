@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from zdproxy.dataplane.server import ProxyServer
+from zdproxy.routing.plane import DataPlane
 
 POLL_SECONDS = 0.05
 
@@ -30,7 +30,7 @@ class DrainResult:
 
 
 async def wait_drained(
-    dataplane: ProxyServer, ids: set[str], *, cut_after: float, tunnel_grace: float
+    dataplane: DataPlane, ids: set[str], *, cut_after: float, tunnel_grace: float
 ) -> DrainResult:
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from zdproxy.config.settings import OutlierSettings
 from zdproxy.control.events import EventLog
 from zdproxy.control.health import HealthChecker
-from zdproxy.dataplane.server import ProxyServer
+from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.snapshot import UpstreamTarget
 
 
@@ -28,7 +28,7 @@ class Ejection:
 
 
 class OutlierDetector:
-    def __init__(self, dataplane: ProxyServer, health: HealthChecker, events: EventLog) -> None:
+    def __init__(self, dataplane: DataPlane, health: HealthChecker, events: EventLog) -> None:
         self._dataplane = dataplane
         self._health = health
         self._events = events

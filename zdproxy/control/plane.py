@@ -32,8 +32,8 @@ from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import ACTIVE, Rollouts
 from zdproxy.control.telemetry import Telemetry
-from zdproxy.dataplane.pins import OverrideCounters
-from zdproxy.dataplane.server import ProxyServer
+from zdproxy.routing.plane import DataPlane
+from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import (
     BASIS_POINTS,
     PinRule,
@@ -58,7 +58,7 @@ class ControlPlane:
     """
 
     def __init__(
-        self, config: Settings, dataplane: ProxyServer, events: EventLog, journal: Journal
+        self, config: Settings, dataplane: DataPlane, events: EventLog, journal: Journal
     ) -> None:
         self._dataplane = dataplane
         self._versions = count(1)
@@ -189,7 +189,7 @@ class ControlPlane:
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         """The data plane's running counts: retries by kind, and pin and preview outcomes."""
-        return self._dataplane.retries, self._dataplane.override_counts
+        return self._dataplane.counters()
 
     # -- commands (each journaled, then published) --------------------------------------
 

@@ -10,9 +10,10 @@ from bisect import bisect_right
 from itertools import accumulate
 from random import choice, random
 
-from zdproxy.dataplane.pins import OverrideCounters, Overrides
+from zdproxy.dataplane.pins import Overrides
 from zdproxy.dataplane.steering import Steering
 from zdproxy.dataplane.upstream import UpstreamPool
+from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import BASIS_POINTS, RoutingSnapshot
 
 

@@ -16,26 +16,14 @@ from functools import lru_cache
 
 from zdproxy.dataplane.http import H_DROP, H_PIN, H_PREVIEW, H_STICKY
 from zdproxy.routing.preview import verify_token
+from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import PinRule, RoutingSnapshot
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-HONOURED = ("network", "signature")
-IGNORED = ("forged", "expired", "disallowed", "malformed")
 _COLORS = {b"blue": "blue", b"green": "green"}
 _NO_COOKIES: dict[bytes, bytes] = {}
-
-
-class OverrideCounters:
-    """Outcomes since start, kept by the server across snapshots for the metrics export."""
-
-    __slots__ = ("pins", "preview_honoured", "preview_ignored")
-
-    def __init__(self) -> None:
-        self.preview_honoured = dict.fromkeys(HONOURED, 0)  # by how it was proven
-        self.preview_ignored = dict.fromkeys(IGNORED, 0)  # by why it was refused
-        self.pins: dict[str, int] = {}  # matches per rule name
 
 
 @lru_cache(maxsize=4096)

@@ -14,9 +14,8 @@ from zdproxy.dataplane.access import AccessLog
 from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
 from zdproxy.dataplane.http import H_STICKY, REQUEST_HEADERS
-from zdproxy.dataplane.pins import OverrideCounters
 from zdproxy.dataplane.upstream import UpstreamPool
-from zdproxy.routing.records import IntervalRecord
+from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
 log = logging.getLogger("zdproxy.dataplane")
@@ -131,6 +130,9 @@ class ProxyServer:
         records = [pool.stats.take() for pool in (*self.pools.values(), *self._retired)]
         self._retired = {pool for pool in self._retired if pool.outstanding or pool.tunnels}
         return [record for record in records if record.responses or record.failures]
+
+    def counters(self) -> tuple[dict[str, int], OverrideCounters]:
+        return self.retries, self.override_counts
 
     def failure_streaks(self, at_least: int) -> dict[str, int]:
         """Upstreams whose last `at_least` or more outcomes were all failures."""

@@ -114,3 +114,20 @@ class IntervalRecord:
             "latency_buckets": list(self.latency_buckets),
             "latency_sum": self.latency_sum,
         }
+
+
+# How a preview override was proven, and why one was refused.
+HONOURED = ("network", "signature")
+IGNORED = ("forged", "expired", "disallowed", "malformed")
+
+
+class OverrideCounters:
+    """Pin and preview outcomes since start, kept by the data plane across snapshots for
+    the metrics export."""
+
+    __slots__ = ("pins", "preview_honoured", "preview_ignored")
+
+    def __init__(self) -> None:
+        self.preview_honoured = dict.fromkeys(HONOURED, 0)  # by how it was proven
+        self.preview_ignored = dict.fromkeys(IGNORED, 0)  # by why it was refused
+        self.pins: dict[str, int] = {}  # matches per rule name

@@ -1,0 +1,52 @@
+"""The seam between the planes: everything the control plane may ask of the data plane.
+
+Snapshots go down (`apply`), records come up (`collect`, `failure_streaks`), and
+drains are watched and finished (`in_flight`, `close_tunnels`, `cut`). Every call
+takes and returns plain values, so the same contract can be met by the in-process
+data plane, by worker processes behind a pipe, or by the in-memory fake the tests
+use (tests/fakes.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from zdproxy.routing.records import IntervalRecord, OverrideCounters
+from zdproxy.routing.snapshot import RoutingSnapshot
+
+
+class DataPlane(Protocol):
+    @property
+    def snapshot(self) -> RoutingSnapshot:
+        """The snapshot in force: what requests are routed by right now."""
+        ...
+
+    def apply(self, snapshot: RoutingSnapshot) -> None:
+        """Swap in a new snapshot; requests in flight finish where they are."""
+        ...
+
+    def collect(self) -> list[IntervalRecord]:
+        """Response records since the last call, one per upstream that had traffic."""
+        ...
+
+    def failure_streaks(self, at_least: int) -> dict[str, int]:
+        """Upstreams whose last `at_least` or more outcomes were all failures."""
+        ...
+
+    def forget_streak(self, upstream_id: str) -> None: ...
+
+    def in_flight(self, ids: set[str]) -> tuple[int, int]:
+        """(requests in flight, open tunnels) on these upstreams."""
+        ...
+
+    def close_tunnels(self, ids: set[str]) -> int:
+        """Close the Upgrade tunnels to these upstreams; returns how many."""
+        ...
+
+    def cut(self, ids: set[str]) -> int:
+        """Abort the client connections with a request in flight on these upstreams."""
+        ...
+
+    def counters(self) -> tuple[dict[str, int], OverrideCounters]:
+        """Running counts since start: retries by kind, pin and preview outcomes."""
+        ...
