@@ -24,7 +24,7 @@ from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
 from zdproxy.control.plane import ControlPlane
-from zdproxy.control.rollout import ACTIVE
+from zdproxy.control.rollout.controller import ACTIVE
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.records import LATENCY_BUCKETS
 

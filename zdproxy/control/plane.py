@@ -30,7 +30,7 @@ from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.rolling import RollingUpdates
-from zdproxy.control.rollout import ACTIVE, Rollouts
+from zdproxy.control.rollout.controller import ACTIVE, Rollouts
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.records import OverrideCounters
