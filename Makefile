@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest tools bench lock clean
+.PHONY: demo test lint typecheck contracts pytest tools bench lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/zdproxy demo
 
-test: lint typecheck pytest
+test: lint typecheck contracts pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check zdproxy tests benchmarks
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The layers and the import circles, as pyproject.toml's [tool.importlinter] states them.
+contracts: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 
 pytest: $(STAMP) tools
 	$(BIN)/pytest -q

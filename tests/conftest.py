@@ -132,8 +132,12 @@ class ZdProxy:
 
 
 def start_zdproxy(
-    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
+    tmp_path: Path,
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    wrap: tuple[str, ...] = (),
 ) -> ZdProxy:
+    """`wrap`: a command that runs zdproxy's command line (e.g. in a mount namespace)."""
     index = len(list(tmp_path.glob("zdproxy-*.toml")))
     config = {"proxy": {"listen": "127.0.0.1:0"}, **config}
     config.setdefault("log", {"level": "debug"})
@@ -143,7 +147,7 @@ def start_zdproxy(
     path = tmp_path / f"zdproxy-{index}.toml"
     path.write_text(to_toml(config))
     process = subprocess.Popen(
-        [sys.executable, "-m", "zdproxy", "run", "--config", str(path)],
+        [*wrap, sys.executable, "-m", "zdproxy", "run", "--config", str(path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -180,8 +184,10 @@ def zdproxy(tmp_path: Path) -> Iterator[Callable[..., ZdProxy]]:
     """Factory: zdproxy(config_dict, env=None) -> a running proxy, stopped at teardown."""
     started: list[ZdProxy] = []
 
-    def factory(config: dict[str, Any], env: dict[str, str] | None = None) -> ZdProxy:
-        proxy = start_zdproxy(tmp_path, config, env)
+    def factory(
+        config: dict[str, Any], env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()
+    ) -> ZdProxy:
+        proxy = start_zdproxy(tmp_path, config, env, wrap)
         started.append(proxy)
         return proxy
 
@@ -354,6 +360,33 @@ def in_process_settings(tmp_path: Path, config: dict[str, Any]) -> Settings:
 
 def pools(blue: list[str] | None = None, green: list[str] | None = None) -> dict[str, Any]:
     return {"blue": {"upstreams": blue or []}, "green": {"upstreams": green or []}}
+
+
+def unchecked(config: dict[str, Any]) -> dict[str, Any]:
+    """`pools(...)` with health checks off (`enabled = false`): routable without a check,
+    for tests whose traffic must reach an upstream that does not listen, or whose
+    upstreams must never be connected to (with checks on, "unknown" is not routable)."""
+    for pool in config.values():
+        pool["health"] = {"enabled": False}
+    return config
+
+
+def unchecked(config: dict[str, Any]) -> dict[str, Any]:
+    """`pools(...)` with health checks off (`enabled = false`): routable without a check,
+    for tests whose traffic must reach an upstream that does not listen, or whose
+    upstreams must never be connected to (with checks on, "unknown" is not routable)."""
+    for pool in config.values():
+        pool["health"] = {"enabled": False}
+    return config
+
+
+def unchecked(config: dict[str, Any]) -> dict[str, Any]:
+    """`pools(...)` with health checks off (`enabled = false`): routable without a check,
+    for tests whose traffic must reach an upstream that does not listen, or whose
+    upstreams must never be connected to (with checks on, "unknown" is not routable)."""
+    for pool in config.values():
+        pool["health"] = {"enabled": False}
+    return config
 
 
 async def raw_exchange(

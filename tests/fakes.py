@@ -1,4 +1,4 @@
-"""In-memory stand-ins for the parts the brain talks to: a data plane and a clock.
+"""In-memory stand-ins for the parts the brain talks to: a data plane, health and a clock.
 
 `FakeDataPlane` meets the `DataPlane` Protocol (zdproxy/routing/plane.py) with no
 sockets: a test queues the records it wants the control plane to collect, sets
@@ -7,6 +7,7 @@ what is in flight, and reads back every snapshot it was given.
 
 from __future__ import annotations
 
+from zdproxy.control.health import UpstreamHealth
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -70,3 +71,23 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeHealth:
+    """Health verdicts set by the test: the part of HealthChecker the outlier detector
+    reads (`state`), with no probes and no sockets. An upstream it was not told about
+    has no state, as one of a pool without checks."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, UpstreamHealth] = {}
+
+    def state(self, upstream_id: str) -> UpstreamHealth | None:
+        return self.states.get(upstream_id)
+
+    def check(self, upstream_id: str, at: float, *, up: bool) -> None:
+        """A check at `at` that leaves the upstream up (a pass) or down (a failure)."""
+        state = self.states.setdefault(upstream_id, UpstreamHealth())
+        state.up = up
+        state.checks += 1
+        if up:
+            state.last_pass = at

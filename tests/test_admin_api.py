@@ -30,6 +30,9 @@ from tests.conftest import (
     free_port,
     pools,
     start_zdproxy,
+    unchecked,
+    unchecked,
+    unchecked,
     wait_until,
 )
 from zdproxy import __version__
@@ -41,8 +44,8 @@ StartRaw = Callable[..., Awaitable[RawUpstream]]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CLI = {**AUTH, "User-Agent": "zdproxy-cli/9.9.9"}
 PROBLEM = "application/problem+json"
-# A pool member of proxies that never get traffic: with health checks off (no
-# health.path) nothing ever connects to it.
+# A pool member of proxies that never get traffic: in pools with health checks off
+# (`unchecked`) nothing ever connects to it, and it counts as routable.
 UNUSED = "127.0.0.1:9"
 BETA = {"name": "beta", "header": "X-Beta", "values": ["1"], "to": "green"}
 BETA_VIEW = {"cookie": "", "host": [], "path_prefix": [], "network": [], **BETA}
@@ -146,10 +149,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 QUIET_CONFIG: dict[str, Any] = {
-    "pools": {
-        "blue": {"upstreams": [UNUSED], "version": "b-1"},
-        "green": {"upstreams": [], "version": "g-0"},
-    },
+    "pools": unchecked(
+        {
+            "blue": {"upstreams": [UNUSED], "version": "b-1"},
+            "green": {"upstreams": [], "version": "g-0"},
+        }
+    ),
     "split": {"live": "blue", "candidate_weight": 0},
     "pins": [BETA],
 }
@@ -247,6 +252,7 @@ async def test_reads_show_the_configured_pools_split_and_rules(quiet: Admin) -> 
             "weight": 100,
             "routable": True,
             "health": "unchecked",
+            "health_check": "no check (enabled = false)",
             "health_reason": "",
             "ejected_for": None,
             "drained": False,
@@ -640,6 +646,12 @@ async def test_pool_replacement_is_409_unless_a_healthy_upstream_stays_or_forced
     pool = await admin.ok("PUT", "/v1/pools/blue", body)
     assert pool == {"upstreams": [{"address": new.address, "weight": 7}], "version": "v2"}
     assert await admin.get("/v1/pools/blue") == pool
+
+    async def new_is_up() -> bool:  # a new upstream serves once its first checks passed
+        status = await admin.get("/v1/status")
+        return [u["health"] for u in status["pools"]["blue"]["upstreams"]] == ["up"]
+
+    await until(new_is_up)
     served_by_old = len(old.seen)
     assert await names(proxy, 20) == Counter({"new": 20})
     assert len(old.seen) == served_by_old and spare.seen == []
@@ -768,7 +780,7 @@ async def test_drain_with_wait_answers_when_in_flight_work_is_done_and_undrain_r
 async def test_events_history_filters_by_since_kind_and_limit(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     await admin.ok("PUT", "/v1/rules", {"rules": [BETA]})
     await admin.ok("PUT", "/v1/pools/green", {"version": "g-1"})
@@ -822,7 +834,7 @@ async def next_sse(stream: aiohttp.ClientResponse, within: float = 5.0) -> Sse:
 async def test_events_follow_streams_changes_and_resumes_from_last_event_id(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     [started] = await admin.events()
     url = f"{proxy.admin_url}/v1/events"
@@ -864,7 +876,7 @@ async def test_events_follow_streams_changes_and_resumes_from_last_event_id(
 async def test_events_follow_answers_at_once_when_nothing_matches_yet(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     [started] = await admin.events()
     query = {"follow": "1", "since": str(started["id"])}  # no history to replay
@@ -881,7 +893,7 @@ async def test_events_follow_answers_at_once_when_nothing_matches_yet(
 async def test_a_follower_going_away_is_not_an_error(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     url = f"{proxy.admin_url}/v1/events"
     async with session.get(url, params={"follow": "1"}, headers=AUTH) as stream:
@@ -900,7 +912,7 @@ async def test_a_follower_going_away_is_not_an_error(
 async def test_the_cli_user_agent_makes_changes_actor_cli(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     await admin.ok("PUT", "/v1/split", {"candidate_weight": 0, "salt": "cli-salt"}, CLI)
     await admin.ok("PUT", "/v1/rules", {"rules": [BETA]})
@@ -991,7 +1003,7 @@ async def test_readyz_is_503_while_starting_and_while_stopping(
 async def test_a_rule_that_cannot_be_applied_is_refused_and_changes_nothing(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     before = await admin.state()
     body = b'{"rules": [{"header": "X-Beta", "values": ["\\ud800"], "to": "green"}]}'
@@ -1003,7 +1015,7 @@ async def test_a_rule_that_cannot_be_applied_is_refused_and_changes_nothing(
 async def test_the_proxy_own_listener_is_refused_as_an_upstream(
     zdproxy: StartProxy, session: aiohttp.ClientSession
 ) -> None:
-    proxy = zdproxy({"pools": pools([UNUSED])})
+    proxy = zdproxy({"pools": unchecked(pools([UNUSED]))})
     admin = Admin(proxy, session)
     before = await admin.state()
     # The idle color, and no traffic: the loop is never exercised.

@@ -17,6 +17,7 @@ from tests.conftest import Upstream, ZdProxy, free_port, pools, to_toml
 from zdproxy.config.units import Address, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
+UNUSED = "127.0.0.1:9"  # an upstream address for files that are only checked, never run
 EXAMPLE_CONFIG = REPO / "config" / "zdproxy.toml"
 
 
@@ -282,9 +283,8 @@ def test_check_refuses_an_unsafe_admin_listener(
 def test_check_accepts_a_public_admin_listener_with_a_token(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("0123456789abcdef0123\n")
-    path = write_config(
-        tmp_path, to_toml({"admin": {"listen": "0.0.0.0:9901", "token_file": str(token)}})
-    )
+    admin = {"listen": "0.0.0.0:9901", "token_file": str(token)}
+    path = write_config(tmp_path, to_toml({"admin": admin, "pools": pools([UNUSED])}))
     result = zdproxy_cli("check", "--config", str(path))
     assert result.returncode == 0, result.stderr
 
@@ -388,7 +388,7 @@ async def test_env_listen_overrides_file(
 def test_env_override_with_invalid_value_is_refused(
     tmp_path: Path, name: str, value: str, error: str
 ) -> None:
-    path = write_config(tmp_path, "")  # valid on its own: all defaults
+    path = write_config(tmp_path, to_toml({"pools": pools([UNUSED])}))  # valid on its own
     checked = zdproxy_cli("check", "--config", str(path), env=clean_env(**{name: value}))
     assert checked.returncode == 2
     assert error in checked.stderr
@@ -397,7 +397,8 @@ def test_env_override_with_invalid_value_is_refused(
 
 def test_run_refuses_invalid_env_override_and_does_not_listen(tmp_path: Path) -> None:
     port = free_port()
-    path = write_config(tmp_path, to_toml({"proxy": {"listen": f"127.0.0.1:{port}"}}))
+    config = {"proxy": {"listen": f"127.0.0.1:{port}"}, "pools": pools([UNUSED])}
+    path = write_config(tmp_path, to_toml(config))
     assert zdproxy_cli("check", "--config", str(path)).returncode == 0
 
     env = clean_env(ZDPROXY_SPLIT__CANDIDATE_WEIGHT="20000")

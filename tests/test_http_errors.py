@@ -17,6 +17,9 @@ from tests.conftest import (
     ZdProxy,
     pools,
     raw_exchange,
+    unchecked,
+    unchecked,
+    unchecked,
     wait_until,
 )
 
@@ -69,7 +72,7 @@ async def test_smuggling_vectors_get_400_and_reach_no_upstream(
     zdproxy: StartProxy, raw_upstream: StartRaw, vector: bytes
 ) -> None:
     up = await recording_upstream(raw_upstream)
-    proxy = zdproxy({"pools": pools([up.address])})
+    proxy = zdproxy({"pools": unchecked(pools([up.address]))})  # no probe connects either
     raw = await raw_exchange(proxy, vector)  # returns once the proxy closed the connection
     assert raw.startswith(b"HTTP/1.1 400"), raw
     assert b"Connection: close" in raw
@@ -201,7 +204,8 @@ def closed_port() -> int:
 
 
 async def test_upstream_down_gets_502_saying_why(zdproxy: StartProxy) -> None:
-    proxy = zdproxy({"pools": pools([f"127.0.0.1:{closed_port()}"])})
+    # Unchecked: with checks on, the closed port is never routable (503, not 502).
+    proxy = zdproxy({"pools": unchecked(pools([f"127.0.0.1:{closed_port()}"]))})
     async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
         assert response.status == 502
         text = await response.text()

@@ -324,7 +324,8 @@ async def test_preview_token_command_mints_a_token_the_proxy_honours(
 
 
 def test_preview_token_without_a_secret_exits_2(tmp_path: Path) -> None:
-    path = write_config(tmp_path, to_toml({"preview": {"allow_networks": ["127.0.0.0/8"]}}))
+    config = {"pools": pools(["127.0.0.1:9"]), "preview": {"allow_networks": ["127.0.0.0/8"]}}
+    path = write_config(tmp_path, to_toml(config))
     result = zdproxy_cli("preview-token", "green", "--config", str(path))
     assert result.returncode == 2
     assert "no preview secret" in result.stderr

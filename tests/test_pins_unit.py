@@ -10,8 +10,8 @@ import pytest
 from tests.test_pins import FAR, SECRET, sign
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.overrides import INTERPRETED_HEADERS
-from zdproxy.dataplane.http import H_PREVIEW, REQUEST_HEADERS
-from zdproxy.dataplane.pins import Overrides
+from zdproxy.dataplane.http import H_DROP, H_PREVIEW, REQUEST_HEADERS
+from zdproxy.dataplane.route import Router, Via
 from zdproxy.routing.preview import mint_token, verify_token
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import PinRule, PreviewPolicy, RoutingSnapshot
@@ -46,23 +46,26 @@ def test_verify_token(token: str, secret: bytes, expected: tuple[bytes | None, s
     assert verify_token(secret, token.encode(), NOW) == expected
 
 
-def overrides(
+def router(
     pins: tuple[PinRule, ...] = (), preview: PreviewPolicy | None = None
-) -> tuple[Overrides, OverrideCounters]:
+) -> tuple[Router, OverrideCounters]:
     snapshot = RoutingSnapshot(1, "blue", 0, pins=pins, preview=preview or PreviewPolicy())
     counters = OverrideCounters()
-    return Overrides(snapshot, counters, None), counters
+    return Router(snapshot, counters), counters
 
 
 def test_preview_outcomes_are_counted_per_reason() -> None:
     policy = PreviewPolicy(allow_networks=("10.0.0.0/8",), secret=SECRET)
-    compiled, counters = overrides(preview=policy)
+    compiled, counters = router(preview=policy)
     assert compiled.active
 
     def decide(value: str, peer: bytes = b"192.0.2.1", cookie: bool = False) -> str | None:
         if cookie:
-            return compiled.decide(b"h", b"/", b"zd_color=" + value.encode(), None, None, peer)
-        return compiled.decide(b"h", b"/", None, {H_PREVIEW: value.encode()}, None, peer)
+            route = compiled.decide(b"h", b"/", b"zd_color=" + value.encode(), None, None, peer)
+        else:
+            route = compiled.decide(b"h", b"/", None, {H_PREVIEW: value.encode()}, None, peer)
+        assert (route.via is Via.PREVIEW) == (route.to is not None)
+        return route.to
 
     assert decide("green", peer=b"10.1.2.3") == "green"
     assert decide("green", peer=b"::ffff:10.1.2.3") == "green"  # a dual-stack listener's view
@@ -74,7 +77,7 @@ def test_preview_outcomes_are_counted_per_reason() -> None:
     assert decide(sign(SECRET, "green", 1), cookie=True) is None
     assert decide("purple", peer=b"10.1.2.3") is None
     assert decide("green, green", peer=b"10.1.2.3") is None  # a repeated header is ambiguous
-    assert compiled.decide(b"h", b"/", b"other=1", None, None, b"10.1.2.3") is None  # absent
+    assert compiled.decide(b"h", b"/", b"other=1", None, None, b"10.1.2.3").to is None  # absent
     assert counters.preview_honoured == {"network": 2, "signature": 2}
     assert counters.preview_ignored == {
         "forged": 1,
@@ -85,11 +88,11 @@ def test_preview_outcomes_are_counted_per_reason() -> None:
 
 
 def test_nothing_to_decide_without_pins_or_an_enabled_preview() -> None:
-    compiled, _ = overrides()
+    compiled, _ = router()
     assert not compiled.active
-    assert compiled.headers == {b"x-zd-color": REQUEST_HEADERS[b"te"]}  # dropped, not read
-    enabled, _ = overrides(preview=PreviewPolicy(secret=SECRET))
-    assert enabled.active and enabled.headers == {b"x-zd-color": H_PREVIEW}
+    assert compiled.request_headers == {**REQUEST_HEADERS, b"x-zd-color": H_DROP}  # not read
+    enabled, _ = router(preview=PreviewPolicy(secret=SECRET))
+    assert enabled.active and enabled.request_headers[b"x-zd-color"] == H_PREVIEW
 
 
 def test_pin_matches_are_counted_by_name() -> None:
@@ -97,10 +100,10 @@ def test_pin_matches_are_counted_by_name() -> None:
         PinRule("eu", "green", networks=("192.0.2.0/24",), path_prefixes=("/eu",)),
         PinRule("pins[1]", "live", cookie="plan", values=("beta",)),
     )
-    compiled, counters = overrides(pins)
-    assert compiled.decide(None, b"/eu/x", None, None, None, b"192.0.2.7") == "green"
-    assert compiled.decide(None, b"/eu/x", b"plan=beta", None, None, b"192.0.3.7") == "live"
-    assert compiled.decide(None, b"/x", b"plan=free", None, None, b"192.0.2.7") is None
+    compiled, counters = router(pins)
+    assert compiled.decide(None, b"/eu/x", None, None, None, b"192.0.2.7").to == "green"
+    assert compiled.decide(None, b"/eu/x", b"plan=beta", None, None, b"192.0.3.7").to == "live"
+    assert compiled.decide(None, b"/x", b"plan=free", None, None, b"192.0.2.7").via is Via.SPLIT
     assert counters.pins == {"eu": 1, "pins[1]": 1}
 
 

@@ -14,7 +14,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import RawHandler, RawUpstream, Upstream, ZdProxy, pools, wait_until
+from tests.conftest import (
+    RawHandler,
+    RawUpstream,
+    Upstream,
+    ZdProxy,
+    pools,
+    unchecked,
+    wait_until,
+)
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -56,7 +64,9 @@ async def test_connect_failure_is_retried_on_another_upstream(
     zdproxy: StartProxy, upstream: StartUpstream
 ) -> None:
     alive = await upstream("alive")
-    proxy = zdproxy({"pools": pools([f"127.0.0.1:{closed_port()}", alive.address])})
+    # Unchecked: a health check would keep the dead upstream out and nothing would retry.
+    dead = f"127.0.0.1:{closed_port()}"
+    proxy = zdproxy({"pools": unchecked(pools([dead, alive.address]))})
     # Nothing reached the dead upstream, so even a POST may go elsewhere.
     assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
     assert await statuses(proxy.url, "POST", 30) == Counter({200: 30})

@@ -112,7 +112,7 @@ async def test_a_healthy_canary_completes_every_step_without_a_failed_request(
         assert started["state"] in ("preflight", "step") and started["candidate"] == "green"
         # While it steers the split, nobody else does.
         steered = await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 0}, status=409)
-        assert "steers the split" in steered["detail"]
+        assert "holds the split" in steered["detail"]
         done = await until_rollout(proxy, lambda r: r["state"] in ("done", "rolled_back"))
     assert done["state"] == "done", done
     assert running.failures == []

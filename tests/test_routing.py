@@ -24,6 +24,9 @@ from tests.conftest import (
     free_port,
     in_process_settings,
     pools,
+    unchecked,
+    unchecked,
+    unchecked,
     wait_until,
 )
 from zdproxy.config.units import Address
@@ -325,7 +328,8 @@ async def test_records_reach_the_control_plane_per_upstream_and_class(
     app = await upstream("blue")
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there
     config: dict[str, Any] = {
-        "pools": pools([app.address], [dead]),
+        # Green unchecked: a checked one would never be routable, nothing listens there.
+        "pools": unchecked(pools([app.address], [dead])),
         "split": split("blue", 0),
         # The failed connect must reach the client, not be retried on the live pool.
         "retry": {"on_live_pool": False},
@@ -428,15 +432,17 @@ async def test_snapshot_from_settings_round_trips(no_env_overrides: None, tmp_pa
     settings = in_process_settings(
         tmp_path,
         {
-            "pools": {
-                "blue": {"upstreams": [{"address": "127.0.0.1:9001", "weight": 3}]},
-                "green": {"upstreams": ["unix:/run/green.sock"]},
-            },
+            "pools": unchecked(  # no checks: the snapshot lists the upstreams at once
+                {
+                    "blue": {"upstreams": [{"address": "127.0.0.1:9001", "weight": 3}]},
+                    "green": {"upstreams": ["unix:/run/green.sock"]},
+                }
+            ),
             "split": split("blue", 500),
         },
     )
     daemon = Daemon(settings)
-    first = daemon.control.publish()
+    first = daemon.control.restore()  # as at start: health checks synced, then published
     second = daemon.control.publish()
     assert second.version > first.version  # every publish is a new snapshot
     assert RoutingSnapshot.from_dict(json.loads(json.dumps(first.to_dict()))) == first

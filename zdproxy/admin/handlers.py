@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -15,9 +16,12 @@ from pydantic import BaseModel
 from zdproxy import __version__
 from zdproxy.admin import models as m
 from zdproxy.admin.app import ApiError, Call, Route
+from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
-from zdproxy.control.events import Event
+from zdproxy.control.desired import Refused
+from zdproxy.control.events import Actor, Event
 from zdproxy.control.plane import ControlPlane
+from zdproxy.control.rollout.phases import RolloutRecord
 
 ROLLOUT_ACTIONS = {
     "pause": "Hold the current step (the judge still runs)",
@@ -37,6 +41,8 @@ class ServiceState:
     ready: bool = False  # listening, and the first health verdicts are in
     stopping: bool = False
     reloads: dict[str, int] = field(default_factory=lambda: {"applied": 0, "refused": 0})
+    # The daemon's one reload (also behind SIGHUP and the file watch); None: no config file.
+    reload: Callable[[Actor], ReloadOutcome] | None = None
 
 
 class AdminAPI:
@@ -116,6 +122,15 @@ class AdminAPI:
             ),
             Route("GET", "/v1/rollout", "The current or last rollout", self.get_rollout, m.Rollout),
             Route(
+                "GET",
+                "/v1/rollouts/{id}",
+                "One rollout by its id (the active one and the last 50 ended)",
+                self.get_rollout_by_id,
+                m.Rollout,
+                description="404 when the id is unknown: `zdproxy wait --until done:ID` waits "
+                "for this one rollout, not whichever is current.",
+            ),
+            Route(
                 "POST",
                 "/v1/rollouts",
                 "Deploy a color: start a rollout with a plan of the config file",
@@ -174,6 +189,17 @@ class AdminAPI:
                 description="With follow, a text/event-stream: the matching history, then every "
                 "new event as it happens; reconnect with Last-Event-ID to resume.",
             ),
+            Route(
+                "POST",
+                "/v1/reload",
+                "Read the config file again and apply it (as SIGHUP does)",
+                self.reload,
+                m.ReloadResult,
+                description="All or nothing. Refused with 400 when the file is invalid (each "
+                "field named in errors), or 409 when it conflicts with the running zdproxy: "
+                "it would drop the admin token, or does not fit the journaled runtime "
+                "changes. A refused reload changes nothing.",
+            ),
         ]
 
     # -- zdproxy itself -----------------------------------------------------------------
@@ -207,8 +233,10 @@ class AdminAPI:
         control = self.control
         now = asyncio.get_running_loop().time()
         views = []
+        configured = control.configured()
         for target in control.targets_of(color):
             health = control.health.state(target.id)
+            check = configured[target.id][1]
             ejection = control.outliers.ejected.get(target.id)
             requests, tunnels = control.in_flight(target.id)
             views.append(
@@ -217,7 +245,8 @@ class AdminAPI:
                     address=str(target.address),
                     weight=target.weight,
                     routable=control.routable(target.id),
-                    health="unchecked" if health is None else "up" if health.up else "down",
+                    health=control.health.verdict(target.id),
+                    health_check=check.describe(),
                     health_reason="" if health is None else health.reason,
                     ejected_for=None if ejection is None else max(0.0, ejection.until - now),
                     drained=target.id in control.drained,
@@ -249,17 +278,17 @@ class AdminAPI:
             journal=sorted(control.desired.items),
         )
 
-    def _rollout(self) -> m.Rollout:
-        rollout = self.control.rollouts.current
-        if rollout is None:
+    def _rollout(self, record: RolloutRecord | None = None) -> m.Rollout:
+        record = record or self.control.rollouts.last
+        if record is None:
             return m.Rollout()
-        plan = self.control.settings.plans.get(rollout.plan)
+        plan = self.control.settings.plans.get(record.plan)
         return m.Rollout.model_validate(
             {
-                **rollout.to_dict(),
-                "step": rollout.step or None,
+                **record.model_dump(mode="json", exclude={"hooks_done"}),
+                "step": record.step or None,
                 "steps": len(plan.steps) if plan else None,
-                "share": self.control.share(rollout.candidate) / 100,
+                "share": self.control.share(record.candidate) / 100,
             },
             strict=False,
         )
@@ -267,14 +296,30 @@ class AdminAPI:
     async def get_rollout(self, call: Call) -> BaseModel:
         return self._rollout()
 
+    async def get_rollout_by_id(self, call: Call) -> BaseModel:
+        text = call.param("id")
+        record = self.control.rollouts.get(int(text)) if text.isdigit() else None
+        if record is None:
+            last = self.control.rollouts.last
+            known = f"the last is {last.id}" if last is not None else "there has been none"
+            raise Refused("id", f"no rollout {text} is known ({known})", 404)
+        return self._rollout(record)
+
     async def start_rollout(self, call: Call) -> BaseModel:
         body: m.RolloutStart = call.body
-        self.control.rollouts.start(body.color, body.plan, call.actor)
-        return self._rollout()
+        return self._rollout(await self.control.rollouts.deploy(body.color, body.plan, call.actor))
 
     async def rollout_action(self, action: str, call: Call) -> BaseModel:
-        getattr(self.control.rollouts, action)(call.actor)
-        return self._rollout()
+        rollouts = self.control.rollouts
+        if action == "retry":
+            return self._rollout(await rollouts.retry(call.actor))
+        commands = {
+            "pause": rollouts.pause,
+            "resume": rollouts.resume,
+            "promote": rollouts.promote,
+            "abort": rollouts.abort,
+        }
+        return self._rollout(commands[action](call.actor))
 
     def _rolling(self) -> m.Rolling:
         rolling = self.control.rolling.current
@@ -298,6 +343,21 @@ class AdminAPI:
         return m.Rules(rules=self.control.settings.pins)
 
     # -- commands -----------------------------------------------------------------------
+
+    async def reload(self, call: Call) -> BaseModel:
+        if self.service.reload is None:
+            raise ApiError(409, "zdproxy runs without a config file: nothing to reload")
+        outcome = self.service.reload(call.actor)
+        if not outcome.applied:
+            errors = [m.FieldError(field=p.field, reason=p.reason) for p in outcome.problems]
+            detail = "; ".join(str(problem) for problem in outcome.problems)
+            raise ApiError(outcome.status, f"{outcome.source}: refused: {detail}", errors)
+        return m.ReloadResult(
+            result="applied" if outcome.changed else "unchanged",
+            source=outcome.source,
+            changed=outcome.changed,
+            needs_restart=outcome.needs_restart,
+        )
 
     async def put_pool(self, call: Call) -> BaseModel:
         body: m.PoolChange = call.body
@@ -331,7 +391,9 @@ class AdminAPI:
     async def drain(self, call: Call) -> BaseModel:
         body: m.DrainRequest = call.body
         self._resolve(body)
-        ids = self.control.start_drain(color=body.color, upstream=body.upstream, actor=call.actor)
+        ids = self.control.start_drain(
+            color=body.color, upstream=body.upstream, force=body.force, actor=call.actor
+        )
         if not body.wait:
             return m.DrainResult(upstreams=sorted(ids), finished=False, drained=True)
         result = await self.control.wait_drained(

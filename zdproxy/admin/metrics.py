@@ -24,7 +24,6 @@ from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
 from zdproxy.control.plane import ControlPlane
-from zdproxy.control.rollout.controller import ACTIVE
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.records import LATENCY_BUCKETS
 
@@ -123,7 +122,7 @@ class ZdproxyCollector(Collector):
         )
         healthy = GaugeMetricFamily(
             "zdproxy_upstream_healthy",
-            "Active health check verdict (1 up, 0 down; absent when unchecked)",
+            "Active health check verdict (1 up; 0 down or unknown; absent when checks are off)",
             labels=["color", "upstream"],
         )
         in_flight = GaugeMetricFamily(
@@ -141,9 +140,9 @@ class ZdproxyCollector(Collector):
             for target in control.targets_of(color):
                 labels = [color, target.id]
                 up.add_metric(labels, float(control.routable(target.id)))
-                health = control.health.state(target.id)
-                if health is not None:
-                    healthy.add_metric(labels, float(health.up))
+                verdict = control.health.verdict(target.id)
+                if verdict != "unchecked":
+                    healthy.add_metric(labels, float(verdict == "up"))
                 in_flight.add_metric(labels, control.in_flight(target.id)[0])
                 drained.add_metric(labels, float(target.id in control.drained))
                 ejections.add_metric(labels, control.outliers.ejections(target.id))
@@ -159,15 +158,14 @@ class ZdproxyCollector(Collector):
         for result, n in rollouts.counts.items():
             ended.add_metric([result], n)
         yield ended
-        current = rollouts.current
-        active = current is not None and current.state in ACTIVE
+        active = rollouts.active
         yield GaugeMetricFamily(
-            "zdproxy_rollout_active", "1 while a rollout runs", value=float(active)
+            "zdproxy_rollout_active", "1 while a rollout runs", value=float(active is not None)
         )
         yield GaugeMetricFamily(
             "zdproxy_rollout_step",
             "The running rollout's step (0: preflight or none)",
-            value=float(current.step if active and current is not None else 0),
+            value=float(active.record.step if active is not None else 0),
         )
 
 

@@ -3,12 +3,13 @@ from these models, and every response is built through them, so the two agree.""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import Color, PoolMembers, UpstreamEntry
+from zdproxy.control.events import EventRecord
 
 
 class Body(BaseModel):
@@ -70,6 +71,10 @@ class DrainRequest(Target):
     )
     tunnel_grace: float = Field(
         default=5.0, ge=0, le=3600, description="Seconds WebSocket tunnels get before closing."
+    )
+    force: bool = Field(
+        default=False,
+        description="Drain even when no routable upstream of either color would remain.",
     )
 
 
@@ -143,7 +148,11 @@ class Upstream(BaseModel):
     address: str
     weight: int
     routable: bool
-    health: Literal["up", "down", "unchecked"]
+    health: Literal["up", "down", "unknown", "unchecked"] = Field(
+        description='"unknown": no verdict yet, not routable; "unchecked": the pool turned '
+        "its checks off (health.enabled = false), routable without any check."
+    )
+    health_check: str = Field(description='The check: "TCP connect", "GET /readyz", ...')
     health_reason: str
     ejected_for: float | None = Field(description="Seconds left of an outlier ejection.")
     drained: bool
@@ -246,17 +255,26 @@ class Status(BaseModel):
     journal: list[str] = Field(description="Items of the state journal that override the file.")
 
 
-class Event(BaseModel):
-    id: int
-    time: float
-    kind: str
-    reason: str
-    actor: Literal["api", "cli", "auto", "config"]
-    data: dict[str, Any]
+class Event(EventRecord):
+    """One decision. The event file holds the same model, one per line: a line that does
+    not fit it is skipped when zdproxy reads the file back (control/events.py)."""
 
 
 class Events(BaseModel):
     events: list[Event]
+
+
+class ReloadResult(BaseModel):
+    """POST /v1/reload: the config file was read again and applied."""
+
+    result: Literal["applied", "unchanged"] = Field(
+        description="unchanged: the file gives the same values as the running ones."
+    )
+    source: str = Field(description="The config file read.")
+    changed: list[str] = Field(description="Options whose value changed, e.g. split.live.")
+    needs_restart: list[str] = Field(
+        description="Of those, the ones read only at start: they take effect after a restart."
+    )
 
 
 class Health(BaseModel):

@@ -40,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, help="path to the TOML config file")
 
     check = commands.add_parser(
-        "check", help="validate a config file; print every error and exit 2 if it is invalid"
+        "check",
+        help="validate a config file; print every error and exit 2 if it is invalid",
+        description="Validate a config file: exit 2 with every error if it is invalid. "
+        "Warnings (e.g. the two pools' health checks differ) go to stderr; they do not "
+        "change the exit code.",
     )
     check.add_argument("--config", "-c", required=True, help="path to the TOML config file")
 
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _load(args.config)
         if settings is None:
             return EXIT_INVALID_CONFIG
+        from zdproxy.control.health import differing_checks
+
+        if warning := differing_checks(settings):
+            print(f"{args.config}: warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
     if args.command == "run":

@@ -6,6 +6,7 @@ Exit codes (stable; deploy scripts rely on them):
   2  bad arguments or an unreadable config
   3  zdproxy's admin API cannot be reached
   4  `wait` timed out before the conditions held
+  5  `wait --until done`: the rollout was rolled back, aborted, frozen or failed
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ EXIT_CODES = """exit codes:
   5  wait --until done: the rollout was rolled back, aborted, frozen or failed"""
 
 CONDITIONS = """conditions (repeat --until to require several):
-  healthy:COLOR       the color has upstreams, every one up (or unchecked) and not ejected
+  healthy:COLOR       the color has upstreams, every one up by its health checks and not
+                      ejected ("unknown", before a first verdict, and "unchecked" do not
+                      count)
   drained:COLOR       every upstream of the color is drained with nothing in flight
   drained:COLOR/ADDR  the same for one upstream, e.g. drained:blue/127.0.0.1:9001
   live:COLOR          the color takes all the traffic
   done                the rollout finished (exit 5 at once if it rolled back or was
-                      aborted, frozen or failed)"""
+                      aborted, frozen or failed)
+  done:ID             the same for rollout ID (as `zdproxy deploy` prints it), even
+                      when a later rollout has started since"""
 
 Command = Callable[[AdminClient, argparse.Namespace], Awaitable[int]]
 
@@ -106,6 +111,12 @@ def add_commands(commands: Any) -> None:
         "--cut-after", default="30s", help="with --wait: cut what still runs after this"
     )
     drain.add_argument("--tunnel-grace", default="5s", help="WebSocket tunnels get this long")
+    drain.add_argument(
+        "--force",
+        action="store_true",
+        help="drain even when no routable upstream of either color would remain (every "
+        "request then gets 503)",
+    )
 
     undrain = command("undrain", _undrain, "put a drained color or upstream back")
     undrain.add_argument("target", help='a color, or one upstream: "blue/127.0.0.1:9001"')
@@ -137,6 +148,15 @@ def add_commands(commands: Any) -> None:
     wait.add_argument("--timeout", default="5m", help="give up after this (default 5m)")
     wait.add_argument("--interval", default="500ms", help="poll this often (default 500ms)")
     add_rollout_commands(command, common)
+
+    reload = command(
+        "reload",
+        _reload,
+        "make zdproxy read its config file again and apply it, all or nothing (as SIGHUP)",
+        epilog='Prints what changed (or "unchanged"). A refused reload changes nothing and\n'
+        "prints each field at fault (exit 1).\n\n" + EXIT_CODES,
+    )
+    reload.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -237,6 +257,7 @@ async def _drain(client: AdminClient, args: argparse.Namespace) -> int:
         "wait": args.wait,
         "cut_after": _duration(args.cut_after, "--cut-after"),
         "tunnel_grace": _duration(args.tunnel_grace, "--tunnel-grace"),
+        "force": args.force,
     }
     result = await client.call("POST", "/v1/drain", body)
     names = ", ".join(result["upstreams"]) or "(no upstreams)"
@@ -247,6 +268,20 @@ async def _drain(client: AdminClient, args: argparse.Namespace) -> int:
     else:
         print(f"{names}: {result['cut']} requests cut after {args.cut_after}", file=sys.stderr)
         return EXIT_REFUSED
+    return EXIT_OK
+
+
+async def _reload(client: AdminClient, args: argparse.Namespace) -> int:
+    # A refusal (400/409) raises ApiRefused: exit 1 with the fields named.
+    result = await client.call("POST", "/v1/reload")
+    if args.json:
+        _print_json(result)
+    elif result["result"] == "unchanged":
+        print(f"{result['source']}: unchanged")
+    else:
+        print(f"{result['source']}: applied: {', '.join(result['changed'])}")
+        if result["needs_restart"]:
+            print(f"after a restart only: {', '.join(result['needs_restart'])}")
     return EXIT_OK
 
 
@@ -309,12 +344,14 @@ async def _events(client: AdminClient, args: argparse.Namespace) -> int:
 
 async def _wait(client: AdminClient, args: argparse.Namespace) -> int:
     checks = [_condition(text) for text in args.until]
+    ids = [int(text[5:]) for text in args.until if text.startswith("done:")]
     timeout = _duration(args.timeout, "--timeout")
     interval = max(0.05, _duration(args.interval, "--interval"))
     deadline = time.monotonic() + timeout
     while True:
         try:
             status = await client.call("GET", "/v1/status")
+            status["by_id"] = {n: await client.call("GET", f"/v1/rollouts/{n}") for n in ids}
             unmet = [reason for check in checks if (reason := check(status))]
         except RolloutFailed as exc:
             print(f"zdproxy wait: {exc}", file=sys.stderr)
@@ -339,8 +376,14 @@ class RolloutFailed(Exception):
     """`wait --until done` can never hold: the rollout ended without success."""
 
 
-def _rollout_done(status: dict[str, Any]) -> str | None:
-    rollout = status["rollout"]
+def _rollout_done(rollout_id: int | None) -> Check:
+    def check(status: dict[str, Any]) -> str | None:
+        return _done(status["rollout"] if rollout_id is None else status["by_id"][rollout_id])
+
+    return check
+
+
+def _done(rollout: dict[str, Any]) -> str | None:
     state = rollout["state"]
     if state == "done":
         return None
@@ -354,7 +397,11 @@ def _rollout_done(status: dict[str, Any]) -> str | None:
 
 def _condition(text: str) -> Check:
     if text == "done":
-        return _rollout_done
+        return _rollout_done(None)
+    if text.startswith("done:"):
+        if not text[5:].isdigit():
+            raise UsageError(f"--until {text!r}: expected done:ID, ID a rollout number")
+        return _rollout_done(int(text[5:]))
     kind, _, subject = text.partition(":")
     color = subject.partition("/")[0]
     if color not in ("blue", "green") or kind not in ("healthy", "drained", "live"):
@@ -370,7 +417,11 @@ def _condition(text: str) -> Check:
 
         def healthy(status: dict[str, Any]) -> str | None:
             found = upstreams(status)
-            sick = [u["id"] for u in found if u["health"] == "down" or u["ejected_for"]]
+            sick = [
+                f"{u['id']} ({'ejected' if u['ejected_for'] else u['health']})"
+                for u in found
+                if u["health"] != "up" or u["ejected_for"]
+            ]
             if not found:
                 return f"{subject} has no upstreams"
             return f"not healthy: {', '.join(sick)}" if sick else None

@@ -60,8 +60,9 @@ def describe(rollout: dict[str, Any]) -> str:
 
 async def _deploy(client: AdminClient, args: argparse.Namespace) -> int:
     body = {"color": args.color, **({"plan": args.plan} if args.plan else {})}
-    print(describe(await client.call("POST", "/v1/rollouts", body)))
-    print("follow it: zdproxy events -f; wait for it: zdproxy wait --until done")
+    rollout = await client.call("POST", "/v1/rollouts", body)
+    print(describe(rollout))
+    print(f"follow it: zdproxy events -f; wait for it: zdproxy wait --until done:{rollout['id']}")
     return 0
 
 

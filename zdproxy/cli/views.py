@@ -61,8 +61,8 @@ def status_table(status: dict[str, Any]) -> str:
                 notes.append("drained")
             if u["ejected_for"]:
                 notes.append(f"ejected for {u['ejected_for']:.0f}s")
-            if u["health"] == "down":
-                notes.append(u["health_reason"])
+            if u["health"] in ("down", "unknown"):
+                notes.append(f"{u.get('health_check', 'check')}: {u['health_reason']}")
             if u["tunnels"]:
                 notes.append(f"{u['tunnels']} tunnels")
             upstreams.append(

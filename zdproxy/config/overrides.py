@@ -5,12 +5,10 @@ Kept apart from settings.py (which includes them) so that module stays readable.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -18,9 +16,12 @@ from pydantic import (
     model_validator,
 )
 
+from zdproxy.config.section import Section as _Section
 from zdproxy.config.units import MIN_SECRET_BYTES, Networks, read_secret
+from zdproxy.routing.snapshot import PinRule, PreviewPolicy
+from zdproxy.routing.vocabulary import PinTarget
 
-# An HTTP token (RFC 9110 5.6.2), as settings.TOKEN (which imports this module).
+# An HTTP token (RFC 9110 5.6.2): the header and cookie names every section accepts.
 TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"
 
 # The request headers zdproxy consumes or rewrites itself (dataplane.http.REQUEST_HEADERS;
@@ -33,11 +34,7 @@ INTERPRETED_HEADERS = frozenset(
     }
 )  # fmt: skip
 
-PinTarget = Literal["blue", "green", "candidate", "live"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+MAX_MATCHES = 10_000  # values, hosts, prefixes or networks of one rule
 
 
 def _not_interpreted(name: str) -> str:
@@ -63,16 +60,24 @@ class PinSettings(_Section):
         default="", pattern=rf"^({TOKEN})?$", description="A cookie whose value is in `values`."
     )
     values: list[str] = Field(
-        default_factory=list, description="Exact values for `header` or `cookie`."
+        default_factory=list,
+        max_length=MAX_MATCHES,
+        description="Exact values for `header` or `cookie` (at most 10000).",
     )
     host: list[str] = Field(
-        default_factory=list, description="Host names (any case, port ignored); one must match."
+        default_factory=list,
+        max_length=MAX_MATCHES,
+        description="Host names (any case, port ignored); one must match (at most 10000).",
     )
     path_prefix: list[str] = Field(
-        default_factory=list, description="The request target starts with one of these."
+        default_factory=list,
+        max_length=MAX_MATCHES,
+        description="The request target starts with one of these (at most 10000).",
     )
     network: Networks = Field(
-        default_factory=list, description="Client networks (CIDR), as zdproxy sees the client."
+        default_factory=list,
+        max_length=MAX_MATCHES,
+        description="Client networks (CIDR), as zdproxy sees the client (at most 10000).",
     )
     to: PinTarget = Field(description='"blue", "green", "candidate" or "live".')
 
@@ -106,6 +111,19 @@ class PinSettings(_Section):
                 "path_prefix or network"
             )
         return self
+
+    def rule(self, index: int) -> PinRule:
+        """The rule as the routing snapshot carries it; unnamed rules are named by place."""
+        return PinRule(
+            self.name or f"pins[{index}]",
+            self.to,
+            self.header,
+            self.cookie,
+            tuple(self.values),
+            tuple(self.host),
+            tuple(self.path_prefix),
+            tuple(self.network),
+        )
 
 
 class PreviewSettings(_Section):
@@ -156,3 +174,9 @@ class PreviewSettings(_Section):
     def signing_secret(self) -> bytes:
         """The HMAC secret (the environment's wins over the file's), or b"" for none."""
         return self.secret.get_secret_value().encode() or self._file_secret
+
+    def policy(self) -> PreviewPolicy:
+        """The preview as the routing snapshot carries it, secret included."""
+        return PreviewPolicy(
+            self.header, self.cookie, tuple(self.allow_networks), self.signing_secret
+        )

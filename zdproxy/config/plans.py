@@ -10,13 +10,10 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from zdproxy.config.units import Duration
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from zdproxy.config.section import Section as _Section
+from zdproxy.config.units import DAY, HOUR, Duration
 
 
 class JudgeSettings(_Section):
@@ -39,7 +36,10 @@ class JudgeSettings(_Section):
         default=10.0, ge=1, le=600, description="The sliding window it judges over."
     )
     min_requests: int = Field(
-        default=20, ge=1, description="Candidate requests in the window before any verdict."
+        default=20,
+        ge=1,
+        le=1_000_000,
+        description="Candidate requests in the window before any verdict (at most 1000000).",
     )
     confidence: float = Field(
         default=0.95, ge=0.5, lt=1, description="Of the Wilson bounds around error rates."
@@ -51,10 +51,13 @@ class JudgeSettings(_Section):
         default=0.02, ge=0, le=1, description="Limit on the candidate's excess over live."
     )
     max_p99: Duration = Field(
-        default=0.0, ge=0, description="Absolute limit on the candidate's p99; 0: none."
+        default=0.0,
+        ge=0,
+        le=HOUR,
+        description="Absolute limit on the candidate's p99; 0: none. At most 1h.",
     )
     max_p99_ratio: float = Field(
-        default=2.0, ge=0, description="Limit on candidate p99 / live p99; 0: none."
+        default=2.0, ge=0, le=1000, description="Limit on candidate p99 / live p99; 0: none."
     )
     consecutive_breaches: int = Field(
         default=2, ge=1, le=100, description="Breaching ticks in a row that fail a step."
@@ -63,32 +66,56 @@ class JudgeSettings(_Section):
 
 class StepSettings(_Section):
     weight: float = Field(gt=0, le=100, description="The candidate's share, in percent.")
-    hold: Duration = Field(default=60.0, ge=0, description="How long the step holds.")
+    hold: Duration = Field(
+        default=60.0, ge=0, le=7 * DAY, description="How long the step holds (at most 7d)."
+    )
 
 
 class PlanSettings(_Section):
     """One way to take a candidate live: `zdproxy deploy green --plan NAME`."""
 
     steps: list[StepSettings] = Field(
-        min_length=1, description="The candidate's shares in order; the last is usually 100."
+        min_length=1,
+        max_length=100,
+        description="The candidate's shares in order; the last is usually 100. At most 100.",
     )
     bake: Duration = Field(
         default=60.0,
         ge=0,
+        le=7 * DAY,
         description="After promotion, the old live pool stays warm this long; a failure "
-        "in it makes the old pool live again.",
+        "in it makes the old pool live again. At most 7d.",
     )
     min_healthy: int = Field(
-        default=1, ge=1, description="Healthy candidate upstreams needed to begin."
+        default=1,
+        ge=1,
+        le=1000,
+        description="Healthy candidate upstreams needed to begin (a pool has at most 1000).",
     )
     preflight_timeout: Duration = Field(
-        default=300.0, gt=0, description="Deadline to reach min_healthy; past it: abort."
+        default=300.0,
+        gt=0,
+        le=DAY,
+        description="Deadline to reach min_healthy; past it: abort. At most 1d.",
     )
     step_deadline: Duration = Field(
         default=1800.0,
         gt=0,
+        le=7 * DAY,
         description="A step still without a verdict (too little traffic) this long after "
-        "it began is paused, with an alert event: never a silent pass.",
+        "it began is paused, with an alert event: never a silent pass. At most 7d.",
+    )
+    pause_timeout: Duration = Field(
+        default=3600.0,
+        gt=0,
+        le=7 * DAY,
+        description="A paused step (by hand, or for lack of a verdict) ends this long after "
+        "it paused, as on_pause_timeout says: a forgotten pause never holds a rollout forever.",
+    )
+    on_pause_timeout: Literal["rollback", "resume"] = Field(
+        default="rollback",
+        description="rollback: the old live color takes all traffic again. resume: the step "
+        "goes on (its hold starts again).",
     )
     inconclusive: Literal["hold", "fail"] = Field(
         default="hold",
@@ -131,7 +158,9 @@ class HookSettings(_Section):
     """A command (argv, no shell) with a timeout; its output goes into the event."""
 
     command: list[str] = Field(min_length=1, description='e.g. ["/opt/app/bin/migrate", "up"]')
-    timeout: Duration = Field(default=300.0, gt=0, description="Killed past this: a failure.")
+    timeout: Duration = Field(
+        default=300.0, gt=0, le=DAY, description="Killed past this: a failure. At most 1d."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
 
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
+from zdproxy.config.section import Section as _Section
 from zdproxy.config.units import (
     MIN_SECRET_BYTES,
     Address,
     AddressField,
     Duration,
+    GiB,
     Size,
     read_secret,
 )
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class AdminSettings(_Section):
@@ -97,12 +95,17 @@ class StateSettings(_Section):
         description="State directory; default $STATE_DIRECTORY (systemd) or /var/lib/zdproxy.",
     )
     events_in_memory: int = Field(
-        default=1000, ge=10, description="Events kept in memory for GET /v1/events."
+        default=1000,
+        ge=10,
+        le=100_000,
+        description="Events kept in memory for GET /v1/events (10-100000).",
     )
     events_file_max: Size = Field(
         default=10 * 1024 * 1024,
         ge=4096,
-        description="events.jsonl is rotated (events.jsonl.1, ...) when it would grow past this.",
+        le=GiB,
+        description="events.jsonl is rotated (events.jsonl.1, ...) when it would grow past "
+        "this. 4KiB to 1GiB.",
     )
     events_files_kept: int = Field(
         default=3, ge=0, le=100, description="Rotated event files kept besides the current one."

@@ -9,105 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from zdproxy.config.overrides import PinSettings, PreviewSettings
+from zdproxy.config.limits import ProxySettings, UpstreamSettings
+from zdproxy.config.overrides import TOKEN, PinSettings, PreviewSettings
 from zdproxy.config.plans import HookSettings, PlanSettings, RolloutSettings, check_plans
+from zdproxy.config.section import Section
 from zdproxy.config.service import AdminSettings, ReloadSettings, StateSettings
-from zdproxy.config.tls import TlsSettings
-from zdproxy.config.units import Address, AddressField, Duration, Networks, Size
-
-Color = Literal["blue", "green"]
-COLORS: tuple[Color, Color] = ("blue", "green")
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ProxySettings(Section):
-    """The client-facing listener and the limits that protect it."""
-
-    listen: AddressField = Field(
-        default=Address.parse("127.0.0.1:8080"),
-        description="Where clients connect: host:port or unix:/path.",
-    )
-    backlog: int = Field(default=1024, ge=1, description="Listen backlog of the proxy socket.")
-    header_timeout: Duration = Field(
-        default=10.0,
-        gt=0,
-        description="A request head must arrive in full within this time (slowloris guard); 408.",
-    )
-    idle_timeout: Duration = Field(
-        default=60.0, gt=0, description="An idle keep-alive client connection is closed after this."
-    )
-    max_header_bytes: Size = Field(
-        default=16384, ge=1024, description="Largest request line plus headers; larger gets 431."
-    )
-    max_body_bytes: Size = Field(
-        default=0,
-        ge=0,
-        description="Largest request body; larger gets 413. 0 means no limit (bodies stream).",
-    )
-    trusted_proxies: Networks = Field(
-        default_factory=list,
-        description=(
-            "Networks (CIDR) of proxies in front of zdproxy whose X-Forwarded-For/Proto/Host "
-            "are kept and appended to; from anyone else they are replaced."
-        ),
-    )
-    shutdown_timeout: Duration = Field(
-        default=10.0,
-        gt=0,
-        description=(
-            "On stop or restart, requests in flight (and WebSocket tunnels) get this long "
-            "to finish; what is left is then cut."
-        ),
-    )
-    tls: TlsSettings = Field(
-        default_factory=TlsSettings, description="TLS on this listener ([proxy.tls])."
-    )
-    via: str = Field(
-        default="zdproxy",
-        pattern=r"^[!#-'*+.0-9A-Z^-z|~-]*$",
-        description="Pseudonym in the Via header added both ways; empty disables Via.",
-    )
-
-
-class UpstreamSettings(Section):
-    """How zdproxy talks to the app servers of both pools."""
-
-    connect_timeout: Duration = Field(
-        default=3.0, gt=0, description="Connecting to an upstream; past it the client gets 504."
-    )
-    timeout: Duration = Field(
-        default=60.0,
-        gt=0,
-        description=(
-            "Longest silence from an upstream while a request is in flight: waiting for the "
-            "response head (504) or between body bytes (the connection is cut)."
-        ),
-    )
-    idle_timeout: Duration = Field(
-        default=1.5,
-        gt=0,
-        description=(
-            "An idle pooled upstream connection is closed after this. Keep it below the app "
-            "server's own keep-alive timeout (gunicorn 2s, node 5s) so zdproxy never reuses a "
-            "connection the app is closing."
-        ),
-    )
-    max_idle_per_upstream: int = Field(
-        default=512,
-        ge=0,
-        description="Idle connections kept per upstream; size it to the peak concurrency.",
-    )
-    tunnel_idle_timeout: Duration = Field(
-        default=3600.0,
-        gt=0,
-        description="An Upgrade (WebSocket) tunnel silent this long is closed.",
-    )
+from zdproxy.config.units import DAY, HOUR, AddressField, Duration, MiB, Size
+from zdproxy.routing.vocabulary import COLORS as COLORS
+from zdproxy.routing.vocabulary import Color as Color
 
 
 class UpstreamEntry(Section):
@@ -120,36 +32,57 @@ def _entry(value: Any) -> Any:
 
 
 class HealthSettings(Section):
-    """Active health checks of one pool's upstreams. Off unless `path` is set.
+    """Active health checks of one pool's upstreams, on by default.
 
-    An upstream is routable only after `rise` passing checks in a row, and leaves
-    rotation after `fall` failing ones. A check passes when the answer comes
-    within `timeout`, its status is one of `expect_status`, and, if `expect_json`
-    is set, the JSON body has those values (dotted keys reach into objects), so a
-    readiness endpoint can report its database and queue.
+    Without a `path` a check is a TCP connect (a unix socket connect for unix:
+    addresses); with one, an HTTP request that passes when the answer comes within
+    `timeout`, its status is one of `expect_status`, and, if `expect_json` is set, the
+    JSON body has those values (dotted keys reach into objects), so a readiness
+    endpoint can report its database and queue. An upstream is "unknown", and not
+    routable, until it has passed `rise` checks in a row; it leaves rotation after
+    `fall` failing ones. `enabled = false` turns the checks off: the pool's upstreams
+    are then routable unchecked, shown as "unchecked", never as healthy.
     """
 
+    enabled: bool = Field(
+        default=True,
+        description="False: no active checks; the upstreams take traffic unchecked.",
+    )
     path: str = Field(
         default="",
         pattern=r"^(/[^\s]*)?$",
-        description='Path to probe, e.g. "/readyz"; empty turns active checks off.',
+        max_length=2048,
+        description='Path of an HTTP check, e.g. "/readyz"; empty: a TCP connect check.',
     )
     method: Literal["GET", "HEAD", "OPTIONS"] = Field(default="GET", description="Probe method.")
-    interval: Duration = Field(default=2.0, gt=0, description="Time between two probes.")
-    jitter: Duration = Field(
-        default=0.2, ge=0, description="Up to this much is added to each interval, at random."
+    interval: Duration = Field(
+        default=2.0, gt=0, le=3600, description="Time between two probes (at most 1h)."
     )
-    timeout: Duration = Field(default=1.0, gt=0, description="A slower answer is a failure.")
+    jitter: Duration = Field(
+        default=0.2,
+        ge=0,
+        le=3600,
+        description="Up to this much is added to each interval, at random (at most 1h).",
+    )
+    timeout: Duration = Field(
+        default=1.0, gt=0, le=300, description="A slower answer is a failure (at most 5m)."
+    )
     rise: int = Field(default=2, ge=1, le=100, description="Passes in a row to become routable.")
     fall: int = Field(default=3, ge=1, le=100, description="Failures in a row to leave rotation.")
     expect_status: list[int] = Field(
-        default_factory=lambda: [200], min_length=1, description="Statuses that pass."
+        default_factory=lambda: [200],
+        min_length=1,
+        max_length=500,
+        description="Statuses that pass (HTTP checks).",
     )
     expect_json: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
+        max_length=100,
         description='Body fields that must have these values, e.g. {db = "ok", queue = "ok"}.',
     )
-    host: str = Field(default="", description="Host header of the probes; default the address.")
+    host: str = Field(
+        default="", max_length=255, description="Host header of the probes; default the address."
+    )
 
     @field_validator("expect_status")
     @classmethod
@@ -160,8 +93,15 @@ class HealthSettings(Section):
         return value
 
     @property
-    def enabled(self) -> bool:
-        return bool(self.path)
+    def http(self) -> bool:
+        """Checked with an HTTP request (else a TCP connect, or not at all)."""
+        return self.enabled and bool(self.path)
+
+    def describe(self) -> str:
+        """The check in a few words, for `zdproxy check` and the status view."""
+        if not self.enabled:
+            return "no check (enabled = false)"
+        return f"{self.method} {self.path}" if self.path else "TCP connect"
 
 
 class OutlierSettings(Section):
@@ -171,12 +111,16 @@ class OutlierSettings(Section):
     consecutive_failures: int = Field(
         default=5,
         ge=0,
-        description="Failures in a row (5xx, connect, reset, timeout) that eject; 0 disables.",
+        le=10000,
+        description="Failures in a row (5xx, connect, reset, timeout) that eject; 0 disables. "
+        "At most 10000.",
     )
     base_ejection: Duration = Field(
         default=30.0,
         gt=0,
-        description="Ejection time, times the number of times this upstream was ejected.",
+        le=HOUR,
+        description="Ejection time, times the number of times this upstream was ejected. "
+        "At most 1h.",
     )
     max_ejected_percent: int = Field(
         default=50, ge=0, le=100, description="Never more than this share of the pool ejected."
@@ -188,7 +132,9 @@ class PoolMembers(Section):
 
     upstreams: list[UpstreamEntry] = Field(
         default_factory=list,
-        description='Addresses ("127.0.0.1:9001", "unix:/run/app.sock") or {address, weight}.',
+        max_length=1000,
+        description='Addresses ("127.0.0.1:9001", "unix:/run/app.sock") or {address, weight}; '
+        "at most 1000.",
     )
     version: str = Field(
         default="", max_length=200, description="Label of the build deployed to this pool."
@@ -229,9 +175,6 @@ class Pools(Section):
     green: PoolSettings = PoolSettings()
 
 
-TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"  # an HTTP token (RFC 9110 5.6.2): header and cookie names
-
-
 class SplitSettings(Section):
     """Which color is live, how much traffic the other one (the candidate) gets, and what
     keeps each user on one color while that share moves."""
@@ -258,7 +201,11 @@ class SplitSettings(Section):
         description="Name of the cookie zdproxy issues to users without another key.",
     )
     bucket_cookie_max_age: Duration = Field(
-        default=30 * 86400.0, gt=0, description="Lifetime of zdproxy's bucket cookie."
+        default=30 * DAY,
+        gt=0,
+        le=400 * DAY,
+        description="Lifetime of zdproxy's bucket cookie. At most 400d (browsers cap "
+        "cookies there, RFC 6265bis).",
     )
     salt: str = Field(
         default="",
@@ -287,10 +234,14 @@ class RetrySettings(Section):
     )
     statuses: list[int] = Field(
         default_factory=lambda: [502, 503, 504],
+        max_length=100,
         description="Candidate statuses that are retried on the live pool.",
     )
     max_body: Size = Field(
-        default=65536, ge=0, description="Largest request body kept so it can be sent again."
+        default=65536,
+        ge=0,
+        le=64 * MiB,
+        description="Largest request body kept (in memory) so it can be sent again. At most 64MiB.",
     )
     budget_percent: int = Field(
         default=20, ge=0, le=100, description="Retries allowed, as a share of recent requests."
@@ -329,7 +280,10 @@ class Settings(BaseSettings):
     pools: Pools = Pools()
     split: SplitSettings = SplitSettings()
     pins: list[PinSettings] = Field(
-        default_factory=list, description="Ordered pin rules ([[pins]]); the first match wins."
+        default_factory=list,
+        max_length=1000,
+        description="Ordered pin rules ([[pins]]); the first match wins. At most 1000 "
+        "(as PUT /v1/rules).",
     )
     preview: PreviewSettings = PreviewSettings()
     retry: RetrySettings = RetrySettings()

@@ -8,8 +8,8 @@ pydantic turns into an error that names the field.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +21,9 @@ from pydantic import (
     WithJsonSchema,
 )
 from pydantic_settings import NoDecode
+
+# The plain type lives in routing, which must not import config; re-exported here.
+from zdproxy.routing.address import Address as Address
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -38,6 +41,18 @@ _SIZE_UNITS = {
 }
 
 
+# Upper bounds the settings use (each Field says which): past them a timer is a typo,
+# and a huge or infinite one overflows the event loop's arithmetic or the kernel's.
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+def _shown(value: object) -> str:
+    """The value as an error message quotes it: a whole megabyte of digits helps no one."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_duration(value: object) -> float:
     """Seconds from "500ms", "30s", "2m", "1h", "30d" or a bare number of seconds."""
     if isinstance(value, bool):
@@ -47,7 +62,9 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
-        raise ValueError(f"invalid duration {value!r}: expected e.g. '500ms', '30s', '2m', '1h'")
+        raise ValueError(f"invalid duration {_shown(value)}: expected e.g. '500ms', '30s', '1h'")
+    if not math.isfinite(seconds):  # TOML spells inf and nan; a long digit string overflows
+        raise ValueError(f"invalid duration {_shown(value)}: must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -62,7 +79,7 @@ def parse_size(value: object) -> int:
     elif isinstance(value, str) and (match := _SIZE.match(value)):
         size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
     else:
-        raise ValueError(f"invalid size {value!r}: expected e.g. '16KiB', '10MiB' or 1048576")
+        raise ValueError(f"invalid size {_shown(value)}: expected e.g. '16KiB', '10MiB' or 1048576")
     if size < 0:
         raise ValueError("a size cannot be negative")
     return size
@@ -89,77 +106,6 @@ Duration = Annotated[
 ]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Networks = Annotated[list[str], AfterValidator(check_networks)]  # CIDR, e.g. "10.0.0.0/8"
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A TCP endpoint (host, port) or a unix socket path (host is None)."""
-
-    host: str | None
-    port: int = 0
-    path: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        if not isinstance(text, str) or not text:
-            raise ValueError("expected an address: host:port, [::1]:port or unix:/path")
-        if text.startswith("unix:"):
-            path = text[len("unix:") :]
-            if not path.startswith("/"):
-                raise ValueError(f"invalid address {text!r}: unix socket paths must be absolute")
-            return cls(host=None, path=path)
-        if text.startswith("["):
-            host, sep, port_text = text[1:].partition("]:")
-            if not sep:
-                raise ValueError(f"invalid address {text!r}: expected [ipv6]:port")
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"invalid address {text!r}: {host!r} is not IPv6") from None
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep or not host:
-                raise ValueError(f"invalid address {text!r}: expected host:port or unix:/path")
-            if ":" in host:
-                raise ValueError(f"invalid address {text!r}: write IPv6 hosts as [::1]:port")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(f"invalid address {text!r}: port must be 0-65535")
-        return cls(host=host, port=int(port_text))
-
-    @property
-    def is_unix(self) -> bool:
-        return self.path is not None
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.is_unix:
-            return True
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host or "").is_loopback
-        except ValueError:
-            return False
-
-    def reaches(self, listener: Address) -> bool:
-        """Would connecting here reach `listener` (a socket bound there)? Host names are
-        not resolved; a wildcard listener is reached on its port from any address."""
-        if self.path is not None or listener.path is not None:
-            return self.path == listener.path
-        if self.port != listener.port:
-            return False
-        return (
-            self.host == listener.host
-            or listener.host in ("0.0.0.0", "::", "")
-            or (self.is_loopback and listener.is_loopback)
-        )
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        if self.host and ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 def _to_address(value: object) -> Address:

@@ -3,7 +3,9 @@
 Events live in a bounded ring (GET /v1/events), are appended to a JSON-lines file
 that is rotated by size (events.jsonl, events.jsonl.1, ...), are logged, and are
 pushed to followers (server-sent events). Writing the file never fails a caller:
-a full disk costs the file copy, not the decision.
+a full disk costs the file copy, not the decision. Reading it back at start trusts
+no line: each is validated with the API's event model (`EventRecord`), and one that
+does not fit is skipped and counted (one `events_skipped` event says how many).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("zdproxy.events")
 
@@ -46,6 +50,17 @@ class Event:
         }
 
 
+class EventRecord(BaseModel):
+    """An event as the API serves it and the file keeps it, one per line."""
+
+    id: int
+    time: float
+    kind: str
+    reason: str
+    actor: Actor
+    data: dict[str, Any]
+
+
 class EventLog:
     """A bounded ring plus a rotated JSON-lines file, with live followers."""
 
@@ -58,7 +73,16 @@ class EventLog:
         self._files_kept = files_kept
         self._followers: set[_Follower] = set()
         self._torn = False  # the file ends in a partial line (a crash mid-write)
+        self.skipped: list[str] = []  # why each line of the file that did not fit was skipped
         self._next_id = 1 + self._load_tail()
+        if self.skipped:
+            self.emit(
+                "events_skipped",
+                f"{len(self.skipped)} lines of {self.path} are not events and were skipped "
+                f"(the first: {self.skipped[0]})",
+                level=logging.WARNING,
+                count=len(self.skipped),
+            )
 
     def emit(
         self,
@@ -103,17 +127,31 @@ class EventLog:
             return 0
         try:
             with self.path.open("rb") as file:
-                file.seek(max(0, file.seek(0, os.SEEK_END) - TAIL_BYTES))
+                start = max(0, file.seek(0, os.SEEK_END) - TAIL_BYTES)
+                file.seek(start)
                 data = file.read()
-        except OSError:
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.error("event log: cannot read %s: %s", self.path, exc.strerror)
             return 0
         self._torn = bool(data) and not data.endswith(b"\n")
-        for line in data.splitlines():
+        lines = data.splitlines()
+        if start and lines:
+            del lines[0]  # cut by the seek: not a fault
+        last = 0
+        for number, line in enumerate(lines, 1):
             try:
-                self._ring.append(Event(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue  # a line cut by the seek, or torn by a crash
-        return self._ring[-1].id if self._ring else 0
+                record = EventRecord.model_validate_json(line)
+            except ValidationError as exc:
+                error = exc.errors(include_url=False)[0]
+                if error["type"] == "json_invalid" and "EOF" in error["msg"]:
+                    continue  # a line cut short by a crash mid-write: not a fault
+                where = ".".join(str(part) for part in error["loc"])
+                self.skipped.append(f"line {number} of the tail: {where} {error['msg']}"[:300])
+                continue
+            self._ring.append(Event(**record.model_dump()))
+            last = max(last, record.id)  # a line out of order must not make ids repeat
+        return last
 
     def _append(self, event: Event) -> None:
         if self.path is None:

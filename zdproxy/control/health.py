@@ -1,5 +1,10 @@
 """Active health checks: one probe loop per upstream, rise/fall hysteresis, a reason per result.
 
+Every pool is checked unless its config says `enabled = false`: a TCP connect by
+default, an HTTP request when `path` is set. An upstream is "unknown" until its first
+verdict and routable only once "up": a pool nobody configured a check for must not
+take traffic on faith (users would get 502s from an app that is not even listening).
+
 The checker only keeps state and reports transitions; the control plane decides
 what a transition means for routing (it rebuilds the snapshot).
 """
@@ -13,17 +18,22 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
 from zdproxy import __version__
-from zdproxy.config.settings import HealthSettings
+from zdproxy.config.settings import COLORS, HealthSettings, Settings
+from zdproxy.control.probe import connect_failure
 from zdproxy.routing.snapshot import UpstreamTarget
 
 log = logging.getLogger("zdproxy.health")
 
 MAX_BODY = 64 * 1024  # a readiness body larger than this is not read further
+
+# What the checks say about an upstream: "unknown" before its first verdict (not
+# routable), "unchecked" when its pool turned checks off (routable, never "up").
+Verdict = Literal["up", "down", "unknown", "unchecked"]
 
 
 @dataclass
@@ -32,6 +42,7 @@ class UpstreamHealth:
     before it has passed `rise` checks."""
 
     up: bool = False
+    decided: bool = False  # a first verdict is in: up, or failed at least once
     passes: int = 0
     failures: int = 0
     reason: str = "not checked yet"
@@ -62,12 +73,13 @@ class _Probe:
 
 
 class HealthChecker:
-    """Probes every upstream whose pool has checks configured; calls `on_change` on every
+    """Probes every upstream whose pool has checks enabled; calls `on_change` on every
     transition between routable and not (the control plane makes it an event)."""
 
     def __init__(self, on_change: Callable[[UpstreamTarget, UpstreamHealth], None]) -> None:
         self._on_change = on_change
         self._probes: dict[str, _Probe] = {}
+        self._unchecked: set[str] = set()  # upstreams of pools with `enabled = false`
         self._settled: asyncio.Event | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, still closing
 
@@ -75,8 +87,20 @@ class HealthChecker:
         probe = self._probes.get(upstream_id)
         return probe.state if probe else None
 
+    def verdict(self, upstream_id: str) -> Verdict:
+        """The one word the API, the CLI and the metrics show, and routing obeys."""
+        if upstream_id in self._unchecked:
+            return "unchecked"
+        state = self.state(upstream_id)
+        if state is None or not state.decided:
+            return "unknown"  # also an id the checker was not told about: never routable
+        return "up" if state.up else "down"
+
     def sync(self, wanted: dict[str, tuple[UpstreamTarget, HealthSettings]]) -> None:
-        """Probe exactly the wanted upstreams; state survives for those whose settings stay."""
+        """Probe exactly the wanted upstreams whose pool checks them; state survives for
+        those whose settings stay. The others are remembered as unchecked."""
+        self._unchecked = {uid for uid, (_, settings) in wanted.items() if not settings.enabled}
+        wanted = {uid: entry for uid, entry in wanted.items() if entry[1].enabled}
         for upstream_id in list(self._probes):
             entry = wanted.get(upstream_id)
             probe = self._probes[upstream_id]
@@ -98,7 +122,12 @@ class HealthChecker:
 
     def _settled_now(self) -> bool:
         """Every probed upstream has a verdict: up, or failed at least once."""
-        return all(p.state.up or p.state.failures for p in self._probes.values())
+        return all(p.state.decided for p in self._probes.values())
+
+    def longest_first_verdict(self) -> float:
+        """How long the slowest first verdict may take: `rise` checks back to back, each
+        up to its timeout (a TCP connect as well as an HTTP request)."""
+        return max((p.settings.rise * p.settings.timeout for p in self._probes.values()), default=0)
 
     async def settle(self, deadline: float) -> None:
         """Wait (at most `deadline` seconds) until every probed upstream has a verdict."""
@@ -134,7 +163,7 @@ class HealthChecker:
                 if self._settled is not None and self._settled_now():
                     self._settled.set()
                 # Before the first verdict, probe back to back so that start-up is quick.
-                if probe.state.up or probe.state.failures:
+                if probe.state.decided:
                     await asyncio.sleep(settings.interval + random.uniform(0, settings.jitter))
         finally:
             if probe.session is not None:
@@ -149,7 +178,7 @@ class HealthChecker:
             state.passes += 1
             state.failures = 0
             if not state.up and state.passes >= settings.rise:
-                state.up = True
+                state.up = state.decided = True
                 self._on_change(probe.target, state)
         else:
             state.failures += 1
@@ -158,6 +187,7 @@ class HealthChecker:
                 state.up = False
                 self._on_change(probe.target, state)
             elif not state.up and state.failures == 1:
+                state.decided = True
                 log.info("health: %s not ready: %s", probe.target.id, reason)
 
     def _session(self, probe: _Probe) -> aiohttp.ClientSession:
@@ -177,6 +207,8 @@ class HealthChecker:
 
     async def _check(self, probe: _Probe) -> tuple[bool, str]:
         """One probe: (passed, reason)."""
+        if not probe.settings.path:
+            return await _connect(probe)
         settings = probe.settings
         address = probe.target.address
         host = "localhost" if address.path is not None else str(address)
@@ -206,3 +238,28 @@ class HealthChecker:
             return False, "body is not JSON"
         mismatch = json_mismatch(body, settings.expect_json)
         return (False, mismatch) if mismatch else (True, f"status {response.status}, body ok")
+
+
+async def _connect(probe: _Probe) -> tuple[bool, str]:
+    """The default check: the upstream accepts a connection within the timeout. It
+    proves the app listens, not that it is ready: set `path` for that."""
+    failure = await connect_failure(probe.target.address, probe.settings.timeout)
+    return (False, failure) if failure else (True, "accepts connections")
+
+
+def differing_checks(settings: Settings) -> str | None:
+    """Why the two pools are not checked alike, or None. A candidate judged ready by a
+    weaker check than the live color's (a bare TCP connect against a readiness
+    endpoint) takes traffic before it can serve it: `zdproxy check` warns."""
+    blue, green = (settings.pool(color).health for color in COLORS)
+    if blue == green:
+        return None
+    fields = [
+        f"{name} {getattr(blue, name)!r} vs {getattr(green, name)!r}"
+        for name in type(blue).model_fields
+        if getattr(blue, name) != getattr(green, name)
+    ]
+    return (
+        f"pools.blue.health ({blue.describe()}) and pools.green.health ({green.describe()}) "
+        f"differ: {'; '.join(fields)}. A color is ready by its own check: check both alike"
+    )

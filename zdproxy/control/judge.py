@@ -28,7 +28,11 @@ def wilson(errors: int, n: int, z: float) -> tuple[float, float]:
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - margin), min(1.0, centre + margin)
+    # At the edges the bound is exactly 0 (or 1), but centre - margin rounds to a few
+    # 1e-17: enough to fail a candidate with no errors at all when max_error_rate = 0.
+    low = 0.0 if errors == 0 else max(0.0, centre - margin)
+    high = 1.0 if errors == n else min(1.0, centre + margin)
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,13 @@ class Judge:
                     numbers,
                 )
         # Latency is compared by histogram buckets, not by values interpolated inside
-        # them: the candidate fails only when its p99 is certainly beyond the limit
-        # (its bucket starts above it), so coarse buckets never fail a fine candidate.
+        # them: the candidate fails only when its p99 is certainly beyond the limit, so
+        # coarse buckets never fail a fine candidate. A bucket holds (lower, upper], so
+        # a bucket starting at the limit holds only values above it: `>=`, not `>`
+        # (with `>`, max_p99 = 0.5 passed a candidate whose every request took 0.9 s).
         bucket = candidate.latency.bucket_of(0.99)
         p99 = candidate.latency.quantile(0.99)
-        if bucket is not None and p99 is not None and s.max_p99 and bucket[0] > s.max_p99:
+        if bucket is not None and p99 is not None and s.max_p99 and bucket[0] >= s.max_p99:
             return Verdict(
                 "fail", f"p99 {p99 * 1000:.0f} ms is above {s.max_p99 * 1000:.0f} ms", numbers
             )
@@ -101,7 +107,7 @@ class Judge:
             and p99 is not None
             and s.max_p99_ratio
             and live.requests >= s.min_requests
-            and bucket[0] > live_bucket[1] * s.max_p99_ratio
+            and bucket[0] >= live_bucket[1] * s.max_p99_ratio
         ):
             live_p99 = live.latency.quantile(0.99) or live_bucket[1]
             return Verdict(

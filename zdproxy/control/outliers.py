@@ -101,6 +101,9 @@ class OutlierDetector:
             if state is not None and not (state.up and state.last_pass > ejection.until):
                 continue  # checked pools: wait for a passing check after the ejection
             del self.ejected[upstream_id]
+            # Requests in flight when it was ejected may have failed since: that streak
+            # is the same fault it served its time for, not a new one to eject it again.
+            self._dataplane.forget_streak(upstream_id)
             changed = True
             self._events.emit(
                 "upstream_returned",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from itertools import count
 from typing import Any
 
@@ -30,14 +32,13 @@ from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.rolling import RollingUpdates
-from zdproxy.control.rollout.controller import ACTIVE, Rollouts
+from zdproxy.control.rollout.controller import Rollouts
+from zdproxy.control.rollout.phases import RolloutRecord
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import (
     BASIS_POINTS,
-    PinRule,
-    PreviewPolicy,
     RoutingSnapshot,
     StickyPolicy,
     UpstreamTarget,
@@ -53,14 +54,23 @@ class ControlPlane:
     """Holds the pools, the split and their health, and pushes a fresh snapshot on every
     change. An upstream of a pool with health checks is in the snapshot only while up.
 
-    The data plane is reached only through `apply` (snapshots down) and `collect`
-    (records up), the two calls that would cross a process boundary.
+    The data plane is reached only through the `DataPlane` Protocol (routing/plane.py):
+    plain values that could cross a process boundary. `clock` is the one time base of
+    the records, the judge and the deadlines (a test passes a fake one).
     """
 
     def __init__(
-        self, config: Settings, dataplane: DataPlane, events: EventLog, journal: Journal
+        self,
+        config: Settings,
+        dataplane: DataPlane,
+        events: EventLog,
+        journal: Journal,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        drive: bool = True,
     ) -> None:
         self._dataplane = dataplane
+        self.clock = clock
         self._versions = count(1)
         self.desired = DesiredState(config, journal, events)
         self.events = events
@@ -68,7 +78,7 @@ class ControlPlane:
         self.outliers = OutlierDetector(dataplane, self.health, events)
         self.telemetry = Telemetry(config.admin.status_window)
         self.listeners: list[Address] = []  # zdproxy's own bound addresses: never upstreams
-        self.rollouts = Rollouts(self)
+        self.rollouts = Rollouts(self, clock, drive=drive)
         self.rolling = RollingUpdates(self)
         self._ticker: asyncio.Task[None] | None = None
 
@@ -100,30 +110,36 @@ class ControlPlane:
         await self.health.close()
 
     async def _tick_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            now = loop.time()
-            self.telemetry.add(now, self._dataplane.collect())
-            settings_of: dict[str, OutlierSettings] = {
-                color: self.settings.pool(color).outlier for color in COLORS
-            }
-            if self.outliers.tick(now, settings_of, self.targets_of):
-                self.publish()
+            self.tick(self.clock())
+
+    def tick(self, now: float) -> None:
+        """Read the data plane's records and streaks (every TICK_SECONDS)."""
+        self.telemetry.add(now, self._dataplane.collect())
+        settings_of: dict[str, OutlierSettings] = {
+            color: self.settings.pool(color).outlier for color in COLORS
+        }
+        if self.outliers.tick(now, settings_of, self.targets_of):
+            self.publish()
 
     def restore(self) -> RoutingSnapshot:
         """At start: the config file overlaid with the journal (see control/state.py)."""
         self.desired.take_config(self.desired.config, self.desired.read_journal())
         snapshot = self._reconfigured()
-        if (journaled := self.desired.items.get("rollout")) is not None:
-            self.rollouts.resume_after_restart(journaled.value)
+        journaled = self.desired.items.get("rollout")
+        record = RolloutRecord.model_validate(journaled.value) if journaled else None
+        seen = (e.data.get("rollout") for e in self.events.history())
+        last_id = max((n for n in seen if isinstance(n, int)), default=0)
+        self.rollouts.restore(record, last_id)
         return snapshot
 
     def apply_settings(self, config: Settings) -> RoutingSnapshot:
         """Take a reloaded config file: the runtime changes it overrides give way, health
         checks start or stop, a snapshot is published. Refused if the file does not fit
         the runtime changes that remain (nothing changes then)."""
-        self.desired.take_config(config, reload=True)
+        hold = ("split",) if self.rollouts.active is not None else ()
+        self.desired.take_config(config, reload=True, hold=hold)
         return self._reconfigured()
 
     def _reconfigured(self) -> RoutingSnapshot:
@@ -135,17 +151,18 @@ class ControlPlane:
         return self.publish()
 
     def _sync_upstreams(self) -> None:
-        """Probe exactly the configured upstreams of checked pools; forget removed ones."""
+        """Probe the configured upstreams (those of pools with checks off are routable
+        unchecked); forget removed ones."""
         configured = self.configured()
-        self.health.sync({uid: entry for uid, entry in configured.items() if entry[1].enabled})
+        self.health.sync(configured)
         self.outliers.forget(set(configured))
         self.telemetry.forget(set(configured))
 
     async def first_checks(self) -> None:
-        """Wait (bounded) for the first verdict on every checked upstream, so that a
-        starting proxy does not answer 503 while its upstreams are already fine."""
-        pools = [self.settings.pool(color).health for color in COLORS]
-        longest = max((h.rise * h.timeout for h in pools if h.enabled), default=0.0)
+        """Wait (bounded) for the first verdict on every checked upstream (the default
+        TCP checks too: nothing is routable before it), so that a starting proxy does not
+        answer 503 while its upstreams are already fine."""
+        longest = self.health.longest_first_verdict()
         if longest:
             await self.health.settle(longest + 1.0)
 
@@ -167,10 +184,11 @@ class ControlPlane:
         }
 
     def routable(self, upstream: str) -> bool:
+        """Up by its checks (or in a pool with checks off), not drained, not ejected. An
+        upstream whose first check has not passed yet is "unknown", not routable."""
         if upstream in self.drained or upstream in self.outliers.ejected:
             return False
-        health = self.health.state(upstream)
-        return health is None or health.up
+        return self.health.verdict(upstream) in ("up", "unchecked")
 
     def resolve(self, color: str | None = None, upstream: str | None = None) -> set[str]:
         """The upstream ids of a color, or the one upstream id given; ValueError if unknown."""
@@ -201,47 +219,70 @@ class ControlPlane:
         salt: str | None = None,
         force: bool = False,
         actor: Actor = "api",
-        rollout: dict[str, Any] | None = None,
     ) -> None:
-        """Move the split. Refused when a color that would get traffic has nothing
-        routable, unless `force` (its share then goes to the other color, or 503), and
-        from outside while a rollout steers it. A rollout passes its own state, journaled
-        in the same write: a crash never leaves one without the other."""
-        if rollout is None and (running := self.rollouts.active()) is not None:
+        """Move the split. Refused while a rollout holds it (`force` does not bypass a
+        rollout: abort does), and when a color that would get traffic has nothing
+        routable, unless `force` (its share then goes to the other color, or 503)."""
+        if (holder := self.rollouts.active) is not None:
             raise Refused(
                 "candidate_weight",
-                f"rollout {running.id} is {running.state} and steers the split: use "
-                "zdproxy rollout pause|promote|abort",
+                f"{self.rollouts.describe(holder)} holds the split: use zdproxy rollout "
+                "pause|promote|abort",
             )
         live = live or self.settings.split.live
         candidate: Color = "green" if live == "blue" else "blue"
-        shares: dict[Color, int] = {
-            live: BASIS_POINTS - candidate_weight,
-            candidate: candidate_weight,
-        }
         routable = self._dataplane.snapshot.pools
-        for color, share in shares.items():
+        for color, share in (
+            (live, BASIS_POINTS - candidate_weight),
+            (candidate, candidate_weight),
+        ):
             if share and not routable[color] and not force:
                 raise Refused(
                     "candidate_weight" if color == candidate else "live",
-                    f"{color} would get {share / 100:g}% of the traffic but has no healthy "
+                    f"{color} would get {share / 100:g}% of the traffic but has no routable "
                     "upstream (pass force to do it anyway)",
                 )
-        before = {color: self.share(color) for color in COLORS}
         changes: dict[str, Any] = {"split": {"live": live, "candidate_weight": candidate_weight}}
         if salt is not None:
             changes["salt"] = salt
-        if rollout is not None:
-            changes["rollout"] = rollout
-        self.desired.change(changes, actor, durable=rollout is None or rollout["state"] in ACTIVE)
+        self._write_split(changes, actor, durable=True, note=" (forced)" if force else "")
+
+    def steer(
+        self, weight: int, live: Color, rollout: dict[str, Any], actor: Actor, *, durable: bool
+    ) -> None:
+        """The split as the rollout holding it says, in one journal write with its record:
+        a crash never leaves one without the other. Any other rollout is fenced off."""
+        if self.rollouts.holder() != rollout["id"]:
+            raise RuntimeError(f"rollout {rollout['id']} does not hold the split")
+        changes = {"split": {"live": live, "candidate_weight": weight}, "rollout": rollout}
+        note = f" (rollout {rollout['id']})"
+        self._write_split(changes, actor, durable=durable, note=note, rollout=rollout["id"])
+
+    def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None:
+        self.desired.change({"rollout": rollout}, "auto", durable=durable)
+
+    def rolling_update(self) -> str | None:
+        rolling = self.rolling.current
+        if rolling is not None and rolling.state == "running":
+            return f"rolling update {rolling.id} of {rolling.color}"
+        return None
+
+    def _write_split(
+        self, changes: dict[str, Any], actor: Actor, *, durable: bool, note: str, **data: Any
+    ) -> None:
+        before = {color: self.share(color) for color in COLORS}
+        self.desired.change(changes, actor, durable=durable)
+        split = self.settings.split
+        live, weight = split.live, split.candidate_weight
+        candidate = "green" if live == "blue" else "blue"
         self.events.emit(
             "split_changed",
-            f"live {live}, candidate {candidate} at {candidate_weight / 100:g}%"
-            + (" (forced)" if force else ""),
+            f"live {live}, candidate {candidate} at {weight / 100:g}%{note}",
             actor=actor,
             before=before,
-            after=shares,
-            salt_changed=salt is not None,
+            after={color: self.share(color) for color in COLORS},
+            salt_changed="salt" in changes,
+            **data,
         )
         self.publish()
 
@@ -259,18 +300,13 @@ class ControlPlane:
                 )
         keep = {upstream_id(color, e.address) for e in members.upstreams}
         serving = {t.id for t in self._dataplane.snapshot.pools[color]}
-        if self.share(color) and serving and not keep & serving and not force:
-            checked = self.settings.pool(color).health.enabled
+        starved = self.share(color) and serving and not keep & serving
+        if (starved or self._leaves_nothing(serving - keep)) and not force:
             raise Refused(
                 "upstreams",
                 f"{color} takes {self.share(color) / 100:g}% of the traffic and none of its "
-                "serving upstreams would remain"
-                + (
-                    "; new upstreams serve only after passing their health checks"
-                    if checked
-                    else ""
-                )
-                + " (set the idle color, or pass force)",
+                "serving upstreams would remain; new upstreams serve only after passing their "
+                "health checks (set the idle color, or pass force)",
             )
         before = self.settings.pool(color).members()
         # Drain marks go with the upstreams they mark: one added back later starts fresh.
@@ -290,6 +326,12 @@ class ControlPlane:
         )
         self.publish()
 
+    def _leaves_nothing(self, removed: set[str]) -> bool:
+        """The one safety rule of every control action: traffic that has somewhere to go
+        keeps somewhere to go (a color with nothing routable falls back to the other)."""
+        serving = {t.id for targets in self._dataplane.snapshot.pools.values() for t in targets}
+        return bool(serving) and not serving - removed
+
     def set_rules(self, pins: list[PinSettings], *, actor: Actor = "api") -> None:
         value = [pin.model_dump(mode="json", exclude_defaults=True) for pin in pins]
         try:
@@ -301,10 +343,22 @@ class ControlPlane:
         self.publish()
 
     def start_drain(
-        self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"
+        self,
+        *,
+        color: str | None = None,
+        upstream: str | None = None,
+        force: bool = False,
+        actor: Actor = "api",
     ) -> set[str]:
-        """Mark upstreams drained (journaled) and take them out of rotation at once."""
+        """Mark upstreams drained (journaled) and take them out of rotation at once.
+        Refused, unless `force`, when no routable upstream of either color would remain."""
         ids = self.resolve(color, upstream)
+        if not force and self._leaves_nothing(ids):
+            raise Refused(
+                "upstream" if upstream is not None else "color",
+                f"draining {', '.join(sorted(ids))} leaves no routable upstream in either color: "
+                "every request would get 503 (pass force to do it anyway)",
+            )
         if ids - self.drained:
             self.desired.change({"drained": sorted(self.drained | ids)}, actor)
             self.events.emit(
@@ -377,8 +431,8 @@ class ControlPlane:
         sticky = StickyPolicy(
             split.sticky_key, split.bucket_cookie, round(split.bucket_cookie_max_age), split.salt
         )
-        pins = tuple(PinRule.from_settings(i, pin) for i, pin in enumerate(self.settings.pins))
-        preview = PreviewPolicy.from_settings(self.settings.preview)
+        pins = tuple(pin.rule(i) for i, pin in enumerate(self.settings.pins))
+        preview = self.settings.preview.policy()
         return RoutingSnapshot(
             next(self._versions), split.live, split.candidate_weight, pools, sticky, pins, preview
         )

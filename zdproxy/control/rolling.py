@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zdproxy.config.settings import Color
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.hooks import run_hook
-
-if TYPE_CHECKING:
-    from zdproxy.control.plane import ControlPlane
+from zdproxy.control.ports import ControlHost
 
 HEALTHY_DEADLINE_CHECKS = 20  # a restarted upstream gets this many check intervals to rise
 
@@ -41,7 +39,7 @@ class RollingState:
 
 
 class RollingUpdates:
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlHost) -> None:
         self.control = control
         self.current: RollingState | None = None
         self._task: asyncio.Task[None] | None = None
@@ -54,7 +52,8 @@ class RollingUpdates:
         if hook not in settings.hooks:
             known = ", ".join(settings.hooks) or "none"
             raise Refused("hook", f"no [hooks.{hook}] in the config file (known: {known})", 400)
-        if not settings.pool(color).health.enabled:
+        if not settings.pool(color).health.http:
+            # A TCP connect passes as soon as the app listens, before it is ready.
             reason = f"pools.{color}.health has no path: nothing could tell the update worked"
             raise Refused("color", reason, 400)
         targets = sorted(t.id for t in control.targets_of(color))

@@ -8,6 +8,9 @@ file's value when the change was made (its basis); at start and on every reload
 an item whose basis no longer matches the file is dropped, and the file's new
 value takes over. So a restart or crash never undoes an operator's change, and
 an edit of the file is never silently ignored.
+
+Every item's value is checked on load with the models the API takes it with
+(`checked`): the journal is a file, and a file can say anything.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import (
     COLORS,
+    Color,
     PoolMembers,
     Pools,
     PoolSettings,
@@ -31,11 +35,46 @@ from zdproxy.config.settings import (
     SplitSettings,
 )
 from zdproxy.control.journal import JournalItem
+from zdproxy.control.rollout.phases import RolloutRecord
+from zdproxy.routing.snapshot import BASIS_POINTS
 
 KEYS = ("pools.blue", "pools.green", "split", "salt", "rules", "drained", "rollout")
 RUNTIME_ONLY = ("drained", "rollout")  # no value in the file: never taken over by it
 
 _PINS = TypeAdapter(list[PinSettings])
+
+
+class JournaledSplit(BaseModel):
+    """The split as journaled: which color is live and the candidate's share."""
+
+    model_config = ConfigDict(extra="forbid")
+    live: Color
+    candidate_weight: int = Field(ge=0, le=BASIS_POINTS)
+
+
+# The shapes the API takes each item's value in (salt and upstream ids as in
+# admin/models.py: SplitChange.salt, Target.upstream).
+_SALT = TypeAdapter(Annotated[str, Field(min_length=1, max_length=200)])
+_DRAINED = TypeAdapter(list[Annotated[str, Field(min_length=1, max_length=300)]])
+
+
+def checked(key: str, value: Any) -> Any:
+    """A journaled item's value in its canonical JSON form, validated as the API validates
+    it; ValueError (a pydantic.ValidationError, or an unknown key) if it does not fit."""
+    if key in ("pools.blue", "pools.green"):
+        return PoolMembers.model_validate(value).members()
+    if key == "split":
+        return JournaledSplit.model_validate(value).model_dump()
+    if key == "salt":
+        return _SALT.validate_python(value)
+    if key == "rules":
+        pins = _PINS.validate_python(value)
+        return [pin.model_dump(mode="json", exclude_defaults=True) for pin in pins]
+    if key == "drained":
+        return sorted(set(_DRAINED.validate_python(value)))
+    if key == "rollout":
+        return RolloutRecord.model_validate(value).model_dump(mode="json")
+    raise ValueError(f"unknown item (known: {', '.join(KEYS)})")
 
 
 def file_value(config: Settings, key: str) -> Any:

@@ -1,4 +1,4 @@
-"""Choosing an upstream for a request from the current routing snapshot.
+"""Choosing an upstream for a request's Route from the current routing snapshot.
 
 The table is rebuilt only when a snapshot arrives; `pick` runs per request and
 does two random draws and a comparison, nothing more.
@@ -7,12 +7,12 @@ does two random draws and a comparison, nothing more.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping
 from itertools import accumulate
 from random import choice, random
 
-from zdproxy.dataplane.pins import Overrides
-from zdproxy.dataplane.steering import Steering
-from zdproxy.dataplane.upstream import UpstreamPool
+from zdproxy.dataplane.exchange import PoolSide
+from zdproxy.dataplane.route import Route, Router
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import BASIS_POINTS, RoutingSnapshot
 
@@ -22,7 +22,7 @@ class ColorPool:
 
     __slots__ = ("_cumulative", "_total", "members")
 
-    def __init__(self, members: tuple[UpstreamPool, ...]) -> None:
+    def __init__(self, members: tuple[PoolSide, ...]) -> None:
         self.members = members
         weights = [m.target.weight for m in members]
         if len(set(weights)) > 1:
@@ -37,7 +37,7 @@ class ColorPool:
             return int(random() * self._total)
         return bisect_right(self._cumulative, random() * self._total)
 
-    def pick_other(self, failed: UpstreamPool) -> UpstreamPool | None:
+    def pick_other(self, failed: PoolSide) -> PoolSide | None:
         """Another member than `failed` (after a failure; not on the hot path)."""
         others = [m for m in self.members if m is not failed]
         if not others:
@@ -45,7 +45,7 @@ class ColorPool:
         first, second = choice(others), choice(others)
         return min(first, second, key=lambda m: (m.outstanding + 1) / m.target.weight)
 
-    def pick(self) -> UpstreamPool:
+    def pick(self) -> PoolSide:
         members = self.members
         if len(members) == 1:
             return members[0]
@@ -70,16 +70,14 @@ class RoutingTable:
         "candidate",
         "candidate_weight",
         "live",
-        "override_headers",
-        "overrides",
+        "router",
         "snapshot",
-        "steering",
     )
 
     def __init__(
         self,
         snapshot: RoutingSnapshot,
-        pools: dict[str, UpstreamPool],
+        pools: Mapping[str, PoolSide],
         counters: OverrideCounters | None = None,
     ) -> None:
         self.snapshot = snapshot
@@ -89,11 +87,7 @@ class RoutingTable:
         self.candidate = ColorPool(candidate) if candidate else None
         self.candidate_weight = weight = snapshot.candidate_weight
         self.all_to_candidate = weight >= BASIS_POINTS
-        self.steering = Steering(snapshot.sticky, 0 < weight < BASIS_POINTS)
-        overrides = Overrides(snapshot, counters or OverrideCounters(), self.steering.header)
-        self.override_headers = overrides.headers
-        # None unless there is something to decide: the hot path tests only this.
-        self.overrides = overrides if overrides.active else None
+        self.router = Router(snapshot, counters or OverrideCounters())
         # What a pin or preview color means in this snapshot: (first choice, fallback).
         to_live, to_candidate = (self.live, self.candidate), (self.candidate, self.live)
         self._routes = {
@@ -103,11 +97,12 @@ class RoutingTable:
             snapshot.candidate: to_candidate,
         }
 
-    def pick(self, bucket: int, color: str | None = None) -> UpstreamPool | None:
-        """An upstream for a request in `bucket` (-1: no bucket, the split is 0 or 100%),
-        or for the color a pin or preview chose; None when neither color has a routable one."""
-        if color is not None:
-            return _either(*self._routes[color])
+    def pick(self, route: Route) -> PoolSide | None:
+        """An upstream for the request's route: the color or role a pin or preview chose,
+        else by its bucket; None when neither color has a routable one."""
+        if route.to is not None:
+            return _either(*self._routes[route.to])
+        bucket = route.bucket
         if bucket >= 0:  # noqa: SIM108 - reads as the rule it implements
             to_candidate = bucket < self.candidate_weight
         else:
@@ -122,17 +117,17 @@ class RoutingTable:
             return second.pick()
         return None
 
-    def live_pick(self) -> UpstreamPool | None:
+    def live_pick(self) -> PoolSide | None:
         """An upstream of the live color, for a candidate request's retry."""
         return self.live.pick() if self.live is not None else None
 
-    def alternative(self, failed: UpstreamPool) -> UpstreamPool | None:
+    def alternative(self, failed: PoolSide) -> PoolSide | None:
         """Another routable upstream of the failed one's color, for a safe retry."""
         color = self.live if failed.target.color == self.snapshot.live else self.candidate
         return color.pick_other(failed) if color is not None else None
 
 
-def _either(first: ColorPool | None, second: ColorPool | None) -> UpstreamPool | None:
+def _either(first: ColorPool | None, second: ColorPool | None) -> PoolSide | None:
     """Fail safe for a pinned color: an empty color's requests go to the other."""
     if first is not None:
         return first.pick()

@@ -13,11 +13,11 @@ import asyncio
 import logging
 from collections import deque
 from math import inf
-from typing import TYPE_CHECKING
 
 import httptools
 
-from zdproxy.dataplane.exchange import Exchange
+from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.exchange import Exchange, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import (
     CONNECTION_OPTIONS,
@@ -43,10 +43,6 @@ from zdproxy.dataplane.http import (
 )
 from zdproxy.dataplane.serving import MAX_PIPELINE, ExchangeDriver
 from zdproxy.routing.records import FailureKind
-
-if TYPE_CHECKING:
-    from zdproxy.dataplane.server import ProxyServer
-    from zdproxy.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("zdproxy.client")
 
@@ -77,12 +73,14 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         "forwarded",
         "parser",
         "peer_ip",
+        "scheme",
         "trusted",
         "writing_paused",
     )
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, ctx: Context, scheme: bytes) -> None:
+        self.ctx = ctx
+        self.scheme = scheme  # what the listener speaks, for X-Forwarded-Proto
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: ReadGate = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
@@ -95,7 +93,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         self.closing = False  # answer what is owed, then close
         self.in_head = False
         self.writing_paused = False
-        self.tunnel_peer: UpstreamConnection | None = None
+        self.tunnel_peer: UpstreamSide | None = None
         self.upgrade_buffer: list[bytes] | None = None
         self._head_bytes = 0  # parsed head bytes (request target aside)
         self._head_raw = 0  # raw bytes of reads that fell wholly inside the head
@@ -106,27 +104,27 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.gate = ReadGate(self.transport)
-        server = self.server
+        ctx = self.ctx
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            ip = peer[0]
-            self.trusted = server.is_trusted(ip)
+            self.peer_ip = peer[0].encode()
+            self.trusted = ctx.limits.trusts(self.peer_ip)
         else:  # a unix socket: the client is on this host
-            ip = "127.0.0.1"
+            self.peer_ip = b"127.0.0.1"
             self.trusted = True
-        self.peer_ip = ip.encode()
         self.forwarded = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
             self.peer_ip,
-            server.scheme,
+            self.scheme,
         )
-        server.connections.add(self)
-        self.deadline = server.loop.time() + server.header_timeout
+        ctx.opened(self)
+        self.deadline = ctx.loop.time() + ctx.limits.header_timeout
 
     def data_received(self, data: bytes) -> None:
         peer = self.tunnel_peer
         if peer is not None:
             peer.transport.write(data)
-            self.deadline = self.server.loop.time() + self.server.tunnel_idle_timeout
+            ctx = self.ctx
+            self.deadline = ctx.loop.time() + ctx.limits.tunnel_idle_timeout
             return
         if self.upgrade_buffer is not None:  # bytes for the tunnel, before the 101 arrived
             self.upgrade_buffer.append(data)
@@ -157,7 +155,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
                 # Every byte of this read belongs to an unfinished head. httptools holds a
                 # header line until its end, so bound that here, not only in on_header.
                 self._head_raw += len(data)
-                if self._head_raw > self.server.max_header_bytes:
+                if self._head_raw > self.ctx.limits.max_header_bytes:
                     self._reject(431, "request header fields too large")
 
     def eof_received(self) -> bool:
@@ -172,7 +170,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connection_closed(self)
+        self.ctx.closed(self)
         peer = self.tunnel_peer
         if peer is not None:
             self.tunnel_peer = None
@@ -221,20 +219,22 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             self._xfp: bytes | None = None
             self._xfh: bytes | None = None
         if self.active is None:
-            self.deadline = self.server.loop.time() + self.server.header_timeout
+            ctx = self.ctx
+            self.deadline = ctx.loop.time() + ctx.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.server.max_header_bytes:
+        if len(self._url) > self.ctx.limits.max_header_bytes:
             raise Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_head:
             return  # a trailer field of a chunked body: not forwarded
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.server.max_header_bytes:
+        ctx = self.ctx
+        if self._head_bytes > ctx.limits.max_header_bytes:
             raise Reject(431, "request header fields too large")
-        kind = self.server.request_headers.get(name.lower())
+        kind = ctx.request_headers.get(name.lower())
         if kind is None:
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_HOST:
@@ -280,7 +280,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        server = self.server
+        ctx = self.ctx
+        limits = ctx.limits
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -300,8 +301,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             if named:
                 lines = strip_named_headers(lines, named)
         body_expected = self._chunked or self._content_length > 0
-        if server.max_body_bytes and self._content_length > server.max_body_bytes:
-            raise Reject(413, f"request body larger than {server.max_body_bytes} bytes")
+        if limits.max_body_bytes and self._content_length > limits.max_body_bytes:
+            raise Reject(413, f"request body larger than {limits.max_body_bytes} bytes")
         expect_continue = False
         if self._expect is not None:
             if self._expect.lower() != b"100-continue":
@@ -324,7 +325,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             head.append(self.forwarded)
             if self._host is not None:
                 head += (b"X-Forwarded-Host: ", self._host, CRLF)
-        head.append(server.head_end)
+        head.append(limits.head_end)
 
         exchange = Exchange(
             self,
@@ -334,7 +335,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             chunked=self._chunked,
             body_expected=body_expected,
             # After an Upgrade request the parser is spent: one exchange, then close.
-            keep_alive=bool(parser.should_keep_alive()) and not upgrade and not server.stopping,
+            keep_alive=bool(parser.should_keep_alive()) and not upgrade and not ctx.stopping,
             http10=http10,
             upgrade=upgrade,
         )
@@ -345,19 +346,15 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             body_expected
             and exchange.idempotent
             and not self._chunked
-            and self._content_length <= server.retry_max_body
+            and self._content_length <= limits.retry_max_body
         ):
             exchange.kept_body = []  # small enough to keep for a retry
-        table = server.table
-        overrides = table.overrides
-        if overrides is not None:
+        router = ctx.table.router
+        if router.active:
             # Decided now: the head's facts are gone by the time a pipelined request starts.
-            exchange.color = overrides.decide(
+            exchange.route = router.decide(
                 self._host, url, self._cookie, self._captured, self._sticky, self.peer_ip
             )
-        steering = table.steering
-        if steering.active and exchange.color is None:
-            exchange.bucket, exchange.set_cookie = steering.bucket(self, self._cookie, self._sticky)
         self.receiving = exchange
         if self.active is None:
             self._start(exchange)
@@ -378,7 +375,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
     def _forwarded_from_trusted(self) -> bytes:
         """X-Forwarded-* from a trusted proxy: append our peer to its chain, keep the rest."""
         chain = self.peer_ip if self._xff is None else self._xff + b", " + self.peer_ip
-        proto = self._xfp or self.server.scheme
+        proto = self._xfp or self.scheme
         host = self._xfh or self._host
         lines = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (chain, proto)
         return lines if host is None else lines + b"X-Forwarded-Host: %s\r\n" % host
@@ -405,14 +402,15 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         exchange = self.receiving
         assert exchange is not None
-        server = self.server
-        if server.max_body_bytes:
+        ctx = self.ctx
+        limits = ctx.limits
+        if limits.max_body_bytes:
             self._body_bytes += len(body)
-            if self._body_bytes > server.max_body_bytes:
-                raise Reject(413, f"request body larger than {server.max_body_bytes} bytes")
+            if self._body_bytes > limits.max_body_bytes:
+                raise Reject(413, f"request body larger than {limits.max_body_bytes} bytes")
         exchange.send_body(body)
         if exchange is self.active:
-            self.deadline = server.loop.time() + server.upstream_timeout
+            self.deadline = ctx.loop.time() + limits.upstream_timeout
         if exchange.pending_bytes > MAX_PENDING_BODY:
             self.gate.pause(BODY_WAITING)
 

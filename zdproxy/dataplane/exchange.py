@@ -1,16 +1,77 @@
-"""One request/response exchange: the state both protocols share while a request is served."""
+"""One request/response exchange: the state both protocols share while a request is
+served, and the Protocols through which the two sides talk.
+
+The client side (client.py, serving.py) and the upstream side (upstream.py) never
+import each other: each sees the other only as described here, so either can be
+replaced, or driven by a fake in a test.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import Protocol
 
+from zdproxy.dataplane.flow import ReadGate
 from zdproxy.dataplane.http import CRLF, IDEMPOTENT_METHODS, LAST_CHUNK
+from zdproxy.dataplane.route import SPLIT, Route
+from zdproxy.routing.records import FailureKind, UpstreamStats
+from zdproxy.routing.snapshot import UpstreamTarget
 
-if TYPE_CHECKING:
-    import asyncio
 
-    from zdproxy.dataplane.client import ClientConnection
-    from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+class UpstreamSide(Protocol):
+    """One connection to an app server, as the client side sees it."""
+
+    transport: asyncio.Transport
+    exchange: Exchange | None
+
+    def attach(self, exchange: Exchange) -> None:
+        """Send the exchange's request on this connection and start answering it."""
+        ...
+
+
+class PoolSide(Protocol):
+    """One app server's pool of connections, as the client side and the balancer see it."""
+
+    outstanding: int  # requests in flight
+
+    @property
+    def target(self) -> UpstreamTarget: ...
+
+    @property
+    def stats(self) -> UpstreamStats: ...
+
+    def take_idle(self) -> UpstreamSide | None: ...
+
+    def connect(self, exchange: Exchange) -> None:
+        """Open a connection; the outcome comes back as ClientSide.upstream_connected."""
+        ...
+
+
+class ClientSide(Protocol):
+    """A client connection, as the upstream side sees it: where the response goes and
+    whom to call back. The upstream side reads it only while it serves an exchange."""
+
+    transport: asyncio.Transport
+    gate: ReadGate
+    deadline: float
+    writing_paused: bool
+    peer_ip: bytes
+
+    def upstream_connected(self, exchange: Exchange, future: asyncio.Future[object]) -> None: ...
+
+    def exchange_done(self, exchange: Exchange, now: float) -> None: ...
+
+    def upstream_lost(self, exchange: Exchange, detail: str) -> None: ...
+
+    def upstream_failed(self, exchange: Exchange, kind: FailureKind, detail: str) -> None: ...
+
+    def retry_status(self, exchange: Exchange, pool: PoolSide, status: int) -> bool: ...
+
+    def retry_on_live(self, exchange: Exchange, failed: PoolSide) -> None: ...
+
+    def start_tunnel(self, upstream: UpstreamSide, initial: bytes) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
 
 
 class Exchange:
@@ -24,11 +85,9 @@ class Exchange:
     __slots__ = (
         "attempts",
         "body_expected",
-        "bucket",
         "chunked",
         "client",
         "client_keep_alive",
-        "color",
         "connecting",
         "expect_continue",
         "head",
@@ -43,7 +102,7 @@ class Exchange:
         "request_complete",
         "response_started",
         "reused",
-        "set_cookie",
+        "route",
         "started",
         "upgrade",
         "upstream",
@@ -51,7 +110,7 @@ class Exchange:
 
     def __init__(
         self,
-        client: ClientConnection,
+        client: ClientSide,
         head: bytes,
         *,
         is_head: bool,
@@ -73,16 +132,14 @@ class Exchange:
         self.http10 = http10
         self.upgrade = upgrade
         self.expect_continue = False
-        self.bucket = -1  # the sticky bucket, or -1 while the split is not fractional
-        self.set_cookie = b""  # a bucket cookie to issue with the response
-        self.color: str | None = None  # a pin's or preview's choice; beats the bucket
+        self.route: Route = SPLIT  # decided with the head, unless the split is all one way
         self.started = 0.0  # set when it is dispatched to an upstream
         self.request_complete = False
         self.response_started = False
         self.reused = False
         self.attempts = 0
-        self.pool: UpstreamPool | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.pool: PoolSide | None = None
+        self.upstream: UpstreamSide | None = None
         self.connecting: asyncio.Future[object] | None = None
         self.pending: list[bytes] | None = None
         # A copy of a small body of an idempotent request, so that it can be sent again.

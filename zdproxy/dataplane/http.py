@@ -83,6 +83,20 @@ def strip_named_headers(fields: list[bytes], names: set[bytes]) -> list[bytes]:
     return kept
 
 
+NO_COOKIES: dict[bytes, bytes] = {}
+
+
+def parse_cookies(header: bytes) -> dict[bytes, bytes]:
+    """Cookie name -> value (quotes stripped) from a Cookie header; the first of a
+    repeated name wins, as browsers send the most specific cookie first."""
+    cookies: dict[bytes, bytes] = {}
+    for part in header.split(b";"):
+        name, sep, value = part.strip().partition(b"=")
+        if sep:
+            cookies.setdefault(name, value.strip().strip(b'"'))
+    return cookies
+
+
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 
 

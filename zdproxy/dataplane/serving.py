@@ -11,16 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from math import inf
-from typing import TYPE_CHECKING
 
-from zdproxy.dataplane.exchange import Exchange
+from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.exchange import Exchange, PoolSide, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import CONTINUE_100, error_response
 from zdproxy.routing.records import FailureKind
-
-if TYPE_CHECKING:
-    from zdproxy.dataplane.server import ProxyServer
-    from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
 
 MAX_PIPELINE = 16  # queued requests behind the active one before we stop reading
 MAX_RETRIES = 2  # other upstreams tried after a failure that is safe to retry
@@ -34,19 +30,19 @@ class ExchangeDriver:
     __slots__ = (
         "active",
         "closing",
+        "ctx",
         "deadline",
         "gate",
         "in_head",
         "owed_reply",
         "queue",
         "receiving",
-        "server",
         "transport",
         "tunnel_peer",
         "upgrade_buffer",
     )
 
-    server: ProxyServer
+    ctx: Context
     transport: asyncio.Transport
     gate: ReadGate
     deadline: float
@@ -56,15 +52,35 @@ class ExchangeDriver:
     owed_reply: bytes | None
     closing: bool
     in_head: bool
-    tunnel_peer: UpstreamConnection | None
+    tunnel_peer: UpstreamSide | None
     upgrade_buffer: list[bytes] | None
+
+    # -- as the owner sees it (context.Connection) -------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return (
+            self.active is None
+            and not self.queue
+            and not self.in_head
+            and self.tunnel_peer is None
+        )
+
+    def serves(self, ids: set[str]) -> bool:
+        active = self.active
+        return active is not None and active.pool is not None and active.pool.target.id in ids
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    # -- dispatching -------------------------------------------------------------------
 
     def _start(self, exchange: Exchange) -> None:
         self.active = exchange
-        server = self.server
-        exchange.started = now = server.loop.time()
-        server.window_requests += 1
-        pool = server.table.pick(exchange.bucket, exchange.color)
+        ctx = self.ctx
+        exchange.started = now = ctx.loop.time()
+        ctx.budget.requests += 1
+        pool = ctx.table.pick(exchange.route)
         if pool is None:
             self._respond_locally(exchange, 503, "no healthy upstream in the blue or green pool")
             return
@@ -72,24 +88,23 @@ class ExchangeDriver:
             self.transport.write(CONTINUE_100)
         self._dispatch(exchange, pool, now)
 
-    def _dispatch(self, exchange: Exchange, pool: UpstreamPool, now: float) -> None:
+    def _dispatch(self, exchange: Exchange, pool: PoolSide, now: float) -> None:
         """Send the exchange to this upstream: on an idle connection, else a new one."""
-        server = self.server
         exchange.pool = pool
         pool.outstanding += 1
         conn = pool.take_idle()
         if conn is not None:
             exchange.reused = True
-            self.deadline = now + server.upstream_timeout
+            self.deadline = now + self.ctx.limits.upstream_timeout
             conn.attach(exchange)
             if self.gate.reasons:
                 self.gate.resume(BODY_WAITING)
         else:
-            self.deadline = now + server.connect_timeout
+            self.deadline = now + self.ctx.limits.connect_timeout
             pool.connect(exchange)
 
     def upstream_connected(self, exchange: Exchange, future: asyncio.Future[object]) -> None:
-        """Done-callback of UpstreamPool.connect."""
+        """Done-callback of PoolSide.connect."""
         exchange.connecting = None
         if future.cancelled():
             return
@@ -110,9 +125,9 @@ class ExchangeDriver:
                 exchange, 502, f"cannot connect to upstream {pool.target.id}: {reason}"
             )
             return
-        conn: UpstreamConnection = future.result()[1]  # type: ignore[index]
-        server = self.server
-        self.deadline = server.loop.time() + server.upstream_timeout
+        conn: UpstreamSide = future.result()[1]  # type: ignore[index]
+        ctx = self.ctx
+        self.deadline = ctx.loop.time() + ctx.limits.upstream_timeout
         conn.attach(exchange)
         self.gate.resume(BODY_WAITING)
 
@@ -132,11 +147,12 @@ class ExchangeDriver:
             self.transport.write(self.owed_reply)
             self._close(linger=True)
             return
-        if self.closing or self.server.stopping:
+        ctx = self.ctx
+        if self.closing or ctx.stopping:
             self.transport.close()
             return
-        server = self.server
-        self.deadline = now + (server.header_timeout if self.in_head else server.idle_timeout)
+        limits = ctx.limits
+        self.deadline = now + (limits.header_timeout if self.in_head else limits.idle_timeout)
 
     def _respond_locally(self, exchange: Exchange, status: int, detail: str) -> None:
         """Answer the active exchange with zdproxy's own error reply."""
@@ -150,8 +166,9 @@ class ExchangeDriver:
             self.transport.write(
                 error_response(status, detail, close=not exchange.client_keep_alive)
             )
-        now = self.server.loop.time()
-        if (access := self.server.access_log) is not None:
+        ctx = self.ctx
+        now = ctx.loop.time()
+        if (access := ctx.limits.access) is not None:
             upstream = exchange.pool.target.id if exchange.pool is not None else "-"
             access.response(exchange, status, upstream, now - (exchange.started or now))
         self.exchange_done(exchange, now)
@@ -197,7 +214,7 @@ class ExchangeDriver:
         self.in_head = False
         transport.write_eof()
         self.gate.clear()
-        self.deadline = self.server.loop.time() + LINGER_SECONDS
+        self.deadline = self.ctx.loop.time() + LINGER_SECONDS
 
     def _abandon(self, exchange: Exchange, kind: FailureKind | None) -> None:
         """Drop an exchange's upstream side mid-flight (its connection cannot be reused)."""
@@ -218,7 +235,7 @@ class ExchangeDriver:
             if kind is not None:
                 pool.stats.fail(kind)
 
-    def upstream_lost(self, exchange: Exchange, conn: UpstreamConnection, detail: str) -> None:
+    def upstream_lost(self, exchange: Exchange, detail: str) -> None:
         """The upstream closed or reset the connection before the response was complete."""
         pool = exchange.pool
         assert pool is not None
@@ -228,8 +245,8 @@ class ExchangeDriver:
                 # The app closed an idle keep-alive connection just as we reused it:
                 # the same request goes out once more, on a fresh connection.
                 exchange.rewind()
-                server = self.server
-                self.deadline = server.loop.time() + server.connect_timeout
+                ctx = self.ctx
+                self.deadline = ctx.loop.time() + ctx.limits.connect_timeout
                 pool.connect(exchange)
                 return
             if exchange.idempotent:
@@ -243,15 +260,15 @@ class ExchangeDriver:
         pool.stats.fail(FailureKind.RESET)
         self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
 
-    def _retry_elsewhere(self, exchange: Exchange, failed: UpstreamPool, kind: str) -> bool:
+    def _retry_elsewhere(self, exchange: Exchange, failed: PoolSide, kind: str) -> bool:
         """Send a request that got no response byte to the client again: to another
         upstream of the same color, else (a split-routed candidate request) to the live
         pool. Only for failures that leave it safe: nothing was sent (connect), or an
         idempotent request whose whole body is known (reset, status)."""
-        server = self.server
+        ctx = self.ctx
         if exchange.attempts >= MAX_RETRIES:
             return False
-        table = server.table
+        table = ctx.table
         other = table.alternative(failed) if kind != "status" else None
         # A refused connection cost the app nothing: only retries that put load on an
         # upstream (after a reset or a status, or on the other pool) spend the budget.
@@ -259,46 +276,42 @@ class ExchangeDriver:
         if other is None and self._may_go_live(exchange, failed):
             other = table.live_pick()
             budgeted = True
-        if other is None or (budgeted and not server.retry_allowed()):
+        if other is None or (budgeted and not ctx.budget.allowed()):
             return False
         if kind == "connect":  # nothing was sent: what waits in `pending` goes as it is
             exchange.attempts += 1
             exchange.reused = False
         else:
             exchange.rewind()
-        server.window_retries += 1
-        server.retries[kind] += 1
-        self._dispatch(exchange, other, server.loop.time())
+        ctx.budget.spend(kind)
+        self._dispatch(exchange, other, ctx.loop.time())
         return True
 
-    def _may_go_live(self, exchange: Exchange, failed: UpstreamPool) -> bool:
-        server = self.server
+    def _may_go_live(self, exchange: Exchange, failed: PoolSide) -> bool:
+        ctx = self.ctx
         return (
-            server.retry_on_live
-            and exchange.color is None  # a pinned or preview request stays where it was sent
-            and failed.target.color != server.table.snapshot.live
+            ctx.limits.retry_on_live
+            and exchange.route.to is None  # a pinned or preview request stays where it was sent
+            and failed.target.color != ctx.table.snapshot.live
         )
 
-    def retry_status(self, exchange: Exchange, pool: UpstreamPool, status: int) -> bool:
+    def retry_status(self, exchange: Exchange, pool: PoolSide, status: int) -> bool:
         """Whether the candidate's `status` answer may be replaced by the live pool's."""
-        server = self.server
         return (
             exchange.idempotent
             and exchange.replayable
             and exchange.attempts < MAX_RETRIES
             and self._may_go_live(exchange, pool)
-            and server.table.live is not None
+            and self.ctx.table.live is not None
         )
 
-    def retry_on_live(self, exchange: Exchange, failed: UpstreamPool) -> None:
+    def retry_on_live(self, exchange: Exchange, failed: PoolSide) -> None:
         """The candidate answered a retryable status, which the client never saw."""
         if not self._retry_elsewhere(exchange, failed, "status"):
             # The live pool went away meanwhile: nothing to answer with but our own.
             self._respond_locally(exchange, 502, f"upstream {failed.target.id} failed")
 
-    def upstream_failed(
-        self, exchange: Exchange, conn: UpstreamConnection, kind: FailureKind, detail: str
-    ) -> None:
+    def upstream_failed(self, exchange: Exchange, kind: FailureKind, detail: str) -> None:
         pool = exchange.pool
         assert pool is not None
         exchange.upstream = None
@@ -309,7 +322,6 @@ class ExchangeDriver:
     def on_timeout(self) -> None:
         """Called by the server's sweeper once `deadline` has passed."""
         self.deadline = inf
-        server = self.server
         if self.tunnel_peer is not None:
             self.transport.close()
             return
@@ -331,7 +343,7 @@ class ExchangeDriver:
             return
         self._abandon(exchange, FailureKind.TIMEOUT)
         if exchange.request_complete:
-            seconds = server.upstream_timeout
+            seconds = self.ctx.limits.upstream_timeout
             self._respond_locally(exchange, 504, f"upstream {upstream_id} silent for {seconds:g}s")
         else:
             exchange.client_keep_alive = False
@@ -342,15 +354,13 @@ class ExchangeDriver:
     def _upgrade_requested(self, rest: bytes) -> None:
         self.upgrade_buffer = [rest] if rest else []
 
-    def start_tunnel(self, upstream: UpstreamConnection, initial: bytes) -> None:
+    def start_tunnel(self, upstream: UpstreamSide, initial: bytes) -> None:
         exchange = self.active
         assert exchange is not None and exchange.pool is not None
         pool = exchange.pool
         pool.outstanding -= 1
-        server = self.server
-        pool.stats.observe(101, server.loop.time() - exchange.started)
-        upstream.tunnel = True
-        pool.tunnels.add(upstream)
+        ctx = self.ctx
+        pool.stats.observe(101, ctx.loop.time() - exchange.started)
         exchange.upstream = None
         self.active = None
         self.tunnel_peer = upstream
@@ -360,7 +370,7 @@ class ExchangeDriver:
         if buffered:
             upstream.transport.writelines(buffered)
         self.gate.resume(BODY_WAITING)
-        self.deadline = server.loop.time() + server.tunnel_idle_timeout
+        self.deadline = ctx.loop.time() + ctx.limits.tunnel_idle_timeout
 
     def tunnel_closed(self) -> None:
         self.tunnel_peer = None

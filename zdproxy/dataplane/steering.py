@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import secrets
 from hashlib import blake2b
-from typing import TYPE_CHECKING
 
 from zdproxy.routing.snapshot import BASIS_POINTS, StickyPolicy
-
-if TYPE_CHECKING:
-    from zdproxy.dataplane.client import ClientConnection
 
 KEY_BUCKET_COOKIE, KEY_CLIENT_IP, KEY_COOKIE, KEY_HEADER = range(4)
 
@@ -23,15 +19,6 @@ KEY_BUCKET_COOKIE, KEY_CLIENT_IP, KEY_COOKIE, KEY_HEADER = range(4)
 def bucket_of(salt: bytes, key: bytes) -> int:
     digest = blake2b(key, digest_size=8, key=salt[:64]).digest()
     return int.from_bytes(digest, "big") % BASIS_POINTS
-
-
-def cookie_value(header: bytes, name: bytes) -> bytes | None:
-    """The value of cookie `name` in a Cookie header, or None."""
-    for part in header.split(b";"):
-        key, sep, value = part.strip().partition(b"=")
-        if sep and key == name:
-            return value.strip().strip(b'"') or None
-    return None
 
 
 class Steering:
@@ -46,6 +33,7 @@ class Steering:
         "_set_cookie",
         "active",
         "header",
+        "reads_cookies",
     )
 
     def __init__(self, policy: StickyPolicy, fractional: bool) -> None:
@@ -60,6 +48,9 @@ class Steering:
         self._name = name.encode()
         # The request header the client connection must capture for us, if any.
         self.header = name.lower().encode() if self._kind == KEY_HEADER else None
+        # The Cookie header is read for a cookie key, and for the bucket cookie, which
+        # every key but the client's address falls back to.
+        self.reads_cookies = self._kind != KEY_CLIENT_IP
         self._salt = policy.salt.encode()
         self._buckets: dict[bytes, int] = {}  # a user's requests hash their key once
         self._cookie = policy.bucket_cookie.encode()
@@ -69,20 +60,20 @@ class Steering:
         )
 
     def bucket(
-        self, conn: ClientConnection, cookies: bytes | None, header: bytes | None
+        self, peer_ip: bytes, cookies: dict[bytes, bytes], header: bytes | None
     ) -> tuple[int, bytes]:
         """(bucket, Set-Cookie header line or b"") for one request."""
         kind = self._kind
         if kind == KEY_CLIENT_IP:
-            return self._bucket_of(conn.peer_ip), b""
+            return self._bucket_of(peer_ip), b""
         key: bytes | None = None
         if kind == KEY_HEADER:
             key = header
-        elif kind == KEY_COOKIE and cookies is not None:
-            key = cookie_value(cookies, self._name)
+        elif kind == KEY_COOKIE:
+            key = cookies.get(self._name) or None  # an empty value is no key
         if key is not None:
             return self._bucket_of(key), b""
-        token = cookie_value(cookies, self._cookie) if cookies is not None else None
+        token = cookies.get(self._cookie) or None
         if token is not None:
             return self._bucket_of(token), b""
         token = secrets.token_hex(12).encode()

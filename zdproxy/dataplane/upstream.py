@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from functools import partial
-from typing import TYPE_CHECKING
 
 import httptools
 
+from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.exchange import Exchange
 from zdproxy.dataplane.flow import UPSTREAM_BUSY
 from zdproxy.dataplane.http import (
     CONNECTION_OPTIONS,
@@ -29,10 +30,6 @@ from zdproxy.dataplane.http import (
 from zdproxy.routing.records import FailureKind, UpstreamStats
 from zdproxy.routing.snapshot import UpstreamTarget
 
-if TYPE_CHECKING:
-    from zdproxy.dataplane.exchange import Exchange
-    from zdproxy.dataplane.server import ProxyServer
-
 log = logging.getLogger("zdproxy.upstream")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -41,11 +38,11 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 class UpstreamPool:
     """One app server: its idle keep-alive connections (LIFO), load and counters."""
 
-    __slots__ = ("idle", "outstanding", "retired", "server", "stats", "target", "tunnels")
+    __slots__ = ("ctx", "idle", "outstanding", "retired", "stats", "target", "tunnels")
 
-    def __init__(self, target: UpstreamTarget, server: ProxyServer) -> None:
+    def __init__(self, target: UpstreamTarget, ctx: Context) -> None:
         self.target = target
-        self.server = server
+        self.ctx = ctx
         self.idle: list[UpstreamConnection] = []
         self.outstanding = 0  # requests in flight
         self.tunnels: set[UpstreamConnection] = set()  # open Upgrade tunnels
@@ -61,7 +58,7 @@ class UpstreamPool:
         return None
 
     def release(self, conn: UpstreamConnection, now: float) -> None:
-        if self.retired or len(self.idle) >= self.server.max_idle_per_upstream:
+        if self.retired or len(self.idle) >= self.ctx.limits.max_idle_per_upstream:
             conn.transport.close()
             return
         conn.idle_since = now
@@ -73,7 +70,7 @@ class UpstreamPool:
 
     def connect(self, exchange: Exchange) -> None:
         """Open a new connection for the exchange; its result arrives as a callback."""
-        loop = self.server.loop
+        loop = self.ctx.loop
         address = self.target.address
         factory = partial(UpstreamConnection, self)
         if address.path is not None:
@@ -87,7 +84,7 @@ class UpstreamPool:
     def sweep(self, now: float) -> None:
         """Close connections idle longer than the idle timeout (the oldest sit at the bottom)."""
         idle = self.idle
-        limit = now - self.server.upstream_idle_timeout
+        limit = now - self.ctx.limits.upstream_idle_timeout
         while idle and idle[0].idle_since < limit:
             idle.pop(0).transport.close()
 
@@ -177,18 +174,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         client = exchange.client
-        server = client.server
-        now = server.loop.time()
+        ctx = self.pool.ctx
+        now = ctx.loop.time()
         if self.tunnel:
             client.transport.write(data)
-            client.deadline = now + server.tunnel_idle_timeout
+            client.deadline = now + ctx.limits.tunnel_idle_timeout
             return
-        client.deadline = now + server.upstream_timeout
+        client.deadline = now + ctx.limits.upstream_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self._status == 101 and exchange.upgrade:
                 self._flush(client.transport)
+                self.tunnel = True
+                self.pool.tunnels.add(self)
                 client.start_tunnel(self, data[exc.args[0] :])
                 return
             self._fail(FailureKind.PROTOCOL, "upstream sent an unexpected upgrade")
@@ -227,10 +226,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._out.append(LAST_CHUNK)
             self._flush(client.transport)
             self._keep_alive = False
-            self._finish(client.server.loop.time())
+            self._finish(self.pool.ctx.loop.time())
             return
         self.exchange = None
-        client.upstream_lost(exchange, self, "upstream closed the connection")
+        client.upstream_lost(exchange, "upstream closed the connection")
 
     def pause_writing(self) -> None:
         exchange = self.exchange
@@ -279,7 +278,7 @@ class UpstreamConnection(asyncio.Protocol):
             named = {t for t in self._conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
                 lines = strip_named_headers(lines, named)
-        server = exchange.client.server
+        ctx = self.pool.ctx
         if 100 <= status < 200 and status != 101:
             self._info = True
             # 100 answers an Expect that zdproxy already answered itself; HTTP/1.0 knows no 1xx.
@@ -287,7 +286,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._out.append(b"".join((status_line(status, self._reason), *lines, CRLF)))
             return
         self._keep_alive = self.parser.should_keep_alive()
-        if status in server.retry_statuses and exchange.client.retry_status(
+        limits = ctx.limits
+        if status in limits.retry_statuses and exchange.client.retry_status(
             exchange, self.pool, status
         ):
             self._discard = True  # read this answer to its end, then ask the live pool
@@ -301,12 +301,12 @@ class UpstreamConnection(asyncio.Protocol):
         if status == 101:
             head.append(self._upgrade_line)
             head.append(b"Connection: upgrade\r\n")
-        if server.via_line:
-            head.append(server.via_line)
-        if exchange.set_cookie:
-            head.append(exchange.set_cookie)
+        if limits.via_line:
+            head.append(limits.via_line)
+        if set_cookie := exchange.route.set_cookie:
+            head.append(set_cookie)
         client_keep_alive = (
-            exchange.client_keep_alive and exchange.request_complete and not server.stopping
+            exchange.client_keep_alive and exchange.request_complete and not ctx.stopping
         )
         if exchange.is_head or status in _NO_BODY_STATUSES or status == 101:
             self._complete = status != 101
@@ -359,7 +359,7 @@ class UpstreamConnection(asyncio.Protocol):
         pool.outstanding -= 1
         client = exchange.client
         pool.stats.observe(self._status, now - exchange.started)
-        if (access := client.server.access_log) is not None:
+        if (access := pool.ctx.limits.access) is not None:
             access.response(exchange, self._status, pool.target.id, now - exchange.started)
         reusable = (
             self._keep_alive
@@ -389,4 +389,4 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         self.transport.abort()
         if exchange is not None:
-            exchange.client.upstream_failed(exchange, self, kind, detail)
+            exchange.client.upstream_failed(exchange, kind, detail)

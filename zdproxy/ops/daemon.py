@@ -23,15 +23,17 @@ import uvloop
 from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.admin.server import AdminServer
+from zdproxy.config.changes import FieldProblem, ReloadOutcome, changed_fields, reload_conflicts
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
 from zdproxy.config.tls import load_chain, server_context
 from zdproxy.config.units import Address
 from zdproxy.control.desired import Refused
-from zdproxy.control.events import EventLog
+from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.dataplane.server import ProxyServer
+from zdproxy.ops.limits import dataplane_limits
 from zdproxy.ops.logs import set_level
 from zdproxy.ops.sockets import bind, describe, hand_on, own_sockets, park
 from zdproxy.ops.systemd import Notifier, listen_fds
@@ -83,10 +85,10 @@ class Daemon:
             file_max=state.events_file_max,
             files_kept=state.events_files_kept,
         )
-        self.dataplane = ProxyServer(settings)
+        self.dataplane = ProxyServer(dataplane_limits(settings))
         journal = Journal(self.state_dir / "state.json")
         self.control = ControlPlane(settings, self.dataplane, self.events, journal)
-        self.service = ServiceState()
+        self.service = ServiceState(reload=self.reload)
         self.admin = AdminServer(self.control, self.service, settings.admin.bearer_token)
         self.addresses: list[str] = []
         self.admin_address = ""
@@ -119,7 +121,9 @@ class Daemon:
         try:
             self.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
-            raise OSError(f"state.dir: cannot create {self.state_dir}: {exc.strerror}") from None
+            # Served anyway, from the config file: the journal then refuses every change
+            # (503) and says why in a journal_unwritable event.
+            log.error("state.dir: cannot create %s: %s", self.state_dir, exc.strerror)
         self.control.restore()
         self.control.start()
         await self.admin.start(self.sockets["admin"])
@@ -192,68 +196,75 @@ class Daemon:
             return
         self.events.emit("tls_reloaded", f"certificate {tls.cert_file} loaded", actor="config")
 
-    def reload(self) -> bool:
-        """Re-read the config file and apply it. An invalid file changes nothing.
+    def reload(self, actor: Actor = "config") -> ReloadOutcome:
+        """Re-read the config file and apply it, all or nothing: the one reload behind
+        SIGHUP, a change of the file, and POST /v1/reload (`actor` says which).
 
         Pools, split, limits and timeouts take effect at once, for new requests;
-        requests in flight finish where they are. The listener needs a restart.
+        requests in flight finish where they are. The listener needs a restart. A file
+        that is invalid, names no upstream, would drop the admin token, or does not fit
+        the journaled runtime changes is refused: nothing changes, an event says why.
         """
         if self.config_path is None:
-            log.warning("reload: no config file to read")
-            return False
-        self.notifier.reloading()
-        try:
-            return self._reload(self.config_path)
-        finally:
-            self.notifier.ready(f"serving {', '.join(self.addresses)}")
+            problem = FieldProblem("--config", "zdproxy runs without a config file")
+            outcome = ReloadOutcome("(none)", applied=False, problems=[problem], status=409)
+        else:
+            self.notifier.reloading()
+            try:
+                outcome = self._reload(self.config_path)
+            finally:
+                self.notifier.ready(f"serving {', '.join(self.addresses)}")
+        self.service.reloads["applied" if outcome.applied else "refused"] += 1
+        if outcome.applied:
+            later = ", ".join(outcome.needs_restart)
+            self.events.emit(
+                "reload_applied",
+                f"applied {outcome.source}: "
+                + (f"changed {', '.join(outcome.changed)}" if outcome.changed else "unchanged")
+                + (f"; {later} take effect after a restart" if later else ""),
+                actor=actor,
+                changed=outcome.changed,
+                needs_restart=outcome.needs_restart,
+            )
+        else:
+            errors = [str(problem) for problem in outcome.problems]
+            self.events.emit(
+                "reload_refused",
+                f"{outcome.source}: the running configuration stays: " + "; ".join(errors),
+                actor=actor,
+                level=logging.ERROR,
+                errors=errors,
+            )
+        return outcome
 
-    def _refuse_reload(self, source: str, errors: list[str]) -> bool:
-        self.service.reloads["refused"] += 1
-        self.events.emit(
-            "reload_refused",
-            f"{source}: the running configuration stays: " + "; ".join(errors),
-            actor="config",
-            level=logging.ERROR,
-            errors=errors,
-        )
-        return False
-
-    def _reload(self, config_path: Path) -> bool:
+    def _reload(self, config_path: Path) -> ReloadOutcome:
+        source = str(config_path)
         try:
             new = load_settings(config_path)
         except ConfigError as exc:
-            return self._refuse_reload(exc.source, exc.errors)
+            problems = [FieldProblem.parse(line) for line in exc.errors]
+            return ReloadOutcome(source, applied=False, problems=problems, status=400)
+        if conflicts := reload_conflicts(self.settings, new):
+            return ReloadOutcome(source, applied=False, problems=conflicts, status=409)
         try:
             self.control.apply_settings(new)  # first: it may refuse, and then nothing changed
         except Refused as exc:
-            return self._refuse_reload(str(config_path), [str(exc)])
-        needs_restart = [
-            f"{section}.{name}"
-            for section, name in RESTART_ONLY
-            if getattr(getattr(self.settings, section), name)
-            != getattr(getattr(new, section), name)
-        ]
+            problem = FieldProblem(exc.field, exc.reason)
+            status = exc.status if exc.status >= 500 else 409  # a conflict with the journal
+            return ReloadOutcome(source, applied=False, problems=[problem], status=status)
+        changed = changed_fields(self.settings, new)
+        needs_restart = [f"{s}.{n}" for s, n in RESTART_ONLY if f"{s}.{n}" in changed]
         if new.proxy.tls.enabled != self.settings.proxy.tls.enabled:
             needs_restart.append("proxy.tls")  # the listener itself changes
         watched = (self.settings.proxy.tls, self.settings.reload)
         self.settings = new
-        self.dataplane.configure(new)
+        self.dataplane.configure(dataplane_limits(new))
         self.admin.tokens.token = new.admin.bearer_token
         set_level(new.log.level)
         self._reload_tls()
         if (new.proxy.tls, new.reload) != watched:
             self._watch_files()
-        self.service.reloads["applied"] += 1
-        self.events.emit(
-            "reload_applied",
-            f"applied {config_path}"
-            + (
-                f"; {', '.join(needs_restart)} take effect after a restart" if needs_restart else ""
-            ),
-            actor="config",
-            needs_restart=needs_restart,
-        )
-        return True
+        return ReloadOutcome(source, applied=True, changed=changed, needs_restart=needs_restart)
 
     async def stop(self) -> None:
         """Stop accepting, answer what is in flight (with Connection: close) for up to

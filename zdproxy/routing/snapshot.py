@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from zdproxy.config.settings import COLORS, Color
-from zdproxy.config.units import Address
-
-if TYPE_CHECKING:
-    from zdproxy.config.overrides import PinSettings, PreviewSettings
+from zdproxy.routing.address import Address
+from zdproxy.routing.vocabulary import COLORS, PIN_TARGETS, Color, PinTarget, other
 
 BASIS_POINTS = 10_000
 
@@ -58,9 +55,6 @@ class StickyPolicy:
         }
 
 
-PIN_TARGETS = ("blue", "green", "candidate", "live")
-
-
 @dataclass(frozen=True, slots=True)
 class PinRule:
     """Requests matching every given condition go to `to` (a color, "candidate" or "live").
@@ -69,7 +63,7 @@ class PinRule:
     """
 
     name: str
-    to: str
+    to: PinTarget
     header: str = ""  # with `values`: the header's value is one of them
     cookie: str = ""  # with `values`: the cookie's value is one of them
     values: tuple[str, ...] = ()
@@ -92,19 +86,6 @@ class PinRule:
             "path_prefixes": list(self.path_prefixes),
             "networks": list(self.networks),
         }
-
-    @classmethod
-    def from_settings(cls, index: int, pin: PinSettings) -> PinRule:
-        return cls(
-            pin.name or f"pins[{index}]",
-            pin.to,
-            pin.header,
-            pin.cookie,
-            tuple(pin.values),
-            tuple(pin.host),
-            tuple(pin.path_prefix),
-            tuple(pin.network),
-        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PinRule:
@@ -147,12 +128,6 @@ class PreviewPolicy:
         }
 
     @classmethod
-    def from_settings(cls, preview: PreviewSettings) -> PreviewPolicy:
-        return cls(
-            preview.header, preview.cookie, tuple(preview.allow_networks), preview.signing_secret
-        )
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreviewPolicy:
         return cls(
             data["header"],
@@ -184,7 +159,7 @@ class RoutingSnapshot:
 
     @property
     def candidate(self) -> Color:
-        return "green" if self.live == "blue" else "blue"
+        return other(self.live)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,131 @@
+"""The limits sections: the client-facing listener (`[proxy]`) and how zdproxy talks
+to the app servers (`[upstream]`). Kept apart from settings.py (which includes them)
+so that module stays readable."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from zdproxy.config.section import Section
+from zdproxy.config.tls import TlsSettings
+from zdproxy.config.units import (
+    DAY,
+    HOUR,
+    MINUTE,
+    Address,
+    AddressField,
+    Duration,
+    GiB,
+    MiB,
+    Networks,
+    Size,
+)
+
+
+class ProxySettings(Section):
+    """The client-facing listener and the limits that protect it."""
+
+    listen: AddressField = Field(
+        default=Address.parse("127.0.0.1:8080"),
+        description="Where clients connect: host:port or unix:/path.",
+    )
+    backlog: int = Field(
+        default=1024,
+        ge=1,
+        le=65535,
+        description="Listen backlog of the proxy socket (1-65535; the kernel caps it at "
+        "net.core.somaxconn).",
+    )
+    header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        le=HOUR,
+        description="A request head must arrive in full within this time (slowloris guard); "
+        "408. At most 1h.",
+    )
+    idle_timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        le=DAY,
+        description="An idle keep-alive client connection is closed after this. At most 1d.",
+    )
+    max_header_bytes: Size = Field(
+        default=16384,
+        ge=1024,
+        le=MiB,
+        description="Largest request line plus headers; larger gets 431. 1KiB to 1MiB.",
+    )
+    max_body_bytes: Size = Field(
+        default=0,
+        ge=0,
+        le=1024 * GiB,
+        description="Largest request body; larger gets 413. 0 means no limit (bodies stream). "
+        "At most 1024GiB.",
+    )
+    trusted_proxies: Networks = Field(
+        default_factory=list,
+        description=(
+            "Networks (CIDR) of proxies in front of zdproxy whose X-Forwarded-For/Proto/Host "
+            "are kept and appended to; from anyone else they are replaced."
+        ),
+    )
+    shutdown_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        le=HOUR,
+        description=(
+            "On stop or restart, requests in flight (and WebSocket tunnels) get this long "
+            "to finish; what is left is then cut. At most 1h."
+        ),
+    )
+    tls: TlsSettings = Field(
+        default_factory=TlsSettings, description="TLS on this listener ([proxy.tls])."
+    )
+    via: str = Field(
+        default="zdproxy",
+        pattern=r"^[!#-'*+.0-9A-Z^-z|~-]*$",
+        description="Pseudonym in the Via header added both ways; empty disables Via.",
+    )
+
+
+class UpstreamSettings(Section):
+    """How zdproxy talks to the app servers of both pools."""
+
+    connect_timeout: Duration = Field(
+        default=3.0,
+        gt=0,
+        le=5 * MINUTE,
+        description="Connecting to an upstream; past it the client gets 504. At most 5m.",
+    )
+    timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        le=DAY,
+        description=(
+            "Longest silence from an upstream while a request is in flight: waiting for the "
+            "response head (504) or between body bytes (the connection is cut). At most 1d."
+        ),
+    )
+    idle_timeout: Duration = Field(
+        default=1.5,
+        gt=0,
+        le=HOUR,
+        description=(
+            "An idle pooled upstream connection is closed after this. Keep it below the app "
+            "server's own keep-alive timeout (gunicorn 2s, node 5s) so zdproxy never reuses a "
+            "connection the app is closing. At most 1h."
+        ),
+    )
+    max_idle_per_upstream: int = Field(
+        default=512,
+        ge=0,
+        le=65535,
+        description="Idle connections kept per upstream; size it to the peak concurrency. "
+        "At most 65535 (each is a file descriptor).",
+    )
+    tunnel_idle_timeout: Duration = Field(
+        default=3600.0,
+        gt=0,
+        le=DAY,
+        description="An Upgrade (WebSocket) tunnel silent this long is closed. At most 1d.",
+    )

@@ -1,0 +1,67 @@
+"""What rollouts and rolling updates may use of the control plane: a narrow Protocol.
+
+They never import the control plane (it imports them); the control plane meets this
+Protocol, and the brain's tests can meet it with the in-memory data plane and a fake
+clock. Every write a rollout makes goes through `steer` or `save_rollout`, which the
+control plane fences by the rollout's id.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from zdproxy.config.settings import Color, HealthSettings, Settings
+from zdproxy.config.units import Address
+from zdproxy.control.drain import DrainResult
+from zdproxy.control.events import Actor, EventLog
+from zdproxy.control.health import HealthChecker
+from zdproxy.control.telemetry import Telemetry
+from zdproxy.routing.snapshot import UpstreamTarget
+
+
+class ControlHost(Protocol):
+    events: EventLog
+    telemetry: Telemetry
+    health: HealthChecker
+    listeners: list[Address]
+
+    @property
+    def settings(self) -> Settings: ...
+
+    def share(self, color: str) -> int: ...
+
+    def targets_of(self, color: str) -> list[UpstreamTarget]: ...
+
+    def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]: ...
+
+    def routable(self, upstream: str) -> bool: ...
+
+    def steer(
+        self, weight: int, live: Color, rollout: dict[str, Any], actor: Actor, *, durable: bool
+    ) -> None:
+        """The split and the rollout's record in one journal write; only the rollout that
+        holds the split may call it. `durable=False`: in memory even if the disk fails."""
+        ...
+
+    def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None: ...
+
+    def rolling_update(self) -> str | None:
+        """The rolling update in progress, if any: it and a rollout never run together."""
+        ...
+
+    def start_drain(
+        self,
+        *,
+        color: str | None = None,
+        upstream: str | None = None,
+        force: bool = False,
+        actor: Actor = "api",
+    ) -> set[str]: ...
+
+    async def wait_drained(
+        self, ids: set[str], *, cut_after: float, tunnel_grace: float, actor: Actor = "api"
+    ) -> DrainResult: ...
+
+    def undrain(
+        self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"
+    ) -> set[str]: ...

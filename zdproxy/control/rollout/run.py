@@ -1,0 +1,338 @@
+"""One rollout: its record, its deadlines and the work it has in flight.
+
+A rollout is moved on by `advance(now)`, called on every judge tick by its own
+task (or by a test with a fake clock): each call looks at the clock, the judge and
+the work in flight, and makes at most one transition. Commands (pause, resume,
+promote, abort) are transitions made at once. The slow work (hooks, the drain of
+the old color) runs as this rollout's job, and its result is read by a later tick.
+
+Once ended, a rollout never writes again: `TRANSITIONS` has no way out of an end,
+every job checks `ended` after each await, and the control plane refuses split
+writes from any rollout but the one that holds the split.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from zdproxy.config.plans import PlanSettings
+from zdproxy.config.settings import Color
+from zdproxy.control.desired import Refused
+from zdproxy.control.events import Actor
+from zdproxy.control.hooks import HookResult, run_hook
+from zdproxy.control.judge import Judge, Verdict
+from zdproxy.control.ports import ControlHost
+from zdproxy.control.rollout.phases import (
+    HISTORY,
+    HistoryEntry,
+    Phase,
+    RolloutRecord,
+    check_transition,
+)
+from zdproxy.routing.preview import mint_token
+
+log = logging.getLogger("zdproxy.rollout")
+
+PREVIEW_TTL = 3600  # seconds a verify hook's signed preview token is valid
+DRAIN_CUT_AFTER = 30.0  # seconds the old color's requests get to finish after promotion
+DRAIN_TUNNEL_GRACE = 5.0
+
+
+class Rollout:
+    def __init__(
+        self, record: RolloutRecord, plan: PlanSettings, host: ControlHost, now: float
+    ) -> None:
+        self.record = record
+        self.plan = plan
+        self.host = host
+        self.entered = now  # when the phase (or step) began: its deadline counts from here
+        self.held_from = now  # the step's hold; starts again on resume
+        self.judged_from = now  # the judge reads only slices that began after this
+        self.judge = Judge(plan.judge)
+        self.job: asyncio.Task[str | None] | None = None  # hooks or the drain; None: idle
+        self.after: set[asyncio.Task[None]] = set()  # on_rollback hooks, after the swap
+
+    @property
+    def id(self) -> int:
+        return self.record.id
+
+    @property
+    def ended(self) -> bool:
+        return not self.record.state.active
+
+    # -- commands ------------------------------------------------------------------------
+
+    def pause(self, actor: Actor, now: float) -> None:
+        self._expect("pause", Phase.STEP)
+        self._move(Phase.PAUSED, "paused", actor)
+        self.entered = now
+
+    def resume(self, actor: Actor, now: float) -> None:
+        self._expect("resume", Phase.PAUSED)
+        self._move(Phase.STEP, "resumed: the step's hold starts again", actor)
+        self.held_from = now
+
+    def promote(self, actor: Actor, now: float) -> None:
+        self._expect("promote", Phase.STEP, Phase.PAUSED)
+        self._promoted("promoted by hand", actor, now)
+
+    def abort(self, actor: Actor) -> None:
+        self.end(Phase.ABORTED, f"aborted by {actor}", actor)
+
+    # -- ticks ---------------------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Look at the clock, the judge and the job; make at most one transition."""
+        state = self.record.state
+        if state is Phase.PREFLIGHT:
+            self._preflight(now)
+        elif state in (Phase.STEP, Phase.PAUSED):
+            self._step(now)
+        elif state is Phase.BAKING:
+            self._bake(now)
+        elif state is Phase.FINISHING:
+            self._finishing()
+
+    def _preflight(self, now: float) -> None:
+        if self.job is None:
+            healthy = self._healthy()
+            if healthy < self.plan.min_healthy:
+                if now - self.entered >= self.plan.preflight_timeout:
+                    reason = (
+                        f"{self.record.candidate} has {healthy} healthy upstreams of "
+                        f"{self.plan.min_healthy} needed after {self.plan.preflight_timeout:g}s"
+                    )
+                    self.end(Phase.ABORTED, reason, "auto", {"healthy": healthy})
+                return
+            hooks = [*self.plan.pre_rollout, *self.plan.verify]
+            self.job = asyncio.ensure_future(self._hooks(hooks))
+        if self.job.done():
+            failure = self._take_job()
+            if failure is not None:
+                self.end(Phase.ABORTED, failure, "auto")
+            else:
+                self._enter_step(1, "preflight passed", now)
+
+    def _step(self, now: float) -> None:
+        verdict = self._judged(now)
+        if verdict is None:
+            return
+        plan = self.plan
+        if self.record.state is Phase.PAUSED:
+            if now - self.entered >= plan.pause_timeout:
+                reason = f"paused for {plan.pause_timeout:g}s (pause_timeout)"
+                if plan.on_pause_timeout == "resume":
+                    self._move(Phase.STEP, f"{reason}: resumed", "auto", level=logging.WARNING)
+                    self.held_from = now
+                else:
+                    self.end(Phase.ROLLED_BACK, f"{reason}: rolled back", "auto")
+            return
+        number = self.record.step
+        held = now - self.held_from
+        if held < plan.steps[number - 1].hold:
+            return
+        if verdict.outcome == "pass":
+            if number < len(plan.steps):
+                self._enter_step(number + 1, f"step {number} passed", now)
+            else:
+                self._promoted(f"step {number} passed", "auto", now)
+        elif verdict.outcome == "inconclusive" and plan.inconclusive == "fail":
+            self._fail(verdict)
+        elif held >= plan.step_deadline:
+            reason = (
+                f"step {number} has no verdict after {plan.step_deadline:g}s: {verdict.reason}; "
+                "resume, promote or abort"
+            )
+            self._move(Phase.PAUSED, reason, "auto", level=logging.WARNING)
+            self.entered = now
+
+    def _bake(self, now: float) -> None:
+        if self._judged(now) is not None and now - self.entered >= self.plan.bake:
+            self._move(Phase.FINISHING, "bake passed", "auto")
+            self.entered = now
+            self.job = asyncio.ensure_future(self._finish())
+
+    def _finishing(self) -> None:
+        if self.job is not None and self.job.done():
+            self._take_job()
+            record = self.record
+            reason = f"{record.candidate} is live; {record.previous} drained"
+            self._move(Phase.DONE, reason, "auto")
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def _enter_step(self, number: int, reason: str, now: float) -> None:
+        weight = round(self.plan.steps[number - 1].weight * 100)
+        self._move(Phase.STEP, reason, "auto", step=number, split=(weight, self.record.previous))
+        self.entered = self.held_from = self.judged_from = now
+        self.judge = Judge(self.plan.judge)
+
+    def _promoted(self, reason: str, actor: Actor, now: float) -> None:
+        """The candidate becomes live; the old live color stays warm for the bake."""
+        candidate = self.record.candidate
+        baking = f"{reason}: {candidate} is live, baking"
+        self._move(Phase.BAKING, baking, actor, split=(0, candidate))
+        self.entered = self.judged_from = now
+        self.judge = Judge(self.plan.judge)
+
+    def _fail(self, verdict: Verdict) -> None:
+        reason = f"judge failed {self.record.candidate}: {verdict.reason}"
+        if self.plan.on_failure == "freeze":
+            reason += "; frozen (no rollback: its migrations are not backward compatible)"
+            self.end(Phase.FROZEN, reason, "auto", verdict.numbers)
+        else:
+            self.end(Phase.ROLLED_BACK, reason, "auto", verdict.numbers)
+
+    def end(
+        self, phase: Phase, reason: str, actor: Actor, numbers: dict[str, Any] | None = None
+    ) -> None:
+        """End the rollout. Unless frozen, the traffic goes back to the old live color in
+        one snapshot swap, in memory first: a disk that cannot take the journal write
+        does not stop a rollback (an event says the journal is stale)."""
+        record = self.record
+        if self.ended:
+            return
+        host = self.host
+        shifted = phase is not Phase.FROZEN and (
+            host.share(record.candidate) > 0 or host.settings.split.live != record.previous
+        )
+        if self.job is not None:  # jobs never end a rollout themselves: they return why
+            self.job.cancel()
+            self.job = None
+        if shifted and record.state is Phase.FINISHING:  # the old color was being drained
+            host.undrain(color=record.previous, actor=actor)
+        split = (0, record.previous) if shifted else None
+        self._move(phase, reason, actor, level=logging.ERROR, numbers=numbers, split=split)
+        if shifted and self.plan.on_rollback:
+            task = asyncio.ensure_future(self._on_rollback())
+            self.after.add(task)
+            task.add_done_callback(self.after.discard)
+
+    def _move(
+        self,
+        phase: Phase,
+        reason: str,
+        actor: Actor,
+        *,
+        step: int | None = None,
+        level: int = logging.INFO,
+        numbers: dict[str, Any] | None = None,
+        split: tuple[int, Color] | None = None,
+    ) -> None:
+        """One transition, journaled with the split it brings, all or nothing: a refused
+        journal write leaves the record as it was (an end is kept in memory anyway)."""
+        record = self.record
+        check_transition(record.state, phase)
+        moved = record.model_copy(deep=True)
+        moved.state = phase
+        moved.reason = reason
+        if step is not None:
+            moved.step = step
+        entry = HistoryEntry(
+            time=time.time(), state=phase, step=moved.step, reason=reason, actor=actor
+        )
+        moved.history = [*moved.history, entry][-HISTORY:]
+        value = moved.model_dump(mode="json")
+        durable = phase.active  # an end happens whatever the disk says
+        if split is None:
+            self.host.save_rollout(value, durable=durable)
+        else:
+            self.host.steer(split[0], split[1], value, actor, durable=durable)
+        self.record = moved
+        self.emit(f"rollout_{phase}", reason, actor, level=level, numbers=numbers or {})
+
+    # -- jobs: slow work of this rollout, fenced after every await ------------------------
+
+    def _take_job(self) -> str | None:
+        job, self.job = self.job, None
+        assert job is not None
+        return job.result()  # an exception here is a bug: the caller fails the rollout
+
+    async def _hooks(self, names: list[str]) -> str | None:
+        """Run the hooks not yet done (a restart skips those that passed); the reason
+        of the first failure, or None."""
+        for name in names:
+            if name in self.record.hooks_done:
+                continue
+            result = await self._hook(name)
+            if self.ended:
+                return None
+            if not result.ok:
+                return f"hook {name} failed: {result.status}"
+            done = self.record.model_copy(update={"hooks_done": [*self.record.hooks_done, name]})
+            self.host.save_rollout(done.model_dump(mode="json"), durable=True)
+            self.record = done
+        return None
+
+    async def _finish(self) -> str | None:
+        host = self.host
+        ids = host.start_drain(color=self.record.previous, actor="auto")
+        await host.wait_drained(
+            ids, cut_after=DRAIN_CUT_AFTER, tunnel_grace=DRAIN_TUNNEL_GRACE, actor="auto"
+        )
+        if self.ended:
+            return None
+        return await self._hooks(self.plan.post_promote)
+
+    async def _on_rollback(self) -> None:
+        """The ending transition's own hooks: they carry its id, after the swap."""
+        for name in self.plan.on_rollback:
+            await self._hook(name)
+
+    async def _hook(self, name: str) -> HookResult:
+        settings = self.host.settings
+        result = await run_hook(name, settings.hooks[name], self._hook_env())
+        level = logging.INFO if result.ok else logging.ERROR
+        self.emit("hook", f"{name}: {result.status}", "auto", level=level, **result.to_dict())
+        return result
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _judged(self, now: float) -> Verdict | None:
+        """Judge the candidate against the old live color; None when that failed it."""
+        record, window = self.record, self.plan.judge.window
+        telemetry = self.host.telemetry
+        candidate = telemetry.view(record.candidate, now, window, self.judged_from)
+        live = telemetry.view(record.previous, now, window, self.judged_from)
+        verdict = self.judge.assess(candidate, live)
+        if verdict.outcome == "fail":
+            self._fail(verdict)
+            return None
+        return verdict
+
+    def _expect(self, verb: str, *states: Phase) -> None:
+        if self.record.state not in states:
+            raise Refused("state", f"cannot {verb}: rollout {self.id} is {self.record.state}")
+
+    def _healthy(self) -> int:
+        host = self.host
+        return sum(host.routable(t.id) for t in host.targets_of(self.record.candidate))
+
+    def emit(
+        self, kind: str, reason: str, actor: Actor, level: int = logging.INFO, **data: Any
+    ) -> None:
+        ids = {"rollout": self.id, "candidate": self.record.candidate}
+        self.host.events.emit(kind, reason, actor=actor, level=level, **ids, **data)
+
+    def _hook_env(self) -> dict[str, str]:
+        """What a hook needs to reach the candidate: its addresses and a preview."""
+        record, host = self.record, self.host
+        settings = host.settings
+        preview = settings.preview
+        secret = preview.signing_secret
+        expiry = int(time.time()) + PREVIEW_TTL
+        value = mint_token(secret, record.candidate, expiry) if secret else record.candidate
+        upstreams = [str(t.address) for t in host.targets_of(record.candidate)]
+        return {
+            "ZDPROXY_ROLLOUT": str(record.id),
+            "ZDPROXY_CANDIDATE": record.candidate,
+            "ZDPROXY_CANDIDATE_UPSTREAMS": " ".join(upstreams),
+            "ZDPROXY_CANDIDATE_VERSION": settings.pool(record.candidate).version,
+            "ZDPROXY_LIVE": record.previous,
+            "ZDPROXY_PREVIEW_HEADER": preview.header,
+            "ZDPROXY_PREVIEW_VALUE": value,
+            "ZDPROXY_PROXY": str(host.listeners[0]) if host.listeners else "",
+        }

@@ -1,0 +1,111 @@
+"""What the connections of one data plane share, grouped by lifetime.
+
+A connection gets its Context when it is created and never reaches for the server
+that owns it (as in uvicorn's protocols, which take a config and a server state):
+
+- the process: the event loop, the live client connections, the stopping flag;
+- a config generation: `limits`, a frozen value swapped whole on reload;
+- a routing snapshot: `table` and the request header kinds it reads, swapped on apply;
+- a retry window: the retry budget, restarted by the timeout sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from math import inf
+from typing import Protocol
+
+from zdproxy.dataplane.balancer import RoutingTable
+from zdproxy.dataplane.limits import Limits
+
+RETRY_WINDOW = 10.0  # seconds of requests the retry budget looks at
+
+
+class Connection(Protocol):
+    """A client connection, as its owner sees it: timed out, drained, cut."""
+
+    deadline: float  # the loop time its current timeout fires at
+
+    def on_timeout(self) -> None: ...
+
+    @property
+    def idle(self) -> bool:
+        """No request is being received, answered or waiting, and no tunnel is open."""
+        ...
+
+    def serves(self, ids: set[str]) -> bool:
+        """Whether its request in flight is on one of these upstreams."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class RetryBudget:
+    """Retries stay below a share of the recent requests (3 always), and are counted."""
+
+    __slots__ = ("counts", "requests", "retries", "share", "started")
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.requests = 0  # in the current window
+        self.retries = 0  # in the current window
+        self.started = 0.0
+        self.counts = {"connect": 0, "reset": 0, "status": 0, "over_budget": 0}  # since start
+
+    def allowed(self) -> bool:
+        if self.retries < max(3.0, self.requests * self.share):
+            return True
+        self.counts["over_budget"] += 1
+        return False
+
+    def spend(self, kind: str) -> None:
+        self.retries += 1
+        self.counts[kind] += 1
+
+    def roll(self, now: float) -> None:
+        """Start a new window once the current one is RETRY_WINDOW old."""
+        if now - self.started >= RETRY_WINDOW:
+            self.started = now
+            self.requests = self.retries = 0
+
+
+class Context:
+    __slots__ = (
+        "all_closed",
+        "budget",
+        "connections",
+        "limits",
+        "loop",
+        "request_headers",
+        "stopping",
+        "table",
+    )
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, limits: Limits, table: RoutingTable
+    ) -> None:
+        self.loop = loop
+        self.limits = limits
+        self.table = table
+        self.request_headers = table.router.request_headers  # read per header: kept at hand
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self.all_closed: asyncio.Event | None = None  # set when the last connection closes
+        self.budget = RetryBudget(limits.retry_share)
+
+    def configure(self, limits: Limits) -> None:
+        self.limits = limits
+        self.budget.share = limits.retry_share
+
+    def route_by(self, table: RoutingTable) -> None:
+        self.table = table
+        self.request_headers = table.router.request_headers
+
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    def closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        conn.deadline = inf
+        if self.all_closed is not None and not self.connections:
+            self.all_closed.set()
