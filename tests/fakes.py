@@ -7,7 +7,12 @@ what is in flight, and reads back every snapshot it was given.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 from zdproxy.control.health import UpstreamHealth
+from zdproxy.control.journal import RESERVE_BYTES, Journal
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -91,3 +96,34 @@ class FakeHealth:
         state.checks += 1
         if up:
             state.last_pass = at
+
+
+class FullDisk(Journal):
+    """A journal on a disk with `free` bytes left (the reserve file's are real bytes)."""
+
+    def __init__(self, path: Path, free: int = 0) -> None:
+        super().__init__(path)
+        self.free = free
+        self.refused = 0  # writes that hit ENOSPC
+
+    def _write(self, data: bytes) -> None:
+        if len(data) > self.free:  # the new document is whole before the old one goes
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        before = self.path.stat().st_size if self.path.exists() else 0
+        super()._write(data)
+        self.free -= len(data) - before
+
+    def _spend_reserve(self) -> bool:
+        held = self.reserve.stat().st_size if self.reserve.exists() else 0
+        spent = super()._spend_reserve()
+        self.free += held
+        return spent
+
+    def make_reserve(self) -> bool:
+        held = self.reserve.stat().st_size if self.reserve.exists() else 0
+        if RESERVE_BYTES - held > self.free:
+            return False
+        made = super().make_reserve()
+        self.free -= self.reserve.stat().st_size - held
+        return made

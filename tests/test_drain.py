@@ -49,7 +49,7 @@ async def drained(
     tunnel_grace: float = 5.0,
 ) -> DrainResult:
     """What POST /v1/drain with wait does: mark, then wait until nothing is in flight."""
-    ids = zd.control.start_drain(color=color, upstream=upstream)
+    ids = zd.control.start_drain(color=color, upstream=upstream, force=True)  # only blue serves
     return await zd.control.wait_drained(ids, cut_after=cut_after, tunnel_grace=tunnel_grace)
 
 

@@ -8,15 +8,13 @@ object and building a new control plane from the bytes left in the state dir.
 
 from __future__ import annotations
 
-import errno
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import in_process_settings, pools
-from tests.fakes import FakeDataPlane
+from tests.fakes import FakeDataPlane, FullDisk
 from zdproxy.config.settings import Settings
 from zdproxy.control import state
 from zdproxy.control.desired import Refused
@@ -25,37 +23,6 @@ from zdproxy.control.journal import RESERVE_BYTES, Journal, JournalItem
 from zdproxy.control.plane import ControlPlane
 
 BLUE, GREEN = "127.0.0.1:9", "127.0.0.1:10"  # never dialled: the plane is a fake
-
-
-class FullDisk(Journal):
-    """A journal on a disk with `free` bytes left (the reserve file's are real bytes)."""
-
-    def __init__(self, path: Path, free: int = 0) -> None:
-        super().__init__(path)
-        self.free = free
-        self.refused = 0  # writes that hit ENOSPC
-
-    def _write(self, data: bytes) -> None:
-        if len(data) > self.free:  # the new document is whole before the old one goes
-            self.refused += 1
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        before = self.path.stat().st_size if self.path.exists() else 0
-        super()._write(data)
-        self.free -= len(data) - before
-
-    def _spend_reserve(self) -> bool:
-        held = self.reserve.stat().st_size if self.reserve.exists() else 0
-        spent = super()._spend_reserve()
-        self.free += held
-        return spent
-
-    def make_reserve(self) -> bool:
-        held = self.reserve.stat().st_size if self.reserve.exists() else 0
-        if RESERVE_BYTES - held > self.free:
-            return False
-        made = super().make_reserve()
-        self.free -= self.reserve.stat().st_size - held
-        return made
 
 
 def settings_in(tmp_path: Path) -> Settings:

@@ -248,3 +248,19 @@ async def test_the_watch_follows_a_kubernetes_configmap_swap(tmp_path: Path) -> 
         assert not task.done()
     finally:
         task.cancel()
+
+
+async def test_a_reload_that_replaces_every_serving_upstream_is_refused(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """Like `pool set`: new upstreams serve only once healthy, so a file that swaps out
+    everything that serves would leave every request a 503 until then."""
+    old, new = await upstream("blue"), await upstream("blue-next")
+    proxy = zdproxy({"pools": pools([old.address])})
+    proxy.config_path.write_text(file_of(proxy, pools=pools([new.address])))
+    refused = await reload_api(proxy, status=409)
+    assert refused["errors"][0]["field"] == "pools", refused
+    assert await served_by(proxy) == "blue"
+    both = file_of(proxy, pools=pools([old.address, new.address]))
+    proxy.config_path.write_text(both)
+    assert (await reload_api(proxy))["result"] == "applied"

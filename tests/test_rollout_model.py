@@ -16,22 +16,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.control import currently_in_test_context
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from tests.fakes import FakeClock, FakeDataPlane
+from tests.fakes import FakeClock, FakeDataPlane, FullDisk
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.settings import Settings
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
-from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.rollout.phases import Phase
 from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
 
 STEPS = (10.0, 50.0, 100.0)
+ROOMY = 1 << 30
 ENDS = {f"rollout_{phase}" for phase in Phase if not phase.active}
 
 
@@ -81,19 +87,16 @@ class RolloutMachine(RuleBasedStateMachine):
         self.ids: list[int] = []  # every rollout id handed out, in order
         self.since_crash: list[int] = []
         self.expected: tuple[str, int] = ("blue", 0)  # the split when no rollout holds it
+        self.free = ROOMY  # bytes the state dir's disk has left
         self.tracked: set[int] = set()  # ended rollouts whose last split is in `expected`
         self._boot()
 
     def _boot(self) -> None:
         self.events = EventLog(self.dir / "events.jsonl")
         self.plane = FakeDataPlane()
+        self.journal = FullDisk(self.dir / "state.json", free=self.free)
         self.control = ControlPlane(
-            self.config,
-            self.plane,
-            self.events,
-            Journal(self.dir / "state.json"),
-            self.clock,
-            drive=False,
+            self.config, self.plane, self.events, self.journal, self.clock, drive=False
         )
         self._run(self._restore())
 
@@ -133,8 +136,11 @@ class RolloutMachine(RuleBasedStateMachine):
 
     @rule(color=st.sampled_from(["blue", "green"]))
     def deploy(self, color: str) -> None:
+        before = self.control.rollouts.active
         record = self._command(self.control.rollouts.deploy(color, None, "api"))  # type: ignore[arg-type]
-        if record is not None:
+        if record is None:  # refused: no ghost rollout, nothing changed
+            assert self.control.rollouts.active is before
+        else:
             assert not self.ids or record.id > self.ids[-1], (record.id, self.ids)
             self.ids.append(record.id)
             self.since_crash.append(record.id)
@@ -157,7 +163,8 @@ class RolloutMachine(RuleBasedStateMachine):
         try:
             self.control.set_split(weight)
         except Refused as exc:
-            assert self.control.rollouts.active is not None or "routable" in exc.reason
+            holds = self.control.rollouts.active is not None
+            assert holds or "routable" in exc.reason or exc.field == "state.dir", exc
             return
         assert self.control.rollouts.active is None, "a shift got past the rollout's hold"
         self.expected = (self.control.settings.split.live, weight)
@@ -181,11 +188,22 @@ class RolloutMachine(RuleBasedStateMachine):
         self._command(lambda: self.control.rollouts.tick(now))
         self._track_end()
         last = self.control.rollouts.last
-        event(f"a rollout reached {last.state if last else 'nothing'}")
+        if currently_in_test_context():  # --hypothesis-show-statistics: phases reached
+            event(f"a rollout reached {last.state if last else 'nothing'}")
 
+    @rule(full=st.sampled_from([False, False, True]))
+    def disk(self, full: bool) -> None:
+        """The state dir's disk fills up (the reserve file still holds its room), or has
+        room again."""
+        self.journal.free = 0 if full else ROOMY
+        self.free = self.journal.free
+
+    @precondition(lambda self: not self.control.desired.stale)
     @rule()
     def crash(self) -> None:
-        """kill -9: nothing runs on, nothing is closed; a new process reads the disk."""
+        """kill -9: nothing runs on, nothing is closed; a new process reads the disk. (With
+        a journal behind memory, a crash loses what only memory had: by design, and
+        covered by tests/test_journal_full.py; the model does not follow that case.)"""
         self._track_end()
         for task in asyncio.all_tasks(self.loop):
             task.cancel()
@@ -236,11 +254,11 @@ class RolloutMachine(RuleBasedStateMachine):
     @invariant()
     def an_ended_rollout_never_writes(self) -> None:
         ended: set[int] = set()
-        for event in self.events.history():
-            rollout = event.data.get("rollout")
+        for logged in self.events.history():
+            rollout = logged.data.get("rollout")
             if rollout in ended:
-                assert event.kind == "hook", f"rollout {rollout} wrote after its end: {event}"
-            if event.kind in ENDS:
+                assert logged.kind == "hook", f"rollout {rollout} wrote after its end: {logged}"
+            if logged.kind in ENDS:
                 ended.add(rollout)
 
     @invariant()
@@ -253,14 +271,23 @@ class RolloutMachine(RuleBasedStateMachine):
             assert rollouts.last.id == self.ids[-1]
 
 
-RolloutMachine.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class CountingMachine(RolloutMachine):
+    steps = 0  # across every generated example
+
+    @invariant()
+    def count(self) -> None:
+        CountingMachine.steps += 1  # invariants run once per step (and once at the start)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-class TestRolloutModel(RolloutMachine.TestCase):
-    pass
+def test_the_rollout_controller_keeps_its_invariants_over_5000_steps() -> None:
+    CountingMachine.steps = 0
+    run_state_machine_as_test(
+        CountingMachine,
+        settings=settings(
+            max_examples=150,
+            stateful_step_count=60,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    assert CountingMachine.steps >= 5000, CountingMachine.steps

@@ -25,6 +25,7 @@ from zdproxy.config.settings import (
     Settings,
 )
 from zdproxy.config.units import Address
+from zdproxy.control import state
 from zdproxy.control.desired import DesiredState, Refused
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.events import Actor, EventLog
@@ -138,9 +139,28 @@ class ControlPlane:
         """Take a reloaded config file: the runtime changes it overrides give way, health
         checks start or stop, a snapshot is published. Refused if the file does not fit
         the runtime changes that remain (nothing changes then)."""
+        if self._leaves_nothing(self._serving() - self._kept_by(config)):
+            raise Refused(
+                "pools",
+                "the file replaces every upstream that serves now, and new upstreams serve only "
+                "after passing their health checks: every request would get 503 (add the new "
+                "upstreams first, reload, wait until they are healthy, then remove the old)",
+            )
         hold = ("split",) if self.rollouts.active is not None else ()
         self.desired.take_config(config, reload=True, hold=hold)
         return self._reconfigured()
+
+    def _kept_by(self, config: Settings) -> set[str]:
+        """The upstream ids a reload of `config` keeps: a journaled pool stays unless the
+        file changed it (see control/state.py)."""
+        items, taken_over = self.desired.items, set(state.stale(config, self.desired.items))
+        kept: set[str] = set()
+        for color in COLORS:
+            key = f"pools.{color}"
+            runtime = key in items and key not in taken_over
+            pool = (self.settings if runtime else config).pool(color)
+            kept |= {upstream_id(color, e.address) for e in pool.upstreams}
+        return kept
 
     def _reconfigured(self) -> RoutingSnapshot:
         settings = self.settings
@@ -329,8 +349,11 @@ class ControlPlane:
     def _leaves_nothing(self, removed: set[str]) -> bool:
         """The one safety rule of every control action: traffic that has somewhere to go
         keeps somewhere to go (a color with nothing routable falls back to the other)."""
-        serving = {t.id for targets in self._dataplane.snapshot.pools.values() for t in targets}
+        serving = self._serving()
         return bool(serving) and not serving - removed
+
+    def _serving(self) -> set[str]:
+        return {t.id for targets in self._dataplane.snapshot.pools.values() for t in targets}
 
     def set_rules(self, pins: list[PinSettings], *, actor: Actor = "api") -> None:
         value = [pin.model_dump(mode="json", exclude_defaults=True) for pin in pins]

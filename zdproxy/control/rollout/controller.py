@@ -200,6 +200,8 @@ class Rollouts:
             return
         try:
             rollout.advance(self.clock() if now is None else now)
+        except Refused as exc:  # the journal refused the next transition: stop safely
+            rollout.end(Phase.FAILED, f"cannot journal its next step: {exc}", "auto")
         except Exception as exc:  # a bug must not leave traffic half-shifted in silence
             log.exception("rollout %d failed", rollout.id)
             rollout.end(Phase.FAILED, f"internal error: {exc!r}", "auto")
