@@ -958,11 +958,13 @@ class Soak:
                 started.append(number)
                 active.add(number)
             elif kind.startswith("rollout_") and number is not None:
-                if number in ended and kind != "rollout_resumed":
+                if number in ended:  # rollout_resumed too: a restart resumed it
                     ended_acts.append(
                         f"event {e['id']}: {kind} of rollout {number} after it was "
                         f"{ended[number]}: {e['reason'][:80]}"
                     )
+                if kind == "rollout_resumed" and active - {number}:
+                    one.append(f"event {e['id']}: rollout {number} resumed while {active} active")
                 if kind in ENDED_KINDS:
                     ended.setdefault(number, kind.removeprefix("rollout_"))
                     active.discard(number)
@@ -1026,7 +1028,7 @@ if __name__ == "__main__":
     parser.add_argument("--actions", type=int, default=1000, help="control actions (1000)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the action draw (1)")
     parser.add_argument("--clients", type=int, default=24, help="keep-alive users (24)")
-    parser.add_argument("--time-limit", type=float, default=1800, help="seconds in all (1800)")
+    parser.add_argument("--time-limit", type=float, default=2400, help="seconds in all (2400)")
     parser.add_argument("--think", type=float, default=0.01, help="mean pause of a user (0.01)")
     parser.add_argument("--pause", type=float, default=0.2, help="max pause between actions")
     parser.add_argument("--cli-share", type=float, default=0.25, help="actions via the CLI")

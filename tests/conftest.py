@@ -139,7 +139,9 @@ def start_zdproxy(
 ) -> ZdProxy:
     """`wrap`: a command that runs zdproxy's command line (e.g. in a mount namespace)."""
     index = len(list(tmp_path.glob("zdproxy-*.toml")))
-    config = {"proxy": {"listen": "127.0.0.1:0"}, **config}
+    # Merged, not replaced: a test that sets other proxy options (TLS, limits) still
+    # gets an ephemeral port, never the default 8080 another test or user may hold.
+    config = {**config, "proxy": {"listen": "127.0.0.1:0", **config.get("proxy", {})}}
     config.setdefault("log", {"level": "debug"})
     config.setdefault("admin", {"listen": "127.0.0.1:0"})
     config.setdefault("state", {"dir": str(tmp_path / f"state-{index}")})
@@ -326,6 +328,19 @@ async def admin_api(
         return answer
 
 
+async def wait_healthy(proxy: ZdProxy, color: str, within: float = 5.0) -> None:
+    """Until every upstream of `color` is up by its health checks: a new upstream is
+    "unknown", and gets no traffic, until its first checks pass (a TCP connect by
+    default, a few milliseconds for an app that listens)."""
+    async with asyncio.timeout(within):
+        while True:
+            status = await admin_api(proxy, "GET", "/v1/status")
+            found = status["pools"][color]["upstreams"]
+            if found and all(u["health"] == "up" for u in found):
+                return
+            await asyncio.sleep(0.02)
+
+
 @dataclass
 class CliResult:
     code: int
@@ -360,24 +375,6 @@ def in_process_settings(tmp_path: Path, config: dict[str, Any]) -> Settings:
 
 def pools(blue: list[str] | None = None, green: list[str] | None = None) -> dict[str, Any]:
     return {"blue": {"upstreams": blue or []}, "green": {"upstreams": green or []}}
-
-
-def unchecked(config: dict[str, Any]) -> dict[str, Any]:
-    """`pools(...)` with health checks off (`enabled = false`): routable without a check,
-    for tests whose traffic must reach an upstream that does not listen, or whose
-    upstreams must never be connected to (with checks on, "unknown" is not routable)."""
-    for pool in config.values():
-        pool["health"] = {"enabled": False}
-    return config
-
-
-def unchecked(config: dict[str, Any]) -> dict[str, Any]:
-    """`pools(...)` with health checks off (`enabled = false`): routable without a check,
-    for tests whose traffic must reach an upstream that does not listen, or whose
-    upstreams must never be connected to (with checks on, "unknown" is not routable)."""
-    for pool in config.values():
-        pool["health"] = {"enabled": False}
-    return config
 
 
 def unchecked(config: dict[str, Any]) -> dict[str, Any]:

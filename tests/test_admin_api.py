@@ -31,8 +31,7 @@ from tests.conftest import (
     pools,
     start_zdproxy,
     unchecked,
-    unchecked,
-    unchecked,
+    wait_healthy,
     wait_until,
 )
 from zdproxy import __version__
@@ -324,6 +323,8 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
         ("/v1/events", "get"),
         ("/v1/rollout", "get"),
         ("/v1/rollouts", "post"),
+        ("/v1/rollouts/{id}", "get"),
+        ("/v1/reload", "post"),
         ("/v1/rolling", "get"),
         ("/v1/rolling", "post"),
         *(
@@ -607,7 +608,7 @@ async def test_split_to_a_color_without_healthy_upstream_is_409_unless_forced(
     reply = await admin.call("PUT", "/v1/split", {"candidate_weight": 5000})
     problem = reply.problem(409)
     assert reply.fields == ["candidate_weight"]
-    assert "green would get 50% of the traffic but has no healthy upstream" in problem["detail"]
+    assert "green would get 50% of the traffic but has no routable upstream" in problem["detail"]
     assert await admin.state() == before
 
     split = await admin.ok("PUT", "/v1/split", {"candidate_weight": 5000, "force": True})
@@ -646,12 +647,7 @@ async def test_pool_replacement_is_409_unless_a_healthy_upstream_stays_or_forced
     pool = await admin.ok("PUT", "/v1/pools/blue", body)
     assert pool == {"upstreams": [{"address": new.address, "weight": 7}], "version": "v2"}
     assert await admin.get("/v1/pools/blue") == pool
-
-    async def new_is_up() -> bool:  # a new upstream serves once its first checks passed
-        status = await admin.get("/v1/status")
-        return [u["health"] for u in status["pools"]["blue"]["upstreams"]] == ["up"]
-
-    await until(new_is_up)
+    await wait_healthy(proxy, "blue")  # a new upstream serves once its first checks passed
     served_by_old = len(old.seen)
     assert await names(proxy, 20) == Counter({"new": 20})
     assert len(old.seen) == served_by_old and spare.seen == []
@@ -762,7 +758,7 @@ async def test_drain_with_wait_answers_when_in_flight_work_is_done_and_undrain_r
     assert len(await admin.events("?kind=undrained")) == 1
 
     # Without wait the answer comes at once.
-    result = await admin.ok("POST", "/v1/drain", {"color": "blue"})
+    result = await admin.ok("POST", "/v1/drain", {"color": "blue", "force": True})
     assert result == {
         "upstreams": [target],
         "finished": False,
@@ -916,7 +912,7 @@ async def test_the_cli_user_agent_makes_changes_actor_cli(
     admin = Admin(proxy, session)
     await admin.ok("PUT", "/v1/split", {"candidate_weight": 0, "salt": "cli-salt"}, CLI)
     await admin.ok("PUT", "/v1/rules", {"rules": [BETA]})
-    await admin.ok("POST", "/v1/drain", {"color": "blue"}, CLI)
+    await admin.ok("POST", "/v1/drain", {"color": "blue", "force": True}, CLI)
     await admin.ok("POST", "/v1/undrain", {"color": "blue"})
     await admin.ok("PUT", "/v1/pools/green", {"version": "g-1"}, {**AUTH, "User-Agent": "curl/8"})
     changes = [(e["kind"], e["actor"]) for e in await admin.events()][1:]

@@ -15,10 +15,9 @@ from tests.conftest import (
     RawUpstream,
     Upstream,
     ZdProxy,
+    free_port,
     pools,
     raw_exchange,
-    unchecked,
-    unchecked,
     unchecked,
     wait_until,
 )
@@ -212,8 +211,9 @@ async def test_upstream_down_gets_502_saying_why(zdproxy: StartProxy) -> None:
     assert "cannot connect to upstream blue/127.0.0.1:" in text
 
 
-async def test_no_upstream_at_all_gets_503(zdproxy: StartProxy) -> None:
-    proxy = zdproxy({"pools": pools()})
+async def test_no_routable_upstream_at_all_gets_503(zdproxy: StartProxy) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: its TCP check never passes
+    proxy = zdproxy({"pools": pools([dead])})
     async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
         assert response.status == 503
         assert "no healthy upstream" in await response.text()
@@ -243,9 +243,9 @@ async def test_unresponsive_connect_gets_504(zdproxy: StartProxy) -> None:
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
             fillers.append(filler)
-        proxy = zdproxy(
-            {"pools": pools([f"127.0.0.1:{port}"]), "upstream": {"connect_timeout": "200ms"}}
-        )
+        # Unchecked: its health check would time out too, and keep it out (503).
+        upstreams = unchecked(pools([f"127.0.0.1:{port}"]))
+        proxy = zdproxy({"pools": upstreams, "upstream": {"connect_timeout": "200ms"}})
         async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
             assert response.status == 504
             assert "connecting to upstream" in await response.text()

@@ -19,7 +19,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_AUTH, Upstream, ZdProxy, admin_api, free_port, pools, wait_until
+from tests.conftest import (
+    ADMIN_AUTH,
+    Upstream,
+    ZdProxy,
+    admin_api,
+    free_port,
+    pools,
+    wait_healthy,
+    wait_until,
+)
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -143,6 +152,7 @@ async def test_api_changes_survive_kill_9_and_users_keep_their_color(
     # The deploy, through the API: new build on the idle color, pin QA to it, then 40%.
     pool = {"upstreams": [{"address": green_v2.address, "weight": 7}], "version": "v2.0.1"}
     assert await admin_api(proxy, "PUT", "/v1/pools/green", pool) == pool
+    await wait_healthy(proxy, "green")  # green-v2 serves once its first checks passed
     rules = [{"name": "qa", "header": "X-Team", "values": ["qa"], "to": "green"}]
     await admin_api(proxy, "PUT", "/v1/rules", {"rules": rules})
     split = await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 4000})
@@ -224,6 +234,7 @@ async def test_file_edit_made_while_stopped_takes_over_at_start(
     await admin_api(
         proxy, "PUT", "/v1/pools/green", {"upstreams": [green_v2.address], "version": "v2"}
     )
+    await wait_healthy(proxy, "green")  # green-v2 serves once its first checks passed
     await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 2500})
     kill(proxy)
 
@@ -422,13 +433,13 @@ async def test_kill_9_during_split_changes_never_leaves_a_torn_journal(
         done = client.changes[journaled].acked_at
         if done is not None:
             assert [c.weight for c in acked if c.sent_at > done] == [], journaled
-        # Besides the journal and the event log, at most the temp file of a killed process
-        # (never read: a start reads state.json only).
+        # Besides the journal, its reserve file and the event log, at most the temp file
+        # of a killed process (never read: a start reads state.json only).
         for name in os.listdir(state_dir):
             if match := TEMP_FILE.match(name):
                 assert int(match.group(1)) in killed
             else:
-                assert name in ("state.json", "events.jsonl"), name
+                assert name in ("state.json", ".state.json.reserve", "events.jsonl"), name
 
         mark = last_event_id(state_dir)
         proxy = zdproxy(config)

@@ -14,7 +14,16 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_AUTH, RawHandler, RawUpstream, Upstream, ZdProxy, admin_api, pools
+from tests.conftest import (
+    ADMIN_AUTH,
+    RawHandler,
+    RawUpstream,
+    Upstream,
+    ZdProxy,
+    admin_api,
+    pools,
+    unchecked,
+)
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -245,10 +254,11 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 async def proxy_with_state(
     zdproxy: StartProxy, upstream: StartUpstream, state: Path, **options: Any
 ) -> tuple[ZdProxy, dict[str, Any], Upstream, Upstream]:
-    """zdproxy over a blue and a green app, its state (and event log) in `state`."""
+    """zdproxy over a blue and a green app, its state (and event log) in `state`; no
+    health checks, so that the only events are the test's changes."""
     blue, green = await upstream("blue"), await upstream("green")
     config = {
-        "pools": pools([blue.address], [green.address]),
+        "pools": unchecked(pools([blue.address], [green.address])),
         "state": {"dir": str(state), **options},
     }
     return zdproxy(config), config, blue, green
@@ -311,7 +321,7 @@ async def test_events_file_rotates_by_size_and_keeps_two(
     blue, green = await upstream("blue"), await upstream("green")
     state = tmp_path / "state"
     config = {
-        "pools": pools([blue.address], [green.address]),
+        "pools": unchecked(pools([blue.address], [green.address])),  # no upstream_up events
         "state": {"dir": str(state), "events_file_max": 4096, "events_files_kept": 2},
     }
     proxy = zdproxy(config)

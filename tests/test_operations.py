@@ -162,6 +162,9 @@ async def test_tls_listener_and_certificate_reload(
             "reload": {"debounce": "100ms"},
         }
     )
+    # Its own ephemeral port although its config sets a [proxy] section (that used to
+    # replace the listener with the default 127.0.0.1:8080).
+    assert proxy.port != 8080 and proxy.address.startswith("127.0.0.1:")
     trusted = ssl.create_default_context(cafile=str(cert))
     url = f"https://{proxy.address}/hello"
     async with aiohttp.ClientSession() as session, session.get(url, ssl=trusted) as resp:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Upstream, ZdProxy, pools, raw_exchange, to_toml
+from tests.conftest import Upstream, ZdProxy, admin_api, pools, raw_exchange, to_toml
 from tests.test_config import EXAMPLE_CONFIG, clean_env, write_config, zdproxy_cli
 
 StartProxy = Callable[..., ZdProxy]
@@ -184,7 +184,7 @@ async def test_pin_to_an_empty_color_falls_back(
     pins = [{"path_prefix": ["/"], "to": "green"}]
     proxy = zdproxy(config(blue, None, pins=pins))
     assert await color(proxy) == "blue"  # green has nothing routable
-    assert await proxy.reload(config(None, None, pins=pins))
+    await admin_api(proxy, "POST", "/v1/drain", {"color": "blue", "force": True})
     async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
         assert response.status == 503
 

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run the proxy in the foreground (SIGTERM: graceful stop, SIGHUP: reload, "
         "SIGUSR2: restart in place)",
         description="Run zdproxy in the foreground. SIGTERM or SIGINT: stop accepting, "
-        "finish requests in flight, exit. SIGHUP (or a change of the config file): reload. "
+        "finish requests in flight, exit. SIGHUP (or a change of the config file, or "
+        "`zdproxy reload`): reload. "
         "SIGUSR2: restart in place, keeping the listening sockets (an upgrade without "
         "downtime). Under systemd: listeners from socket activation, READY/RELOADING/"
         "STOPPING/WATCHDOG notifications; see docs/operations.md.",
@@ -75,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dir", default=".demo", help="where the demo writes its runtime files (default .demo)"
     )
+    demo.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the last run's state (split, rollouts, events) instead of starting afresh "
+        "with blue live",
+    )
     return parser
 
 
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("info")
         from zdproxy.ops.demo import run_demo
 
-        return run_demo(port=args.port, admin_port=args.admin_port, directory=args.dir)
+        return run_demo(args.port, args.admin_port, args.dir, keep_state=args.keep_state)
     raise AssertionError(args.command)
 
 

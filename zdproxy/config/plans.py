@@ -30,10 +30,10 @@ class JudgeSettings(_Section):
         default=0.1,
         ge=0.05,
         le=0.25,
-        description="How often it judges; the records it reads are 100 ms fresh.",
+        description="How often it judges, 50ms to 250ms; the records it reads are 100 ms fresh.",
     )
     window: Duration = Field(
-        default=10.0, ge=1, le=600, description="The sliding window it judges over."
+        default=10.0, ge=1, le=600, description="The sliding window it judges over, 1s to 10m."
     )
     min_requests: int = Field(
         default=20,
@@ -42,13 +42,16 @@ class JudgeSettings(_Section):
         description="Candidate requests in the window before any verdict (at most 1000000).",
     )
     confidence: float = Field(
-        default=0.95, ge=0.5, lt=1, description="Of the Wilson bounds around error rates."
+        default=0.95,
+        ge=0.5,
+        lt=1,
+        description="Of the Wilson bounds around error rates; 0.5 to below 1.",
     )
     max_error_rate: float = Field(
-        default=0.05, ge=0, le=1, description="Absolute limit on the candidate's error rate."
+        default=0.05, ge=0, le=1, description="Absolute limit on the candidate's error rate, 0-1."
     )
     max_error_rate_over_live: float = Field(
-        default=0.02, ge=0, le=1, description="Limit on the candidate's excess over live."
+        default=0.02, ge=0, le=1, description="Limit on the candidate's excess over live, 0-1."
     )
     max_p99: Duration = Field(
         default=0.0,
@@ -60,7 +63,7 @@ class JudgeSettings(_Section):
         default=2.0, ge=0, le=1000, description="Limit on candidate p99 / live p99; 0: none."
     )
     consecutive_breaches: int = Field(
-        default=2, ge=1, le=100, description="Breaching ticks in a row that fail a step."
+        default=2, ge=1, le=100, description="Breaching ticks in a row that fail a step (1-100)."
     )
 
 

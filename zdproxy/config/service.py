@@ -42,7 +42,8 @@ class AdminSettings(_Section):
         default=10.0,
         ge=1,
         le=600,
-        description="The sliding window of the per-color rates and latencies in `status`.",
+        description="The sliding window of the per-color rates and latencies in `status`, "
+        "1s to 10m.",
     )
     _file_token: bytes = PrivateAttr(default=b"")
 
@@ -76,7 +77,8 @@ class ReloadSettings(_Section):
         default=0.5,
         ge=0.05,
         le=60,
-        description="Changes within this time are one reload (an editor's save is several).",
+        description="Changes within this time are one reload (an editor's save is several); "
+        "50ms to 1m.",
     )
 
 
@@ -108,5 +110,8 @@ class StateSettings(_Section):
         "this. 4KiB to 1GiB.",
     )
     events_files_kept: int = Field(
-        default=3, ge=0, le=100, description="Rotated event files kept besides the current one."
+        default=3,
+        ge=0,
+        le=100,
+        description="Rotated event files kept besides the current one (0-100).",
     )

@@ -24,7 +24,9 @@ from zdproxy.routing.vocabulary import Color as Color
 
 class UpstreamEntry(Section):
     address: AddressField
-    weight: int = Field(default=100, ge=1, le=10000, description="Relative share within the pool.")
+    weight: int = Field(
+        default=100, ge=1, le=10000, description="Relative share within the pool, 1-10000."
+    )
 
 
 def _entry(value: Any) -> Any:

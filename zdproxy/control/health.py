@@ -261,5 +261,6 @@ def differing_checks(settings: Settings) -> str | None:
     ]
     return (
         f"pools.blue.health ({blue.describe()}) and pools.green.health ({green.describe()}) "
-        f"differ: {'; '.join(fields)}. A color is ready by its own check: check both alike"
+        f"differ: {'; '.join(fields)}. Each color is judged ready by its own pool's check: "
+        "configure both the same"
     )

@@ -281,6 +281,10 @@ class ControlPlane:
     def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None:
         self.desired.change({"rollout": rollout}, "auto", durable=durable)
 
+    def active_rollout(self) -> str | None:
+        active = self.rollouts.active
+        return self.rollouts.describe(active) if active is not None else None
+
     def rolling_update(self) -> str | None:
         rolling = self.rolling.current
         if rolling is not None and rolling.state == "running":

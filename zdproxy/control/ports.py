@@ -49,6 +49,10 @@ class ControlHost(Protocol):
         """The rolling update in progress, if any: it and a rollout never run together."""
         ...
 
+    def active_rollout(self) -> str | None:
+        """The rollout in progress, if any, described for a refusal."""
+        ...
+
     def start_drain(
         self,
         *,

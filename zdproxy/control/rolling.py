@@ -49,6 +49,8 @@ class RollingUpdates:
         settings = control.settings
         if self.current is not None and self.current.state == "running":
             raise Refused("color", f"rolling update {self.current.id} is still running")
+        if (rollout := control.active_rollout()) is not None:
+            raise Refused("color", f"{rollout} is active: abort it or wait for its end")
         if hook not in settings.hooks:
             known = ", ".join(settings.hooks) or "none"
             raise Refused("hook", f"no [hooks.{hook}] in the config file (known: {known})", 400)

@@ -1,7 +1,10 @@
 """`zdproxy demo`: blue and green sample apps on loopback with zdproxy in front.
 
 The apps are aiohttp servers in this process; zdproxy runs exactly as `zdproxy run`
-would run it, from a config file the demo writes under `.demo/`.
+would run it, from a config file the demo writes under `.demo/`. Each start is a fresh
+one (blue live, green at 0%), as the README's walkthrough expects, unless
+`--keep-state` keeps the last run's journal and events; the banner shows the split
+the daemon actually runs with either way.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import uvloop
 from aiohttp import ClientError, ClientSession, DummyCookieJar, web
 
 from zdproxy.config.loader import load_settings
+from zdproxy.config.settings import Settings
 from zdproxy.ops.daemon import Daemon
 
 log = logging.getLogger("zdproxy.demo")
@@ -70,6 +75,11 @@ bake = "8s"
 [plans.canary.judge]
 window = "4s"
 min_requests = 10
+# Both apps answer in about a millisecond: a p99 ratio would judge scheduling noise
+# (a busy laptop fails a healthy green), so the demo judges error rates and a plain
+# latency limit.
+max_p99_ratio = 0
+max_p99 = "1s"
 """
 
 TRAFFIC_PER_SECOND = 20  # the demo's own users, so that rollouts are judged
@@ -152,47 +162,79 @@ def _write_config(directory: Path, port: int, admin_port: int, apps: dict[str, i
     return config
 
 
-async def _demo(port: int, admin_port: int, directory: Path) -> None:
-    blue_port, green_port = _free_port(), _free_port()
-    runners = [
-        await _start_app(sample_app("blue", "v1"), blue_port),
-        await _start_app(sample_app("green", "v2"), green_port),
-    ]
-    config = _write_config(directory, port, admin_port, {"blue": blue_port, "green": green_port})
-    daemon = Daemon(load_settings(config), config)
-    daemon.handle_signals()
-    await daemon.start()
-    traffic = asyncio.ensure_future(_traffic(f"http://127.0.0.1:{port}/"))
-    print(
-        f"""
+def _fresh_state(state: Path) -> None:
+    """Forget the last run: its journal would otherwise win over the config file (a
+    finished rollout leaves green live), and its events would fill `zdproxy events`."""
+    if state.is_dir():
+        shutil.rmtree(state)
+
+
+def _banner(
+    settings: Settings, port: int, apps: dict[str, int], files: dict[str, Path], kept: bool
+) -> str:
+    """What runs, as the daemon runs it (after its journal, if kept), and what to try."""
+    split = settings.split
+    live = split.live
+    candidate = "green" if live == "blue" else "blue"
+    share = f"{split.candidate_weight / 100:g}%"
+    roles = {live: "live", candidate: f"candidate at {share}"}
+    pools = "\n".join(
+        f"  {f'{color} ({settings.pool(color).version}, {roles[color]})':<32}"
+        f"http://127.0.0.1:{apps[color]}"
+        for color in ("blue", "green")
+    )
+    if kept:
+        state = f"kept from the last run (--keep-state): {live} live, {candidate} at {share}"
+    else:
+        state = "fresh (the last run's journal and events are gone; --keep-state keeps them)"
+    answered = live if split.candidate_weight == 0 else f"{live} or {candidate}, by user"
+    config, other = files["config"], apps[candidate]
+    return f"""
 zdproxy demo is running.
-  blue  (v1, live)      http://127.0.0.1:{blue_port}
-  green (v2, candidate) http://127.0.0.1:{green_port}
-  zdproxy               http://127.0.0.1:{port}
-  admin API             http://127.0.0.1:{admin_port} (token in {directory}/admin.token)
-  config                {config}
+{pools}
+  {"zdproxy":<32}http://127.0.0.1:{port}
+  {"admin API":<32}http://{settings.admin.listen} (token in {files["token"]})
+  {"config":<32}{config}
+  {"state":<32}{state}
 
 Try:
-  curl -s http://127.0.0.1:{port}/           # answered by blue
+  curl -s http://127.0.0.1:{port}/           # answered by {answered}
   curl -si http://127.0.0.1:{port}/ | grep -i -e via -e set-cookie
   zdproxy status --config {config}
-Send half of the users to green, and watch the decisions:
+Send half of the users to {candidate}, and watch the decisions:
   zdproxy shift 50 --config {config}
   zdproxy events --follow --config {config}
 Each user keeps their color (zdproxy's zd_bucket cookie):
   curl -s -c /tmp/zd.jar -b /tmp/zd.jar http://127.0.0.1:{port}/   # repeat: same color
-Deploy green with the canary plan (10%, 50%, 100%, judged; the demo sends a few
-users per second itself) and wait until blue is drained:
-  zdproxy deploy green --config {config}
+Deploy {candidate} with the canary plan (10%, 50%, 100%, judged; the demo sends a few
+users per second itself) and wait until {live} is drained:
+  zdproxy deploy {candidate} --config {config}
   zdproxy wait --until done --config {config}
-Or make green fail first, and watch zdproxy roll it back within a second:
-  curl -X POST http://127.0.0.1:{green_port}/_demo/fail
-  zdproxy deploy green --config {config}; zdproxy wait --until done --config {config}
-  curl -X POST http://127.0.0.1:{green_port}/_demo/recover; zdproxy rollout retry --config {config}
-Edits of {config} apply on kill -HUP {os.getpid()}. Ctrl-C stops everything.
-""",
-        flush=True,
-    )
+Or make {candidate} fail first, and watch zdproxy roll it back within a second:
+  curl -X POST http://127.0.0.1:{other}/_demo/fail
+  zdproxy deploy {candidate} --config {config}; zdproxy wait --until done --config {config}
+  curl -X POST http://127.0.0.1:{other}/_demo/recover; zdproxy rollout retry --config {config}
+Edits of {config} apply on save (or kill -HUP {os.getpid()}).
+Ctrl-C stops everything; the next start is a fresh one again.
+"""
+
+
+async def _demo(port: int, admin_port: int, directory: Path, keep_state: bool) -> None:
+    kept = keep_state and (directory / "state").is_dir()
+    if not keep_state:
+        _fresh_state(directory / "state")
+    apps = {"blue": _free_port(), "green": _free_port()}
+    runners = [
+        await _start_app(sample_app("blue", "v1"), apps["blue"]),
+        await _start_app(sample_app("green", "v2"), apps["green"]),
+    ]
+    config = _write_config(directory, port, admin_port, apps)
+    daemon = Daemon(load_settings(config), config)
+    daemon.handle_signals()
+    await daemon.start()
+    traffic = asyncio.ensure_future(_traffic(f"http://127.0.0.1:{port}/"))
+    files = {"config": config, "token": directory / "admin.token"}
+    print(_banner(daemon.control.settings, port, apps, files, kept), flush=True)
     await daemon.stop_requested.wait()
     traffic.cancel()
     await daemon.stop()
@@ -200,9 +242,9 @@ Edits of {config} apply on kill -HUP {os.getpid()}. Ctrl-C stops everything.
         await runner.cleanup()
 
 
-def run_demo(port: int, admin_port: int, directory: str) -> int:
+def run_demo(port: int, admin_port: int, directory: str, keep_state: bool = False) -> int:
     try:
-        uvloop.run(_demo(port, admin_port, Path(directory)))
+        uvloop.run(_demo(port, admin_port, Path(directory), keep_state))
     except OSError as exc:
         log.error("cannot start the demo: %s", exc)
         return 1

@@ -16,6 +16,7 @@ failing watch (a directory gone for a moment) starts again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -54,7 +55,8 @@ def names_of(path: Path) -> set[Path]:
             hops.append(hops[-1].parent / os.readlink(hops[-1]))
         except OSError:  # not a link (any more), or gone
             break
-    hops.append(path.resolve())
+    with contextlib.suppress(OSError, RuntimeError):  # a loop: the hops are all there is
+        hops.append(path.resolve())
     names = set(hops)
     for hop in hops:
         try:
