@@ -19,13 +19,12 @@ from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import (
     COLORS,
     Color,
-    HealthSettings,
     OutlierSettings,
     PoolMembers,
     Settings,
 )
 from zdproxy.config.units import Address
-from zdproxy.control import state
+from zdproxy.control import snapshots
 from zdproxy.control.desired import DesiredState, Refused
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.events import Actor, EventLog
@@ -41,7 +40,6 @@ from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import (
     BASIS_POINTS,
     RoutingSnapshot,
-    StickyPolicy,
     UpstreamTarget,
     upstream_id,
 )
@@ -139,7 +137,8 @@ class ControlPlane:
         """Take a reloaded config file: the runtime changes it overrides give way, health
         checks start or stop, a snapshot is published. Refused if the file does not fit
         the runtime changes that remain (nothing changes then)."""
-        if self._leaves_nothing(self._serving() - self._kept_by(config)):
+        kept = snapshots.kept_by_reload(self.settings, config, self.desired.items)
+        if self._leaves_nothing(self._serving() - kept):
             raise Refused(
                 "pools",
                 "the file replaces every upstream that serves now, and new upstreams serve only "
@@ -149,18 +148,6 @@ class ControlPlane:
         hold = ("split",) if self.rollouts.active is not None else ()
         self.desired.take_config(config, reload=True, hold=hold)
         return self._reconfigured()
-
-    def _kept_by(self, config: Settings) -> set[str]:
-        """The upstream ids a reload of `config` keeps: a journaled pool stays unless the
-        file changed it (see control/state.py)."""
-        items, taken_over = self.desired.items, set(state.stale(config, self.desired.items))
-        kept: set[str] = set()
-        for color in COLORS:
-            key = f"pools.{color}"
-            runtime = key in items and key not in taken_over
-            pool = (self.settings if runtime else config).pool(color)
-            kept |= {upstream_id(color, e.address) for e in pool.upstreams}
-        return kept
 
     def _reconfigured(self) -> RoutingSnapshot:
         settings = self.settings
@@ -191,17 +178,9 @@ class ControlPlane:
     def targets_of(self, color: str) -> list[UpstreamTarget]:
         return [target for target, _ in self.configured().values() if target.color == color]
 
-    def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]:
+    def configured(self) -> snapshots.Configured:
         """Every configured upstream with its pool's health settings."""
-        return {
-            target.id: (target, pool.health)
-            for color in COLORS
-            for pool in (self.settings.pool(color),)
-            for target in (
-                UpstreamTarget(upstream_id(color, e.address), color, e.address, e.weight)
-                for e in pool.upstreams
-            )
-        }
+        return snapshots.configured(self.settings)
 
     def routable(self, upstream: str) -> bool:
         """Up by its checks (or in a pool with checks off), not drained, not ejected. An
@@ -445,24 +424,7 @@ class ControlPlane:
         self.publish()
 
     def snapshot_from_settings(self) -> RoutingSnapshot:
-        configured = self.configured()
-        pools = {
-            color: tuple(
-                target
-                for uid, (target, _) in configured.items()
-                if target.color == color and self.routable(uid)
-            )
-            for color in COLORS
-        }
-        split = self.settings.split
-        sticky = StickyPolicy(
-            split.sticky_key, split.bucket_cookie, round(split.bucket_cookie_max_age), split.salt
-        )
-        pins = tuple(pin.rule(i) for i, pin in enumerate(self.settings.pins))
-        preview = self.settings.preview.policy()
-        return RoutingSnapshot(
-            next(self._versions), split.live, split.candidate_weight, pools, sticky, pins, preview
-        )
+        return snapshots.build(self.settings, next(self._versions), self.routable)
 
     def publish(self) -> RoutingSnapshot:
         snapshot = self.snapshot_from_settings()
