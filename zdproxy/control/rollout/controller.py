@@ -225,6 +225,9 @@ class Rollouts:
         if not rollout.ended or self.active is not rollout:
             return
         self.active = None
+        for task in rollout.after:  # its on_rollback hooks: close() still stops them
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         record = rollout.record
         self.counts[record.state] += 1
         self.recent[record.id] = record

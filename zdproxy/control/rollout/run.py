@@ -156,7 +156,9 @@ class Rollout:
             self.job = asyncio.ensure_future(self._finish())
 
     def _finishing(self) -> None:
-        if self.job is not None and self.job.done():
+        if self.job is None:  # resumed after a restart: drain (again) and run what is left
+            self.job = asyncio.ensure_future(self._finish())
+        elif self.job.done():
             self._take_job()
             record = self.record
             reason = f"{record.candidate} is live; {record.previous} drained"
