@@ -260,6 +260,15 @@ class ControlPlane:
     def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None:
         self.desired.change({"rollout": rollout}, "auto", durable=durable)
 
+    def unsafe_to_start(self) -> str | None:
+        journal = self.desired.journal
+        if journal.reserved or journal.make_reserve():
+            return None
+        return (
+            f"no room for the journal's reserve file {journal.reserve}: a rollback could not "
+            "be journaled on a full disk; free some space"
+        )
+
     def active_rollout(self) -> str | None:
         active = self.rollouts.active
         return self.rollouts.describe(active) if active is not None else None

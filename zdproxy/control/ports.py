@@ -49,6 +49,10 @@ class ControlHost(Protocol):
         """The rolling update in progress, if any: it and a rollout never run together."""
         ...
 
+    def unsafe_to_start(self) -> str | None:
+        """Why a rollout's end could not be journaled on a full disk (no reserve), if so."""
+        ...
+
     def active_rollout(self) -> str | None:
         """The rollout in progress, if any, described for a refusal."""
         ...

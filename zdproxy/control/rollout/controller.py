@@ -98,6 +98,8 @@ class Rollouts:
             raise Refused("color", f"{color} is already live: deploy to the other color")
         if (rolling := self.host.rolling_update()) is not None:
             raise Refused("color", f"{rolling} is running: wait for it to end")
+        if (unsafe := self.host.unsafe_to_start()) is not None:
+            raise Refused("state.dir", unsafe, 503)
         return name
 
     def _start(self, color: Color, name: str, actor: Actor) -> RolloutRecord:
