@@ -36,6 +36,17 @@ async def events_of(proxy: ZdProxy) -> list[dict[str, Any]]:
     return events
 
 
+async def deployed_green(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+) -> tuple[ZdProxy, dict[str, Any]]:
+    """A proxy whose rollout 1 of green holds a 10% step for 30 s."""
+    blue, green = await upstream("blue"), await upstream("green")
+    config = rollout_config(blue, green, tmp_path, steps=[{"weight": 10, "hold": "30s"}])
+    proxy = zdproxy(config)
+    assert (await cli(proxy, "deploy", "green")).code == 0
+    return proxy, config
+
+
 async def test_an_aborted_rollout_never_steps_again_and_wait_answers_for_its_id(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
@@ -75,10 +86,7 @@ async def test_an_aborted_rollout_never_steps_again_and_wait_answers_for_its_id(
 async def test_a_restart_keeps_ids_increasing(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    blue, green = await upstream("blue"), await upstream("green")
-    config = rollout_config(blue, green, tmp_path, steps=[{"weight": 10, "hold": "30s"}])
-    proxy = zdproxy(config)
-    assert (await cli(proxy, "deploy", "green")).code == 0
+    proxy, config = await deployed_green(zdproxy, upstream, tmp_path)
     assert (await cli(proxy, "rollout", "abort")).code == 0
     proxy.stop()
     again = zdproxy(config)
@@ -93,10 +101,7 @@ async def test_a_restart_keeps_ids_increasing(
 async def test_while_a_rollout_holds_the_split_a_shift_is_refused_even_forced(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    blue, green = await upstream("blue"), await upstream("green")
-    config = rollout_config(blue, green, tmp_path, steps=[{"weight": 10, "hold": "30s"}])
-    proxy = zdproxy(config)
-    assert (await cli(proxy, "deploy", "green")).code == 0
+    proxy, _ = await deployed_green(zdproxy, upstream, tmp_path)
     await until_rollout(proxy, lambda r: r["state"] == "step")
     body = {"candidate_weight": 10000, "force": True}
     refused = await admin_api(proxy, "PUT", "/v1/split", body, status=409)
@@ -139,10 +144,7 @@ async def test_a_deploy_to_a_color_where_nothing_answers_is_refused(
 async def test_a_reload_mid_rollout_keeps_the_rollouts_split(
     zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    blue, green = await upstream("blue"), await upstream("green")
-    config = rollout_config(blue, green, tmp_path, steps=[{"weight": 10, "hold": "30s"}])
-    proxy = zdproxy(config)
-    assert (await cli(proxy, "deploy", "green")).code == 0
+    proxy, config = await deployed_green(zdproxy, upstream, tmp_path)
     await until_rollout(proxy, lambda r: r["state"] == "step")
     edited = {**config, "split": {"live": "green", "candidate_weight": 5000}}
     edited["upstream"] = {"timeout": "7s"}
