@@ -7,10 +7,13 @@ input. The script runs zdproxy under callgrind twice, for N1 and N2 small
 requests (keep-alive, a fixed number of connections, a raw upstream), and
 reports (Ir(N2) - Ir(N1)) / (N2 - N1): start-up and shutdown cancel out.
 
-    .venv/bin/python benchmarks/instructions.py [--baseline DIR] [--requests 20000]
+    .venv/bin/python benchmarks/instructions.py [--baseline DIR|REV] [--requests 20000]
 
-With --baseline, a second source tree (e.g. `git worktree add /tmp/base HEAD~1`)
-is measured the same way, for an A/B of a change. With --routed, the same tree
+With --baseline, a second source tree is measured the same way, for an A/B of a
+change: a directory, or a git revision of this repository (e.g. `HEAD~1`), which
+is exported with `git archive` to a temporary directory. The two trees' runs
+alternate, so that a change of the machine's load (which stretches valgrind's run,
+and so the timer work counted in it) weighs on both alike. With --routed, the same tree
 is measured a second time with run.py's "routed" config (a 50/50 sticky split,
 three pin rules, health checks), for the cost of routing features. Work done on
 a timer, like the health probes, is counted per second of valgrind's slowed-down
@@ -116,17 +119,35 @@ def count(
 
 
 def per_request(
-    tree: Path | None, upstream_port: int, n: int, tmp: Path, routed: bool = False
-) -> float:
+    trees: dict[str, tuple[Path | None, bool]], upstream_port: int, n: int, tmp: Path
+) -> dict[str, float]:
+    """Instructions per request of each (tree, routed), their runs interleaved."""
     small, large = n // 10, n
-    high = count(tree, upstream_port, large, tmp, routed)
-    return (high - count(tree, upstream_port, small, tmp, routed)) / (large - small)
+    counts = {name: [0, 0] for name in trees}
+    for i, requests in enumerate((small, large)):
+        for name, (tree, routed) in trees.items():
+            counts[name][i] = count(tree, upstream_port, requests, tmp, routed)
+    return {name: (high - low) / (large - small) for name, (low, high) in counts.items()}
+
+
+def export(revision: str, into: Path) -> Path:
+    """The source tree of a git revision of this repository, written under `into`."""
+    into.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", revision],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000, help="N2; N1 is a tenth")
-    parser.add_argument("--baseline", type=Path, metavar="DIR", help="another source tree")
+    parser.add_argument(
+        "--baseline", metavar="DIR|REV", help="another source tree, or a git revision"
+    )
     parser.add_argument("--routed", action="store_true", help="also measure run.py's routed")
     args = parser.parse_args()
     if not shutil.which("valgrind"):
@@ -140,15 +161,15 @@ def main() -> int:
     try:
         wait_port(upstream_port, upstream, 15)
         with tempfile.TemporaryDirectory(prefix="zdinstr-") as tmp:
-            results = {"zdproxy": per_request(None, upstream_port, args.requests, Path(tmp))}
+            trees: dict[str, tuple[Path | None, bool]] = {"zdproxy": (None, False)}
             if args.routed:
-                results["routed"] = per_request(
-                    None, upstream_port, args.requests, Path(tmp), routed=True
-                )
+                trees["routed"] = (None, True)
             if args.baseline:
-                results["baseline"] = per_request(
-                    args.baseline.resolve(), upstream_port, args.requests, Path(tmp)
-                )
+                base = Path(args.baseline)
+                if not base.is_dir():
+                    base = export(args.baseline, Path(tmp) / "baseline")
+                trees["baseline"] = (base.resolve(), False)
+            results = per_request(trees, upstream_port, args.requests, Path(tmp))
     finally:
         upstream.terminate()
         upstream.wait(10)

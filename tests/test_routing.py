@@ -25,8 +25,6 @@ from tests.conftest import (
     in_process_settings,
     pools,
     unchecked,
-    unchecked,
-    unchecked,
     wait_until,
 )
 from zdproxy.config.units import Address
@@ -259,8 +257,9 @@ async def test_empty_candidate_pool_gives_its_share_to_live(
     assert await names(proxy.url, 50) == Counter({"blue": 50})
 
 
-async def test_no_upstream_at_all_is_503(zdproxy: StartProxy) -> None:
-    proxy = zdproxy({"pools": pools([], []), "split": split("blue", 5000)})
+async def test_no_routable_upstream_at_all_is_503(zdproxy: StartProxy) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: its TCP check never passes
+    proxy = zdproxy({"pools": pools([dead], []), "split": split("blue", 5000)})
     async with aiohttp.ClientSession() as session:
         for path in ("/", "/some/page?q=1"):
             async with session.get(proxy.url + path) as resp:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ssl
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from zdproxy.config.section import Section
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -29,10 +31,8 @@ def load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
         raise ValueError(f"cannot read the certificate or key: {exc.strerror or exc}") from None
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(Section):
     """TLS on the proxy listener; off unless both files are given."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cert_file: str = Field(
         default="",

@@ -39,6 +39,7 @@ from zdproxy.dataplane.http import (
     SEP,
     Reject,
     connection_tokens,
+    origin_form,
     strip_named_headers,
 )
 from zdproxy.dataplane.serving import MAX_PIPELINE, ExchangeDriver
@@ -75,7 +76,6 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         "peer_ip",
         "scheme",
         "trusted",
-        "writing_paused",
     )
 
     def __init__(self, ctx: Context, scheme: bytes) -> None:
@@ -182,18 +182,6 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         self.queue.clear()
         self.receiving = None
 
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-        upstream = self.tunnel_peer or (self.active.upstream if self.active else None)
-        if upstream is not None:
-            upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        upstream = self.tunnel_peer or (self.active.upstream if self.active else None)
-        if upstream is not None and not upstream.transport.is_closing():
-            upstream.transport.resume_reading()
-
     # -- httptools callbacks: parsing one request --------------------------------------
 
     def on_message_begin(self) -> None:
@@ -293,7 +281,10 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         url = self._url
         lines = self._lines
         if url[:1] != b"/":
-            url, lines = self._origin_form(method, url, lines)
+            url, lines, authority = origin_form(method, url, lines)
+            if authority is not None:  # now the only Host header
+                self._host = authority
+                self._host_count = 1
         if self._host_count > 1 or (self._host_count == 0 and not http10):
             raise Reject(400, "exactly one Host header is required")
         if self._conn_tokens:
@@ -379,25 +370,6 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         host = self._xfh or self._host
         lines = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (chain, proto)
         return lines if host is None else lines + b"X-Forwarded-Host: %s\r\n" % host
-
-    def _origin_form(
-        self, method: bytes, url: bytes, lines: list[bytes]
-    ) -> tuple[bytes, list[bytes]]:
-        """Accept "*" for OPTIONS and absolute-form targets (RFC 9112 3.2); refuse the rest."""
-        if url == b"*" and method == b"OPTIONS":
-            return url, lines
-        scheme, sep, rest = url.partition(b"://")
-        if not sep or scheme.lower() not in (b"http", b"https"):
-            raise Reject(400, "invalid request target")
-        authority, slash, path = rest.partition(b"/")
-        if not authority:
-            raise Reject(400, "invalid request target")
-        # The target's authority replaces any Host header (RFC 9112 3.2.2).
-        lines = strip_named_headers(lines, {b"host"})
-        lines.extend((b"Host", SEP, authority, CRLF))
-        self._host = authority
-        self._host_count = 1
-        return b"/" + path if slash else b"/", lines
 
     def on_body(self, body: bytes) -> None:
         exchange = self.receiving

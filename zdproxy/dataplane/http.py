@@ -26,24 +26,7 @@ H_STICKY = 13  # the header the sticky policy hashes (configured, so added per s
 H_PREVIEW = 14
 H_PIN = 15
 
-REQUEST_HEADERS: dict[bytes, int] = {
-    b"connection": H_CONNECTION,
-    b"keep-alive": H_DROP,
-    b"proxy-connection": H_DROP,
-    b"te": H_DROP,
-    b"trailer": H_DROP,
-    b"transfer-encoding": H_TRANSFER_ENCODING,
-    b"upgrade": H_UPGRADE,
-    b"content-length": H_CONTENT_LENGTH,
-    b"host": H_HOST,
-    b"expect": H_EXPECT,
-    b"x-forwarded-for": H_X_FORWARDED_FOR,
-    b"x-forwarded-proto": H_X_FORWARDED_PROTO,
-    b"x-forwarded-host": H_X_FORWARDED_HOST,
-    b"cookie": H_COOKIE,
-    b"idempotency-key": H_IDEMPOTENCY_KEY,
-}
-
+# Framing and hop-by-hop fields: what both directions interpret.
 RESPONSE_HEADERS: dict[bytes, int] = {
     b"connection": H_CONNECTION,
     b"keep-alive": H_DROP,
@@ -53,6 +36,17 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"transfer-encoding": H_TRANSFER_ENCODING,
     b"upgrade": H_UPGRADE,
     b"content-length": H_CONTENT_LENGTH,
+}
+
+REQUEST_HEADERS: dict[bytes, int] = {
+    **RESPONSE_HEADERS,
+    b"host": H_HOST,
+    b"expect": H_EXPECT,
+    b"x-forwarded-for": H_X_FORWARDED_FOR,
+    b"x-forwarded-proto": H_X_FORWARDED_PROTO,
+    b"x-forwarded-host": H_X_FORWARDED_HOST,
+    b"cookie": H_COOKIE,
+    b"idempotency-key": H_IDEMPOTENCY_KEY,
 }
 
 # Connection options that are about this hop only and name no header to strip.
@@ -95,6 +89,25 @@ def parse_cookies(header: bytes) -> dict[bytes, bytes]:
         if sep:
             cookies.setdefault(name, value.strip().strip(b'"'))
     return cookies
+
+
+def origin_form(
+    method: bytes, url: bytes, lines: list[bytes]
+) -> tuple[bytes, list[bytes], bytes | None]:
+    """A request target that is not a path: "*" for OPTIONS, or an absolute form (RFC 9112
+    3.2), made (path, header fields, its authority); any other target is refused."""
+    if url == b"*" and method == b"OPTIONS":
+        return url, lines, None
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise Reject(400, "invalid request target")
+    authority, slash, path = rest.partition(b"/")
+    if not authority:
+        raise Reject(400, "invalid request target")
+    # The target's authority replaces any Host header (RFC 9112 3.2.2).
+    lines = strip_named_headers(lines, {b"host"})
+    lines.extend((b"Host", SEP, authority, CRLF))
+    return b"/" + path if slash else b"/", lines, authority
 
 
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}

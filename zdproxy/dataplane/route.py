@@ -6,8 +6,8 @@ request follows the snapshot it is dispatched under.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
 
 from zdproxy.dataplane.http import H_STICKY, NO_COOKIES, REQUEST_HEADERS, parse_cookies
 from zdproxy.dataplane.pins import Overrides
@@ -26,7 +26,10 @@ class Via(IntEnum):
     PIN = 3  # a pin rule matched
 
 
-class Route(NamedTuple):
+# Frozen with slots: its fields are read on the hot path, and slot reads are the fastest
+# attribute reads CPython has (a NamedTuple's fields are descriptors it does not specialise).
+@dataclass(frozen=True, slots=True)
+class Route:
     via: Via
     to: PinTarget | None = None  # a preview's color or a pin's target; beats the bucket
     bucket: int = -1  # 0-9999 with Via.BUCKET

@@ -2,8 +2,9 @@
 
 ClientConnection (client.py) parses; this mixin dispatches each request to an
 upstream, answers failures with zdproxy's own replies, retries where that is
-safe, enforces deadlines, closes connections without losing owed replies, and
-turns an upgraded connection into a tunnel.
+safe, enforces deadlines, closes connections without losing owed replies, holds
+the upstream while the client reads slowly, and turns an upgraded connection into
+a tunnel. It reaches the upstream side only through exchange.py's Protocols.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ExchangeDriver:
         "transport",
         "tunnel_peer",
         "upgrade_buffer",
+        "writing_paused",
     )
 
     ctx: Context
@@ -54,16 +56,14 @@ class ExchangeDriver:
     in_head: bool
     tunnel_peer: UpstreamSide | None
     upgrade_buffer: list[bytes] | None
+    writing_paused: bool
 
     # -- as the owner sees it (context.Connection) -------------------------------------
 
     @property
     def idle(self) -> bool:
         return (
-            self.active is None
-            and not self.queue
-            and not self.in_head
-            and self.tunnel_peer is None
+            self.active is None and not self.queue and not self.in_head and self.tunnel_peer is None
         )
 
     def serves(self, ids: set[str]) -> bool:
@@ -348,6 +348,20 @@ class ExchangeDriver:
         else:
             exchange.client_keep_alive = False
             self._respond_locally(exchange, 408, "request body timed out")
+
+    # -- the client's write buffer: hold the upstream while it is full ------------------
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        upstream = self.tunnel_peer or (self.active.upstream if self.active else None)
+        if upstream is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        upstream = self.tunnel_peer or (self.active.upstream if self.active else None)
+        if upstream is not None and not upstream.transport.is_closing():
+            upstream.transport.resume_reading()
 
     # -- Upgrade: a byte tunnel after 101 ----------------------------------------------
 
