@@ -28,8 +28,8 @@ from zdproxy.config.settings import Settings
 from zdproxy.control import state
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
+from zdproxy.control.phases import Phase
 from zdproxy.control.plane import ControlPlane
-from zdproxy.control.rollout.phases import Phase
 
 BLUE, GREEN = "127.0.0.1:9", "127.0.0.1:10"  # never dialled: the plane is a fake
 DEEP = "<<deep>>"  # replaced by an array nested past json.loads' recursion limit

@@ -32,8 +32,8 @@ from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.settings import Settings
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
+from zdproxy.control.phases import Phase
 from zdproxy.control.plane import ControlPlane
-from zdproxy.control.rollout.phases import Phase
 from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
 
 STEPS = (10.0, 50.0, 100.0)

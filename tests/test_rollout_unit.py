@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.test_rollout_model import RolloutMachine
-from zdproxy.control.rollout.phases import (
+from zdproxy.control.phases import (
     ACTIVE,
     TRANSITIONS,
     IllegalTransition,

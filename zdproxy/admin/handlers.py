@@ -20,8 +20,8 @@ from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor, Event
+from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.plane import ControlPlane
-from zdproxy.control.rollout.phases import RolloutRecord
 
 ROLLOUT_ACTIONS = {
     "pause": "Hold the current step (the judge still runs)",

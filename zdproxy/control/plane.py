@@ -31,9 +31,9 @@ from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.health import HealthChecker, UpstreamHealth
 from zdproxy.control.journal import Journal
 from zdproxy.control.outliers import OutlierDetector
+from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout.controller import Rollouts
-from zdproxy.control.rollout.phases import RolloutRecord
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.records import OverrideCounters

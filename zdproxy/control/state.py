@@ -35,7 +35,7 @@ from zdproxy.config.settings import (
     SplitSettings,
 )
 from zdproxy.control.journal import JournalItem
-from zdproxy.control.rollout.phases import RolloutRecord
+from zdproxy.control.phases import RolloutRecord
 from zdproxy.routing.snapshot import BASIS_POINTS
 
 KEYS = ("pools.blue", "pools.green", "split", "salt", "rules", "drained", "rollout")

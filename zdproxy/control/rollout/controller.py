@@ -27,9 +27,9 @@ from zdproxy.config.plans import PlanSettings, StepSettings
 from zdproxy.config.settings import Color
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
+from zdproxy.control.phases import FAILED, HistoryEntry, Phase, RolloutRecord
 from zdproxy.control.ports import ControlHost
 from zdproxy.control.probe import answering
-from zdproxy.control.rollout.phases import FAILED, HistoryEntry, Phase, RolloutRecord
 from zdproxy.control.rollout.run import Rollout
 
 log = logging.getLogger("zdproxy.rollout")

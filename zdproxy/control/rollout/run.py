@@ -24,14 +24,14 @@ from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.hooks import HookResult, run_hook
 from zdproxy.control.judge import Judge, Verdict
-from zdproxy.control.ports import ControlHost
-from zdproxy.control.rollout.phases import (
+from zdproxy.control.phases import (
     HISTORY,
     HistoryEntry,
     Phase,
     RolloutRecord,
     check_transition,
 )
+from zdproxy.control.ports import ControlHost
 from zdproxy.routing.preview import mint_token
 
 log = logging.getLogger("zdproxy.rollout")
