@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from pydantic import BaseModel
 from zdproxy import __version__
 from zdproxy.admin import models as m
 from zdproxy.admin.app import ApiError, Call, Route
+from zdproxy.admin.stream import stream_events
 from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
 from zdproxy.control.desired import Refused
-from zdproxy.control.events import Actor, Event
+from zdproxy.control.events import Actor
 from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.plane import ControlPlane
 
@@ -30,7 +30,6 @@ ROLLOUT_ACTIONS = {
     "abort": "Roll back: the old live color takes all traffic again",
     "retry": "Start a failed or aborted rollout again from its first step",
 }
-KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps idle proxies from cutting the stream
 
 
 @dataclass
@@ -412,39 +411,6 @@ class AdminAPI:
     async def events(self, call: Call) -> BaseModel | web.StreamResponse:
         query: m.EventsQuery = call.query
         if query.follow:
-            return await self._stream(call.request, query)
+            return await stream_events(call.request, self.control.events, query)
         history = self.control.events.history(query.since, query.kind)[-query.limit :]
         return m.Events(events=[m.Event(**e.to_dict()) for e in history])
-
-    async def _stream(self, request: web.Request, query: m.EventsQuery) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        resume = request.headers.get("Last-Event-ID", "")
-        resuming = resume.isascii() and resume.isdigit()
-        sent = max(query.since, int(resume)) if resuming else query.since
-        events = self.control.events
-        with events.follow() as follower:  # subscribed first, so nothing falls in between
-            await response.prepare(request)
-            try:
-                history = events.history(sent, query.kind)
-                for past in history if resuming else history[-query.limit :]:  # resume: all
-                    await response.write(_sse(past))
-                    sent = past.id
-                while True:
-                    event = await follower.next(KEEPALIVE_SECONDS)
-                    if event is None:
-                        if follower.ended:
-                            break  # stopping or lagged: the client reconnects with Last-Event-ID
-                        await response.write(b": keep-alive\n\n")
-                    elif event.id > sent and query.kind in (None, event.kind):
-                        await response.write(_sse(event))
-                        sent = event.id
-            except ConnectionResetError:
-                pass  # the follower went away: nothing to answer
-        return response
-
-
-def _sse(event: Event) -> bytes:
-    data = json.dumps(event.to_dict(), separators=(",", ":"), default=str)
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
