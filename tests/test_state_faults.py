@@ -265,6 +265,11 @@ async def test_on_a_full_disk_changes_are_refused_and_an_abort_is_journaled_all_
     assert await names(proxy) == {"blue": 20}
     assert await events(proxy, "journal_reserve_spent")
 
+    # A deploy on the full disk is refused and leaves no ghost rollout behind.
+    ghost = await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"}, status=503)
+    assert ghost["errors"][0]["field"] == "state.dir", ghost
+    assert (await admin_api(proxy, "GET", "/v1/rollout"))["state"] == "aborted"
+
     # kill -9, with the state dir as the process leaves it.
     kept = tmp_path / "kept"
     proxy.process.send_signal(signal.SIGSTOP)
