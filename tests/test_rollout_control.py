@@ -67,18 +67,30 @@ async def test_an_aborted_rollout_never_steps_again_and_wait_answers_for_its_id(
         assert promoted.code == 0, promoted
         done = await cli(proxy, "wait", "--until", "done:2", "--timeout", "60s")
         assert done.code == 0, done
-    failed = await cli(proxy, "wait", "--until", "done:1", "--timeout", "5s")
-    assert failed.code == 5 and "rollout 1 aborted" in failed.err, failed
     assert running.failures == []
-    # Nothing of rollout 1 happened after its abort: no step, no split, no drain.
+    current = await admin_api(proxy, "GET", "/v1/rollout")
+    assert (current["id"], current["state"]) == (2, "done"), current
+    # Each rollout's own story, in order: nothing of rollout 1 after its abort (no step,
+    # no promotion, no split change, no drain), and rollout 2 took the promote.
     events = await events_of(proxy)
+    story = [(e["kind"], e["data"].get("rollout")) for e in events if "rollout_" in e["kind"]]
+    assert story == [
+        ("rollout_preflight", 1),
+        ("rollout_step", 1),
+        ("rollout_aborted", 1),
+        ("rollout_preflight", 2),
+        ("rollout_step", 2),
+        ("rollout_baking", 2),
+        ("rollout_finishing", 2),
+        ("rollout_done", 2),
+    ], story
     [end] = [i for i, e in enumerate(events) if e["kind"] in ENDS and e["data"]["rollout"] == 1]
-    assert events[end]["kind"] == "rollout_aborted"
     late = [e for e in events[end + 1 :] if e["data"].get("rollout") == 1]
     assert late == [], late
+    failed = await cli(proxy, "wait", "--until", "done:1", "--timeout", "5s")
+    assert failed.code == 5 and "rollout 1 aborted" in failed.err, failed
     show = await admin_api(proxy, "GET", "/v1/rollouts/1")
     assert show["id"] == 1 and show["state"] == "aborted"
-    assert (await admin_api(proxy, "GET", "/v1/rollout"))["id"] == 2
     unknown = await cli(proxy, "wait", "--until", "done:7", "--timeout", "2s")
     assert unknown.code == 1 and "no rollout 7" in unknown.err, unknown
 
