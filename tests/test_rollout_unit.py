@@ -121,3 +121,42 @@ def test_a_crash_while_finishing_drains_again_and_ends_done(machine: RolloutMach
     last = machine.control.rollouts.last
     assert last is not None and last.state is Phase.DONE, last
     assert machine.control.drained == set(machine.upstreams["blue"])
+
+
+def finishing(machine: RolloutMachine) -> None:
+    stepping(machine)
+    for _ in range(40):
+        machine.tick(1.0)
+        last = machine.control.rollouts.last
+        assert last is not None and last.state.active, last
+        if last.state is Phase.FINISHING:
+            return
+    raise AssertionError("never reached finishing")
+
+
+def test_an_abort_while_finishing_on_a_full_disk_puts_the_old_color_back(
+    machine: RolloutMachine,
+) -> None:
+    finishing(machine)
+    assert machine.control.drained == set(machine.upstreams["blue"])
+    machine.disk(full=True)
+    machine.steer("abort")
+    last = machine.control.rollouts.last
+    assert last is not None and last.state is Phase.ABORTED, last
+    assert split(machine) == ("blue", 0)
+    assert machine.control.drained == set()  # in the same write as the swap
+    assert machine.control.rollouts.active is None
+
+
+def test_a_restart_keeps_a_resumed_rollouts_split_over_a_file_edited_meanwhile(
+    machine: RolloutMachine,
+) -> None:
+    finishing(machine)
+    split_edited = machine.config.split.model_copy(update={"candidate_weight": 500})
+    machine.config = machine.config.model_copy(update={"split": split_edited})
+    machine.crash()  # a restart with the file's [split] edited while zdproxy was down
+    active = machine.control.rollouts.active
+    assert active is not None and active.record.state is Phase.FINISHING
+    assert split(machine) == ("green", 0)
+    held = [e for e in machine.events.history() if e.kind == "config_held"]
+    assert held and held[-1].data["item"] == "split"

@@ -287,7 +287,10 @@ class AdminAPI:
                 **record.model_dump(mode="json", exclude={"hooks_done"}),
                 "step": record.step or None,
                 "steps": len(plan.steps) if plan else None,
-                "share": self.control.share(record.candidate) / 100,
+                # Today's split says nothing of an older rollout's share.
+                "share": self.control.share(record.candidate) / 100
+                if record is self.control.rollouts.last
+                else None,
             },
             strict=False,
         )

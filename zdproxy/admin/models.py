@@ -210,7 +210,10 @@ class Rollout(BaseModel):
     plan: str | None = None
     step: int | None = Field(default=None, description="1-based, while stepping.")
     steps: int | None = None
-    share: float | None = Field(default=None, description="The candidate's share, percent.")
+    share: float | None = Field(
+        default=None,
+        description="The candidate's share now, percent; none for an older rollout than the last.",
+    )
     reason: str = ""
     history: list[RolloutEntry] = Field(default_factory=list)
 

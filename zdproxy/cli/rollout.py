@@ -52,9 +52,10 @@ def describe(rollout: dict[str, Any]) -> str:
     if rollout["state"] == "idle":
         return "no rollout yet"
     step = f", step {rollout['step']} of {rollout['steps']}" if rollout["step"] else ""
+    share = f", {rollout['share']:g}% of the traffic" if rollout["share"] is not None else ""
     return (
         f"rollout {rollout['id']}: {rollout['candidate']} with plan {rollout['plan']}: "
-        f"{rollout['state']}{step}, {rollout['share']:g}% of the traffic; {rollout['reason']}"
+        f"{rollout['state']}{step}{share}; {rollout['reason']}"
     )
 
 

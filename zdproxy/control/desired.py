@@ -149,20 +149,21 @@ class DesiredState:
         (Refused; nothing changes). At start, the items that do not fit are dropped, one
         by one, with an event each: zdproxy starts.
 
-        Items in `hold` keep their running value even if the file changed it (a rollout
-        holds the split); they are based on the new file, whose value thus gives way.
+        Items in `hold` keep their journaled (else running) value even if the file changed
+        it, at a reload as at start (a rollout holds the split); they are based on the new
+        file, whose value thus gives way.
         """
         items = dict(self.items if items is None else items)
+        held = []
         for key in hold:
-            if state.basis_of(config, key) != state.basis_of(self.config, key):
+            entry = items.get(key)
+            basis = state.basis_of(config, key)
+            if entry is not None and entry.basis != basis:
+                items[key] = state.item(config, key, entry.value, "auto")
+                held.append(key)
+            elif entry is None and basis != state.basis_of(self.settings, key):
                 items[key] = state.item(config, key, state.file_value(self.settings, key), "auto")
-                self.events.emit(
-                    "config_held",
-                    f"the config file's {key} changed, but a rollout holds it: everything else "
-                    "of the file applies; the rollout keeps the split",
-                    actor="config",
-                    item=key,
-                )
+                held.append(key)
         taken_over = state.stale(config, items)
         for key in taken_over:
             del items[key]
@@ -175,6 +176,14 @@ class DesiredState:
                 raise self._refusal(exc, "the runtime changes in the journal") from None
             items, settings = self._fitting(config, items)
         items = self._prune_drained(items, settings)
+        for key in held:
+            self.events.emit(
+                "config_held",
+                f"the config file's {key} changed, but a rollout holds it: everything else "
+                "of the file applies; the rollout keeps the split",
+                actor="config",
+                item=key,
+            )
         for key in taken_over:
             self.events.emit(
                 "config_takes_over",

@@ -2,8 +2,9 @@
 
     preflight -> step (1..n) <-> paused -> baking -> finishing -> done
 
-Every active phase may also end in rolled_back, aborted, frozen or failed. An
-ended rollout never moves again: `TRANSITIONS` has no way out of an end.
+Every active phase may also end in rolled_back, aborted or failed, and a judged one
+(step, paused, baking) in frozen. An ended rollout never moves again: `TRANSITIONS`
+has no way out of an end.
 """
 
 from __future__ import annotations

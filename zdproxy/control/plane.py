@@ -124,7 +124,14 @@ class ControlPlane:
 
     def restore(self) -> RoutingSnapshot:
         """At start: the config file overlaid with the journal (see control/state.py)."""
-        self.desired.take_config(self.desired.config, self.desired.read_journal())
+        items = self.desired.read_journal()
+        journaled = items.get("rollout")
+        active = (
+            journaled is not None and RolloutRecord.model_validate(journaled.value).state.active
+        )
+        # A rollout that resumes holds the split, even against a file edited while down.
+        hold = ("split",) if active else ()
+        self.desired.take_config(self.desired.config, items, hold=hold)
         snapshot = self._reconfigured()
         journaled = self.desired.items.get("rollout")
         record = RolloutRecord.model_validate(journaled.value) if journaled else None
@@ -247,18 +254,44 @@ class ControlPlane:
         self._write_split(changes, actor, durable=True, note=" (forced)" if force else "")
 
     def steer(
-        self, weight: int, live: Color, rollout: dict[str, Any], actor: Actor, *, durable: bool
+        self,
+        weight: int,
+        live: Color,
+        rollout: dict[str, Any],
+        actor: Actor,
+        *,
+        durable: bool,
+        undrain: Color | None = None,
     ) -> None:
-        """The split as the rollout holding it says, in one journal write with its record:
-        a crash never leaves one without the other. Any other rollout is fenced off."""
-        if self.rollouts.holder() != rollout["id"]:
-            raise RuntimeError(f"rollout {rollout['id']} does not hold the split")
-        changes = {"split": {"live": live, "candidate_weight": weight}, "rollout": rollout}
+        """The split as the rollout holding it says, in one journal write with its record
+        (and the undrain of a color it needs back): a crash never leaves one without the
+        other. Any other rollout is fenced off."""
+        changes, back = self._rollout_changes(rollout, undrain)
+        changes["split"] = {"live": live, "candidate_weight": weight}
         note = f" (rollout {rollout['id']})"
         self._write_split(changes, actor, durable=durable, note=note, rollout=rollout["id"])
+        self._undrained(back, actor)
 
-    def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None:
-        self.desired.change({"rollout": rollout}, "auto", durable=durable)
+    def save_rollout(
+        self, rollout: dict[str, Any], *, durable: bool, undrain: Color | None = None
+    ) -> None:
+        changes, back = self._rollout_changes(rollout, undrain)
+        self.desired.change(changes, "auto", durable=durable)
+        if back:
+            self._undrained(back, "auto")
+            self.publish()
+
+    def _rollout_changes(
+        self, rollout: dict[str, Any], undrain: Color | None
+    ) -> tuple[dict[str, Any], set[str]]:
+        """A rollout's record (and the drain marks of `undrain` lifted), fenced by its id."""
+        if self.rollouts.holder() != rollout["id"]:
+            raise RuntimeError(f"rollout {rollout['id']} does not hold the split")
+        changes: dict[str, Any] = {"rollout": rollout}
+        back = self.drained & self.resolve(undrain) if undrain is not None else set()
+        if back:
+            changes["drained"] = sorted(self.drained - back)
+        return changes, back
 
     def unsafe_to_start(self) -> str | None:
         journal = self.desired.journal
@@ -410,11 +443,15 @@ class ControlPlane:
         ids = self.resolve(color, upstream) & self.drained
         if ids:
             self.desired.change({"drained": sorted(self.drained - ids)}, actor)
+            self._undrained(ids, actor)
+            self.publish()
+        return ids
+
+    def _undrained(self, ids: set[str], actor: Actor) -> None:
+        if ids:
             self.events.emit(
                 "undrained", f"back in rotation: {', '.join(sorted(ids))}", actor=actor
             )
-            self.publish()
-        return ids
 
     # -- snapshots ----------------------------------------------------------------------
 

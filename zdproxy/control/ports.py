@@ -2,8 +2,9 @@
 
 They never import the control plane (it imports them); the control plane meets this
 Protocol, and the brain's tests can meet it with the in-memory data plane and a fake
-clock. Every write a rollout makes goes through `steer` or `save_rollout`, which the
-control plane fences by the rollout's id.
+clock. A rollout's record and split go through `steer` or `save_rollout`, which the
+control plane fences by the rollout's id (only the holder of the split may write); its
+drain of the old color is fenced by the rollout itself (see rollout/run.py).
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ class ControlHost(Protocol):
     def routable(self, upstream: str) -> bool: ...
 
     def steer(
-        self, weight: int, live: Color, rollout: dict[str, Any], actor: Actor, *, durable: bool
+        self,
+        weight: int,
+        live: Color,
+        rollout: dict[str, Any],
+        actor: Actor,
+        *,
+        durable: bool,
+        undrain: Color | None = None,
     ) -> None:
-        """The split and the rollout's record in one journal write; only the rollout that
-        holds the split may call it. `durable=False`: in memory even if the disk fails."""
+        """The split and the rollout's record (and `undrain`'s drain marks lifted) in one
+        journal write. `durable=False`: in memory even if the disk fails."""
         ...
 
-    def save_rollout(self, rollout: dict[str, Any], *, durable: bool) -> None: ...
+    def save_rollout(
+        self, rollout: dict[str, Any], *, durable: bool, undrain: Color | None = None
+    ) -> None:
+        """The rollout's record (and `undrain`'s drain marks lifted) in one journal write."""
+        ...
 
     def rolling_update(self) -> str | None:
         """The rolling update in progress, if any: it and a rollout never run together."""

@@ -105,7 +105,6 @@ class Rollouts:
     def _start(self, color: Color, name: str, actor: Actor) -> RolloutRecord:
         host = self.host
         live = host.settings.split.live
-        host.undrain(color=color, actor=actor)  # a deploy wants traffic there
         reason = f"deploy {color} with plan {name}"
         entry = HistoryEntry(
             time=time.time(), state=Phase.PREFLIGHT, step=0, reason=reason, actor=actor
@@ -120,18 +119,18 @@ class Rollouts:
         )
         rollout = Rollout(record, host.settings.plans[name], host, self.clock())
         value = record.model_dump(mode="json")
-        # No user request reaches the candidate before its preflight and hooks passed. The
-        # record is journaled before the rollout exists: a refused write leaves no ghost.
-        if host.share(color):
-            self.active = rollout  # it holds the split from this write on
-            try:
-                host.steer(0, live, value, actor, durable=True)
-            except Refused:
-                self.active = None
-                raise
-        else:
-            host.save_rollout(value, durable=True)
-            self.active = rollout
+        # No user request reaches the candidate before its preflight and hooks passed; a
+        # deploy wants traffic there later, so its drain marks go, in the same write. A
+        # refused write leaves no ghost rollout and nothing changed.
+        self.active = rollout  # it holds the split from this write on
+        try:
+            if host.share(color):
+                host.steer(0, live, value, actor, durable=True, undrain=color)
+            else:
+                host.save_rollout(value, durable=True, undrain=color)
+        except Refused:
+            self.active = None
+            raise
         self._last_id = record.id
         rollout.emit("rollout_preflight", record.reason, actor, plan=name)
         self._launch(rollout)
@@ -220,7 +219,10 @@ class Rollouts:
         while not rollout.ended:
             await asyncio.sleep(rollout.plan.judge.tick)
             if self.active is rollout:
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # a bug in an end: logged, and the next tick tries again
+                    log.exception("rollout %d: tick failed", rollout.id)
 
     def _settle(self, rollout: Rollout) -> None:
         """An ended rollout lets go of the split and joins the recent ones."""

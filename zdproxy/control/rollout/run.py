@@ -7,8 +7,9 @@ promote, abort) are transitions made at once. The slow work (hooks, the drain of
 the old color) runs as this rollout's job, and its result is read by a later tick.
 
 Once ended, a rollout never writes again: `TRANSITIONS` has no way out of an end,
-every job checks `ended` after each await, and the control plane refuses split
-writes from any rollout but the one that holds the split.
+an end cancels the job in flight (and every job checks `ended` after each await),
+and the control plane refuses record and split writes from any rollout but the one
+that holds the split.
 """
 
 from __future__ import annotations
@@ -156,13 +157,22 @@ class Rollout:
             self.job = asyncio.ensure_future(self._finish())
 
     def _finishing(self) -> None:
+        """Past its bake the candidate has won: whatever the drain or the post_promote hooks
+        say, the rollout ends done (a failure is in the reason and the level), never rolled
+        back onto the color just drained."""
         if self.job is None:  # resumed after a restart: drain (again) and run what is left
             self.job = asyncio.ensure_future(self._finish())
         elif self.job.done():
-            self._take_job()
+            try:
+                failure = self._take_job()
+            except Refused as exc:
+                failure = str(exc)
             record = self.record
             reason = f"{record.candidate} is live; {record.previous} drained"
-            self._move(Phase.DONE, reason, "auto")
+            level = logging.WARNING if failure else logging.INFO
+            self._move(
+                Phase.DONE, reason + (f"; but {failure}" if failure else ""), "auto", level=level
+            )
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -204,10 +214,18 @@ class Rollout:
         if self.job is not None:  # jobs never end a rollout themselves: they return why
             self.job.cancel()
             self.job = None
-        if shifted and record.state is Phase.FINISHING:  # the old color was being drained
-            host.undrain(color=record.previous, actor=actor)
+        # The old color was being drained: back in rotation, in the same write as the swap.
+        undrain = record.previous if shifted and record.state is Phase.FINISHING else None
         split = (0, record.previous) if shifted else None
-        self._move(phase, reason, actor, level=logging.ERROR, numbers=numbers, split=split)
+        self._move(
+            phase,
+            reason,
+            actor,
+            level=logging.ERROR,
+            numbers=numbers,
+            split=split,
+            undrain=undrain,
+        )
         if shifted and self.plan.on_rollback:
             task = asyncio.ensure_future(self._on_rollback())
             self.after.add(task)
@@ -223,6 +241,7 @@ class Rollout:
         level: int = logging.INFO,
         numbers: dict[str, Any] | None = None,
         split: tuple[int, Color] | None = None,
+        undrain: Color | None = None,
     ) -> None:
         """One transition, journaled with the split it brings, all or nothing: a refused
         journal write leaves the record as it was (an end is kept in memory anyway)."""
@@ -240,9 +259,9 @@ class Rollout:
         value = moved.model_dump(mode="json")
         durable = phase.active  # an end happens whatever the disk says
         if split is None:
-            self.host.save_rollout(value, durable=durable)
+            self.host.save_rollout(value, durable=durable, undrain=undrain)
         else:
-            self.host.steer(split[0], split[1], value, actor, durable=durable)
+            self.host.steer(split[0], split[1], value, actor, durable=durable, undrain=undrain)
         self.record = moved
         self.emit(f"rollout_{phase}", reason, actor, level=level, numbers=numbers or {})
 
