@@ -12,13 +12,10 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import ADMIN_TOKEN, CliResult, Upstream, ZdProxy, admin_api, free_port, run_cli
-from tests.test_rollout import FAST_JUDGE, load, rollout_config, until_rollout
+from tests.test_rollout import load, rollout_config, until_rollout
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
-# These tests steer rollouts by hand: the judge must not end one on a loaded machine's
-# latency noise (p99 of a few ms), so it judges errors only.
-STEADY = {**FAST_JUDGE, "max_p99_ratio": 0}
 ENDS = (
     "rollout_done",
     "rollout_rolled_back",
@@ -45,7 +42,7 @@ async def deployed_green(
     """A proxy whose rollout 1 of green holds a 10% step for 30 s."""
     blue, green = await upstream("blue"), await upstream("green")
     steps = [{"weight": 10, "hold": "30s"}]
-    config = rollout_config(blue, green, tmp_path, steps=steps, judge=STEADY)
+    config = rollout_config(blue, green, tmp_path, steps=steps)
     proxy = zdproxy(config)
     assert (await cli(proxy, "deploy", "green")).code == 0
     return proxy, config
@@ -56,7 +53,7 @@ async def test_an_aborted_rollout_never_steps_again_and_wait_answers_for_its_id(
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
     steps = [{"weight": 10, "hold": "60s"}]  # it never passes by itself: promote does
-    proxy = zdproxy(rollout_config(blue, green, tmp_path, steps=steps, bake="1s", judge=STEADY))
+    proxy = zdproxy(rollout_config(blue, green, tmp_path, steps=steps, bake="1s"))
     async with load(proxy.url) as running:
         first = await cli(proxy, "deploy", "green")
         assert first.code == 0, first
