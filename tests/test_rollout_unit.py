@@ -106,23 +106,6 @@ def test_abort_during_a_hook_ignores_its_late_result(machine: RolloutMachine) ->
     assert rollout.record.state is Phase.ABORTED and rollout.record.step == 0
 
 
-def test_a_crash_while_finishing_drains_again_and_ends_done(machine: RolloutMachine) -> None:
-    stepping(machine)
-    for _ in range(40):
-        machine.tick(1.0)
-        last = machine.control.rollouts.last
-        assert last is not None and last.state.active, last
-        if last.state is Phase.FINISHING:
-            break
-    assert split(machine) == ("green", 0)
-    machine.crash()
-    for _ in range(3):
-        machine.tick(0.1)
-    last = machine.control.rollouts.last
-    assert last is not None and last.state is Phase.DONE, last
-    assert machine.control.drained == set(machine.upstreams["blue"])
-
-
 def finishing(machine: RolloutMachine) -> None:
     stepping(machine)
     for _ in range(40):
@@ -132,6 +115,17 @@ def finishing(machine: RolloutMachine) -> None:
         if last.state is Phase.FINISHING:
             return
     raise AssertionError("never reached finishing")
+
+
+def test_a_crash_while_finishing_drains_again_and_ends_done(machine: RolloutMachine) -> None:
+    finishing(machine)
+    assert split(machine) == ("green", 0)
+    machine.crash()
+    for _ in range(3):
+        machine.tick(0.1)
+    last = machine.control.rollouts.last
+    assert last is not None and last.state is Phase.DONE, last
+    assert machine.control.drained == set(machine.upstreams["blue"])
 
 
 def test_an_abort_while_finishing_on_a_full_disk_puts_the_old_color_back(
