@@ -123,16 +123,23 @@ class RolloutMachine(RuleBasedStateMachine):
 
     # -- commands ------------------------------------------------------------------------
 
-    def _command(self, command: Any) -> Any:
+    def _inside(self, command: Any) -> Any:
+        """Run a call or a coroutine inside the loop (as the daemon would), then let the
+        jobs it started take their next steps."""
+
         async def inside_the_loop() -> Any:
             return await command if asyncio.iscoroutine(command) else command()
 
-        try:
-            result = self._run(inside_the_loop())
-        except Refused:
-            return None
+        result = self._run(inside_the_loop())
         self._settle()
         return result
+
+    def _command(self, command: Any) -> Any:
+        """An operator's command: a refusal is an answer (None), not a failure."""
+        try:
+            return self._inside(command)
+        except Refused:
+            return None
 
     @rule(color=st.sampled_from(["blue", "green"]))
     def deploy(self, color: str) -> None:
@@ -185,7 +192,7 @@ class RolloutMachine(RuleBasedStateMachine):
                 self.plane.pending.append(_record(uid, served - errors, errors))
         now = self.clock()
         self.control.tick(now)
-        self._command(lambda: self.control.rollouts.tick(now))
+        self._inside(lambda: self.control.rollouts.tick(now))  # a tick never raises
         self._track_end()
         last = self.control.rollouts.last
         if currently_in_test_context():  # --hypothesis-show-statistics: phases reached
