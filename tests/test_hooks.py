@@ -16,11 +16,14 @@ from zdproxy.control.hooks import OUTPUT_KEPT, run_hook
 
 
 def alive(pid: int) -> bool:
+    """A zombie counts as dead; so does a process reaped between the two looks (reading
+    /proc/PID/stat of a process that just went away raises ProcessLookupError)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    return stat.split(")")[1].split()[0] != "Z"
 
 
 def hook(script: str, timeout: float = 10.0) -> HookSettings:
