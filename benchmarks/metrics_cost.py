@@ -29,6 +29,7 @@ from zdproxy.admin.handlers import ServiceState
 from zdproxy.admin.metrics import Exporter
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.control.plane import TICK_SECONDS
+from zdproxy.dataplane.route import Via
 from zdproxy.ops.daemon import Daemon
 from zdproxy.routing.records import FailureKind, UpstreamStats
 
@@ -42,7 +43,9 @@ def best_us(statement: str, number: int, namespace: dict[str, object]) -> float:
 
 def record_us() -> float:
     stats = UpstreamStats("blue/127.0.0.1:9001")
-    return best_us("observe(200, 0.0031)", 200_000, {"observe": stats.observe})
+    return best_us(
+        "observe(200, 0.0031, SPLIT)", 200_000, {"observe": stats.observe, "SPLIT": Via.SPLIT}
+    )
 
 
 def tick_us(daemon: Daemon, upstreams: int, per_tick: int) -> float:
@@ -53,7 +56,7 @@ def tick_us(daemon: Daemon, upstreams: int, per_tick: int) -> float:
     def traffic() -> None:  # a tick's worth of responses, spread over the upstreams
         for i in range(per_tick):
             stats = pools[i % upstreams].stats
-            stats.observe(200 if i % 50 else 503, 0.002 + (i % 7) * 0.001)
+            stats.observe(200 if i % 50 else 503, 0.002 + (i % 7) * 0.001, Via.SPLIT)
         pools[0].stats.fail(FailureKind.RESET)
 
     telemetry = daemon.control.telemetry

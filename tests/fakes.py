@@ -2,18 +2,20 @@
 
 `FakeDataPlane` meets the `DataPlane` Protocol (zdproxy/routing/plane.py) with no
 sockets: a test queues the records it wants the control plane to collect, sets
-what is in flight, and reads back every snapshot it was given.
+what is in flight (and how old it is), and reads back every snapshot it was given
+and every evacuation it was asked for.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from zdproxy.control.health import UpstreamHealth
 from zdproxy.control.journal import RESERVE_BYTES, Journal
-from zdproxy.routing.records import IntervalRecord, OverrideCounters
+from zdproxy.routing.records import IntervalRecord, OverrideCounters, UpstreamStats
 from zdproxy.routing.snapshot import RoutingSnapshot
 
 
@@ -25,9 +27,15 @@ class FakeDataPlane:
         self.pending: list[IntervalRecord] = []
         self.streaks: dict[str, int] = {}
         self.requests: dict[str, int] = {}  # in flight per upstream id
+        # Ages of requests in flight per upstream id: every collect() reports them (in a
+        # record of their own if none is queued) until the test changes them.
+        self.pending_ages: dict[str, tuple[float, ...]] = {}
+        # Of `requests`, how many evacuate() may send to live (idempotent, replayable).
+        self.replayable: dict[str, int] = {}
+        self.evacuations: list[tuple[set[str], float]] = []  # (ids, grace) of each call
         self.tunnels: dict[str, int] = {}
         self.cuts = 0
-        self.retries = {"connect": 0, "reset": 0, "status": 0, "over_budget": 0}
+        self.retries = {"connect": 0, "reset": 0, "status": 0, "evacuate": 0, "over_budget": 0}
         self.override_counts = OverrideCounters()
 
     @property
@@ -38,8 +46,10 @@ class FakeDataPlane:
         self.snapshots.append(snapshot)
 
     def collect(self) -> list[IntervalRecord]:
-        records, self.pending = self.pending, []
-        return records
+        queued, self.pending = self.pending, []
+        ages = {uid: tuple(sorted(a, reverse=True)) for uid, a in self.pending_ages.items() if a}
+        records = [replace(r, pending=ages.pop(r.upstream_id, r.pending)) for r in queued]
+        return records + [replace(UpstreamStats(uid).take(), pending=a) for uid, a in ages.items()]
 
     def failure_streaks(self, at_least: int) -> dict[str, int]:
         return {uid: n for uid, n in self.streaks.items() if n >= at_least}
@@ -60,6 +70,22 @@ class FakeDataPlane:
         cut = sum(self.requests.pop(uid, 0) for uid in ids)
         self.cuts += cut
         return cut
+
+    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+        """The replayable requests leave `requests`; the rest stay in flight until the
+        test says they finished or the control plane cuts them. `pending_ages` is the
+        test's to change (the fake cannot know which ages were replayed)."""
+        self.evacuations.append((set(ids), grace))
+        replayed = left = 0
+        for uid in ids:
+            in_flight = self.requests.pop(uid, 0)
+            moved = min(self.replayable.pop(uid, 0), in_flight)
+            if in_flight > moved:
+                self.requests[uid] = in_flight - moved
+            replayed += moved
+            left += in_flight - moved
+        self.retries["evacuate"] += replayed
+        return replayed, left
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         return self.retries, self.override_counts

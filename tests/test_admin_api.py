@@ -47,7 +47,14 @@ PROBLEM = "application/problem+json"
 # (`unchecked`) nothing ever connects to it, and it counts as routable.
 UNUSED = "127.0.0.1:9"
 BETA = {"name": "beta", "header": "X-Beta", "values": ["1"], "to": "green"}
-BETA_VIEW = {"cookie": "", "host": [], "path_prefix": [], "network": [], **BETA}
+BETA_VIEW = {
+    "cookie": "",
+    "host": [],
+    "path_prefix": [],
+    "network": [],
+    "after_rollback": "live",
+    **BETA,
+}
 
 
 # -- a client of the admin API ---------------------------------------------------------

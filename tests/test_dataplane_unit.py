@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_pins import FAR, SECRET, sign
 from zdproxy.config.loader import settings_from_mapping
-from zdproxy.dataplane.context import RETRY_WINDOW, RetryBudget
+from zdproxy.dataplane.context import RETRY_WINDOW, RetryBudget, RetryKind
 from zdproxy.dataplane.http import H_PREVIEW, parse_cookies
 from zdproxy.dataplane.limits import Limits
 from zdproxy.dataplane.peers import client_address
@@ -194,9 +194,9 @@ def test_the_retry_budget_allows_three_then_a_share_of_the_window() -> None:
     budget = RetryBudget(share=0.1)
     for _ in range(3):  # a quiet proxy may still retry a few
         assert budget.allowed()
-        budget.spend("reset")
+        budget.spend(RetryKind.RESET)
     assert not budget.allowed()
-    assert budget.counts == {"connect": 0, "reset": 3, "status": 0, "over_budget": 1}
+    assert budget.counts == {"connect": 0, "reset": 3, "status": 0, "evacuate": 0, "over_budget": 1}
     budget.requests = 100  # 10% of 100 requests: ten retries in this window
     assert budget.allowed()
     budget.roll(RETRY_WINDOW - 0.1)  # the window is not over yet

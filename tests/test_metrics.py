@@ -212,6 +212,7 @@ async def test_retries_and_ejections(zdproxy: StartProxy, upstream: StartUpstrea
         "connect": 0,
         "reset": 0,
         "status": 0,
+        "evacuate": 0,
         "over_budget": 0,
     }
 

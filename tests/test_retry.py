@@ -1,4 +1,5 @@
-"""Retries where they are safe: another upstream of the same color, before any response byte."""
+"""Retries where they are safe, before any response byte: a request the split sent to the
+candidate goes to the live pool, any other to another upstream of its color."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tests.conftest import (
     unchecked,
     wait_until,
 )
+from tests.test_metrics import Metrics, classes, metrics_when
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -84,8 +86,14 @@ async def test_reset_is_retried_for_idempotent_requests_only(
 
     broken = await raw_upstream(reset)
     alive = await upstream("alive")
-    # The whole budget: this test is about which requests are retried, not how many.
-    config = {"pools": pools([broken.address, alive.address]), "retry": {"budget_percent": 100}}
+    # The whole budget, and no ejection (a tick during the GETs would eject the broken
+    # upstream before any POST reached it): this test is about which requests are
+    # retried, not how many.
+    config: dict[str, Any] = {
+        "pools": pools([broken.address, alive.address]),
+        "retry": {"budget_percent": 100},
+    }
+    config["pools"]["blue"]["outlier"] = {"consecutive_failures": 0}
     proxy = zdproxy(config)
     assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
     posts = await statuses(proxy.url, "POST", 30)
@@ -177,13 +185,50 @@ async def test_retry_budget_stops_a_retry_storm(
     assert result == Counter({200: 40 - reached_broken + 3, 502: reached_broken - 3})
 
 
-async def test_candidate_failures_are_retried_on_the_live_pool_for_get_only(
+async def test_a_crashed_candidate_costs_no_request_of_any_method(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    # Both candidate instances are gone: a connect failure must go to live, not to the
+    # other dead instance. Unchecked and never ejected, so the split keeps sending there.
+    green = [f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"]
+    config: dict[str, Any] = {
+        "pools": unchecked(pools([blue.address], green)),
+        "split": {"live": "blue", "candidate_weight": 5000},
+    }
+    config["pools"]["green"]["outlier"] = {"consecutive_failures": 0}
+    proxy = zdproxy(config)  # the default budget: a connect failure's retry never spends it
+    # Nothing reached an app, so even a POST is sent again; blue answers everything.
+    assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
+    assert await statuses(proxy.url, "POST", 30) == Counter({200: 30})
+    assert len(blue.seen) == 60
+
+    green_ids = [f"green/{address}" for address in green]
+
+    def connect_failures(metrics: Metrics) -> float:
+        failures = metrics.by("zdproxy_upstream_failures_total", "upstream", kind="connect")
+        return sum(failures.get(uid, 0) for uid in green_ids)
+
+    # The candidate's records show every connect failure (each one retried once, on blue).
+    metrics = await metrics_when(
+        proxy,
+        lambda m: (
+            connect_failures(m) > 0
+            and connect_failures(m) == m.get("zdproxy_retries_total", kind="connect")
+        ),
+    )
+    answered = classes(metrics, f"blue/{blue.address}")
+    assert answered["2xx"] == 60 and answered["5xx"] == 0
+    assert metrics.get("zdproxy_retries_total", kind="over_budget") == 0
+
+
+async def test_a_candidate_5xx_is_answered_by_live_for_idempotent_requests_only(
     zdproxy: StartProxy, upstream: StartUpstream
 ) -> None:
     blue = await upstream("blue")
     green = await upstream("green", failing={"status": 500})
-    retry = {"statuses": [500, 502, 503, 504], "budget_percent": 100}
-    proxy = zdproxy(candidate_config(blue, green, 5000, retry))
+    # The default `statuses` ("5xx") covers the 500 this test once had to list.
+    proxy = zdproxy(candidate_config(blue, green, 5000, {"budget_percent": 100}))
     assert await statuses(proxy.url, "GET", 40) == Counter({200: 40})
     gets_on_green = sum(entry["method"] == "GET" for entry in green.seen)
     assert gets_on_green > 0  # they did reach the candidate, and were answered by blue
@@ -191,6 +236,37 @@ async def test_candidate_failures_are_retried_on_the_live_pool_for_get_only(
     posts_on_green = sum(entry["method"] == "POST" for entry in green.seen)
     assert posts_on_green > 0
     assert posts == Counter({200: 40 - posts_on_green, 500: posts_on_green})
+    # Every 500 still counts against the candidate, the ones its user never saw too.
+    green_id = f"green/{green.address}"
+    await metrics_when(proxy, lambda m: classes(m, green_id).get("5xx") == len(green.seen))
+
+
+async def test_a_post_the_candidate_left_hanging_gets_a_504_and_is_sent_once(
+    zdproxy: StartProxy, upstream: StartUpstream, raw_upstream: StartRaw
+) -> None:
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # the request, then nothing until zdproxy gives up
+            pass
+
+    hung = await raw_upstream(hang)
+    blue = await upstream("blue")
+    config: dict[str, Any] = {
+        # Unchecked: a health check's connections would count as the app's.
+        "pools": unchecked(pools([blue.address], [hung.address])),
+        "split": {"live": "blue", "candidate_weight": 10000},
+        "upstream": {"timeout": "300ms"},
+        "retry": {"budget_percent": 100},
+    }
+    proxy = zdproxy(config)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{proxy.url}/order", data=b"1 item") as response,
+    ):
+        assert response.status == 504
+    # It may have had effects: never sent again, to blue or to green.
+    assert hung.received.count(b"POST /order ") == 1
+    assert hung.connections == 1
+    assert blue.seen == []
 
 
 async def test_without_live_pool_retry_the_candidate_answer_passes(

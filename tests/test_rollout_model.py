@@ -34,7 +34,8 @@ from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
 from zdproxy.control.phases import Phase
 from zdproxy.control.plane import ControlPlane
-from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
+from zdproxy.routing.histogram import index
+from zdproxy.routing.records import IntervalRecord
 
 STEPS = (10.0, 50.0, 100.0)
 ROOMY = 1 << 30
@@ -54,8 +55,21 @@ def _config(addresses: list[str]) -> Settings:
                     "steps": [{"weight": w, "hold": "1s"} for w in STEPS],
                     "bake": "2s",
                     "pause_timeout": "30s",
-                    "judge": {"window": "5s", "min_requests": 5, "consecutive_breaches": 1},
+                    "judge": {"window": "5s", "min_requests": 5},
                 },
+                # Deployed by name only, by the unit tests of the preflight's order.
+                "hooked": {"steps": [{"weight": 10}], "pre_rollout": ["wait"]},
+                "migrating": {
+                    "steps": [{"weight": 10}],
+                    "pre_rollout": ["migrate"],
+                    "verify": ["smoke"],
+                    "pre_rollout_first": True,
+                },
+            },
+            "hooks": {
+                "wait": {"command": ["sleep", "5"]},
+                "migrate": {"command": ["true"]},
+                "smoke": {"command": ["true"]},
             },
         }
     )
@@ -64,8 +78,8 @@ def _config(addresses: list[str]) -> Settings:
 def _record(upstream: str, ok: int, errors: int) -> IntervalRecord:
     """One tick of traffic on one upstream: `ok` 200s and `errors` 500s, all fast."""
     by_class = (0, 0, ok, 0, 0, errors)
-    latency = (ok + errors, *[0] * len(LATENCY_BUCKETS))
-    return IntervalRecord(upstream, by_class, {}, latency, 0.001 * (ok + errors))
+    n = ok + errors
+    return IntervalRecord(upstream, by_class, {}, {index(0.001): n}, 0.001 * n, (n, 0, 0, 0))
 
 
 class RolloutMachine(RuleBasedStateMachine):

@@ -3,6 +3,7 @@ in-memory data plane and a fake clock (the harness of tests/test_rollout_model.p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,7 @@ from zdproxy.control.phases import (
     Phase,
     check_transition,
 )
+from zdproxy.control.rollout.run import Rollout
 
 
 @pytest.fixture
@@ -94,16 +96,73 @@ def test_a_crash_mid_step_resumes_the_step_with_its_split(machine: RolloutMachin
     assert kinds[-1] == "rollout_resumed"
 
 
-def test_abort_during_a_hook_ignores_its_late_result(machine: RolloutMachine) -> None:
-    machine.deploy("green")
+def deploy(machine: RolloutMachine, plan: str) -> Rollout:
+    machine._inside(machine.control.rollouts.deploy("green", plan, "api"))
     rollout = machine.control.rollouts.active
     assert rollout is not None
-    machine.tick(0.1)  # the preflight starts its (empty) hook job
+    return rollout
+
+
+def test_abort_during_a_hook_ignores_its_late_result(machine: RolloutMachine) -> None:
+    rollout = deploy(machine, "hooked")
+    machine.tick(0.1)  # the preflight starts its hook job
     assert rollout.job is not None
     machine.steer("abort")
     assert rollout.job is None and rollout.record.state is Phase.ABORTED
     machine.tick(0.1)
     assert rollout.record.state is Phase.ABORTED and rollout.record.step == 0
+
+
+def settle_hooks(machine: RolloutMachine, rollout: Rollout) -> None:
+    """Let the hook job's processes run to their end (bounded)."""
+    for _ in range(200):
+        if rollout.job is None or rollout.job.done():
+            return
+        machine._run(asyncio.sleep(0.01))
+    raise AssertionError("the hooks did not end")
+
+
+def test_by_default_no_hook_runs_before_the_candidate_is_healthy(
+    machine: RolloutMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(machine.control, "routable", lambda upstream: "green" not in upstream)
+    rollout = deploy(machine, "hooked")
+    machine.tick(0.1)
+    assert rollout.job is None and rollout.record.state is Phase.PREFLIGHT
+
+
+def test_pre_rollout_first_runs_the_migration_before_health_and_verify_after(
+    machine: RolloutMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that becomes ready only after its migration can deploy."""
+    healthy = {"green": False}
+    monkeypatch.setattr(
+        machine.control, "routable", lambda upstream: healthy["green"] or "green" not in upstream
+    )
+    rollout = deploy(machine, "migrating")
+    machine.tick(0.1)
+    settle_hooks(machine, rollout)
+    machine.tick(0.1)
+    assert rollout.record.hooks_done == ["migrate"]  # verify waits for health
+    assert rollout.job is None and rollout.record.state is Phase.PREFLIGHT
+    healthy["green"] = True
+    machine.tick(0.1)
+    settle_hooks(machine, rollout)
+    machine.tick(0.1)
+    assert rollout.record.hooks_done == ["migrate", "smoke"]
+    assert rollout.record.state is Phase.STEP
+
+
+def test_a_candidate_left_with_nothing_routable_is_rolled_back_mid_step(
+    machine: RolloutMachine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stepping(machine)
+    monkeypatch.setattr(machine.control, "routable", lambda upstream: "green" not in upstream)
+    machine.tick(0.1)
+    last = machine.control.rollouts.last
+    assert last is not None and last.state is Phase.ROLLED_BACK
+    assert "no routable upstream" in last.reason
+    assert split(machine) == ("blue", 0)
 
 
 def finishing(machine: RolloutMachine) -> None:

@@ -29,7 +29,8 @@ from tests.conftest import (
 )
 from zdproxy.config.units import Address
 from zdproxy.ops.daemon import Daemon
-from zdproxy.routing.records import LATENCY_BUCKETS, IntervalRecord
+from zdproxy.routing.histogram import BOUNDS
+from zdproxy.routing.records import IntervalRecord
 from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget
 
 StartUpstream = Callable[..., Any]
@@ -380,19 +381,14 @@ def test_interval_record_to_dict_round_trip() -> None:
         upstream_id="blue/127.0.0.1:9001",
         by_class=(0, 0, 7, 1, 2, 3),
         failures={"connect": 2, "timeout": 1},
-        latency_buckets=tuple(range(len(LATENCY_BUCKETS) + 1)),
+        latency={0: 1, 300: 11, len(BOUNDS): 1},
         latency_sum=1.25,
+        routes=(9, 2, 1, 1),
+        pending=(0.5, 12.25),
     )
     data = record.to_dict()
     assert json.loads(json.dumps(data)) == data  # plain JSON types only
-    rebuilt = IntervalRecord(
-        upstream_id=data["upstream_id"],
-        by_class=tuple(data["by_class"]),
-        failures=data["failures"],
-        latency_buckets=tuple(data["latency_buckets"]),
-        latency_sum=data["latency_sum"],
-    )
-    assert rebuilt == record
+    assert IntervalRecord.from_dict(json.loads(json.dumps(data))) == record
     assert record.responses == 13
 
 

@@ -273,15 +273,29 @@ class AdminAPI:
             pools=pools,
             split=self._split(),
             rules=control.settings.pins,
+            pin_fallback=self._pin_fallback(),
             rollout=self._rollout(),
             journal=sorted(control.desired.items),
         )
 
+    def _pin_fallback(self) -> m.PinFallback | None:
+        fallback = self.control.pin_fallback()
+        return m.PinFallback.model_validate(fallback.to_dict()) if fallback else None
+
     def _rollout(self, record: RolloutRecord | None = None) -> m.Rollout:
-        record = record or self.control.rollouts.last
+        rollouts = self.control.rollouts
+        record = record or rollouts.last
         if record is None:
             return m.Rollout()
         plan = self.control.settings.plans.get(record.plan)
+        verdict = rollouts.verdict(record.id)
+        judge = None
+        if verdict is not None:
+            judge = {
+                "verdict": verdict.outcome,
+                "reason": verdict.reason,
+                "numbers": verdict.numbers,
+            }
         return m.Rollout.model_validate(
             {
                 **record.model_dump(mode="json", exclude={"hooks_done"}),
@@ -289,8 +303,9 @@ class AdminAPI:
                 "steps": len(plan.steps) if plan else None,
                 # Today's split says nothing of an older rollout's share.
                 "share": self.control.share(record.candidate) / 100
-                if record is self.control.rollouts.last
+                if record is rollouts.last
                 else None,
+                "judge": judge,
             },
             strict=False,
         )

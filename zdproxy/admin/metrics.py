@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -25,7 +26,7 @@ from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.telemetry import color_of
-from zdproxy.routing.records import LATENCY_BUCKETS
+from zdproxy.routing.histogram import COARSE
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -108,8 +109,8 @@ class ZdproxyCollector(Collector):
             labels=["color"],
         )
         for color, latency in telemetry.latency.items():
-            cumulative, buckets = 0, []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), latency.buckets, strict=True):
+            cumulative, buckets = 0, []  # the fine buckets summed into COARSE ones: exact
+            for bound, n in zip((*COARSE, float("inf")), latency.coarse(), strict=True):
                 cumulative += n
                 buckets.append((_bound(bound), cumulative))
             duration.add_metric([color], buckets, latency.total)
@@ -167,6 +168,52 @@ class ZdproxyCollector(Collector):
             "The running rollout's step (0: preflight or none)",
             value=float(active.record.step if active is not None else 0),
         )
+        verdict = rollouts.verdict(active.id) if active is not None else None
+        if verdict is not None:
+            yield from self._judge(verdict.outcome, verdict.numbers)
+
+    def _judge(self, outcome: str, numbers: dict[str, Any]) -> Iterator[Metric]:
+        """The running rollout's judge: its verdict and the numbers behind it, as
+        GET /v1/rollout's `judge` has them."""
+        verdicts = GaugeMetricFamily(
+            "zdproxy_judge_verdict",
+            "The judge's verdict on the running rollout: 1 for the current one",
+            labels=["verdict"],
+        )
+        for name in ("pass", "hold", "fail"):
+            verdicts.add_metric([name], float(name == outcome))
+        yield verdicts
+        evidence = GaugeMetricFamily(
+            "zdproxy_judge_evidence",
+            "Share of the evidence needed to fail the candidate, by test (1 or more: failed)",
+            labels=["test"],
+        )
+        for name, test in numbers.get("tests", {}).items():
+            evidence.add_metric([name], test["evidence"])
+        yield evidence
+        requests = GaugeMetricFamily(
+            "zdproxy_judge_requests",
+            "Requests judged: the candidate's over the phase, the reference (live) color's "
+            "over the rollout until promotion",
+            labels=["color"],
+        )
+        error_rate = GaugeMetricFamily(
+            "zdproxy_judge_error_rate",
+            "Error rate (0-1) of those requests; absent without any",
+            labels=["color"],
+        )
+        for color in ("candidate", "reference"):
+            if (counts := numbers.get(color)) is not None:
+                requests.add_metric([color], counts["requests"])
+                if counts["error_rate"] is not None:
+                    error_rate.add_metric([color], counts["error_rate"])
+        yield from (requests, error_rate)
+        if (hold := numbers.get("hold_left_seconds")) is not None:
+            yield GaugeMetricFamily(
+                "zdproxy_rollout_hold_left_seconds",
+                "Seconds left of the running rollout's step hold or bake",
+                value=hold,
+            )
 
 
 def _bound(value: float) -> str:

@@ -3,7 +3,7 @@ from these models, and every response is built through them, so the two agree.""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -168,6 +168,14 @@ class Window(BaseModel):
     error_rate: float
     p50_ms: float | None
     p99_ms: float | None
+    routes: dict[str, int] = Field(
+        description="Responses by how their color was chosen: split (all one way), "
+        "bucket (sticky bucket), preview, pin."
+    )
+    pending: int = Field(description="Requests in flight at the last tick.")
+    oldest_pending_ms: float | None = Field(
+        description="Age of the oldest request in flight at the last tick."
+    )
 
 
 class PoolStatus(BaseModel):
@@ -200,6 +208,114 @@ class RolloutEntry(BaseModel):
     actor: Literal["api", "cli", "auto", "config"]
 
 
+# The share of the evidence needed to fail: 0 none, 1 or more failed (shown up to 1000:
+# with a limit of 0, one event is infinite evidence).
+Evidence = Annotated[float, Field(ge=0, le=1000)]
+
+
+class JudgeCandidate(BaseModel):
+    requests: int = Field(description="The candidate's requests over the phase.")
+    errors: int = Field(
+        description="Of those, 5xx answers, upstream failures (connect, timeout, reset), "
+        "and requests counted as failed while pending past hang_after_ms."
+    )
+    error_rate: float | None = Field(description="errors / requests, 0-1; null: no request.")
+    error_rate_bounds: tuple[float, float] = Field(
+        description="A 95% confidence interval of the error rate (anytime-valid: it holds "
+        "however often it is read), 0-1."
+    )
+    pending_failed: int = Field(
+        description="Requests counted as failed while still pending past hang_after_ms."
+    )
+
+
+class JudgeReference(BaseModel):
+    requests: int = Field(description="The live color's requests since the rollout began.")
+    errors: int
+    error_rate: float | None = Field(description="0-1; null: no request.")
+    p50_ms: float | None = Field(description="The live color's median latency.")
+    p99_ms: float | None
+    frozen: bool = Field(
+        description="True from promotion on: the bake compares with the old live color as "
+        "it was before the switch."
+    )
+
+
+class JudgeTest(BaseModel):
+    limit: float | None = Field(
+        description="The rate not to exceed: an error rate, or the share of requests "
+        "allowed to be slower than the test's latency bound (p50_vs_live 0.5, p99_vs_live "
+        "and p99 0.01)."
+    )
+    observed: float | None = Field(description="events / trials; null: no trial yet.")
+    events: int = Field(description="Errors, or requests slower than the test's bound.")
+    trials: int = Field(description="The candidate's requests the test has seen.")
+    evidence: Evidence = Field(
+        description="The share of the evidence needed to fail the candidate: 0 none, 1 or "
+        "more failed; 1000 at most (one error where the limit allows none is infinite)."
+    )
+
+
+class JudgeNumbers(BaseModel):
+    """The evidence behind a verdict, as every rollout event carries it. Keys the judge
+    adds later pass through unchanged; `recent` is the sliding window (as in the status)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: str | None = Field(default=None, description='The judged phase: "step 2" or "bake".')
+    hold_left_seconds: float | None = Field(
+        default=None, description="Seconds left of the step's hold or of the bake."
+    )
+    candidate: JudgeCandidate | None = Field(
+        default=None, description="The candidate over the phase (the step, or the bake)."
+    )
+    reference: JudgeReference | None = Field(
+        default=None,
+        description="The live color the candidate is compared with, over the rollout until "
+        "promotion.",
+    )
+    hang_after_ms: float | None = Field(
+        default=None, description="A candidate request pending longer counts as failed."
+    )
+    tests: dict[str, JudgeTest] = Field(
+        default_factory=dict,
+        description="The judge's tests by name: errors (absolute error rate), "
+        "errors_vs_live, p50_vs_live, p99_vs_live, p99 (absolute max_p99). Only the "
+        "configured ones.",
+    )
+    evidence: Evidence | None = Field(
+        default=None, description="The largest evidence of the tests."
+    )
+    recent: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="candidate and live over the judge's sliding window."
+    )
+    requests_needed: int | None = Field(
+        default=None,
+        description="Candidate requests still needed before the phase may pass (min_requests).",
+    )
+    eta_seconds: float | None = Field(
+        default=None,
+        description="When those requests should be in, at the candidate's recent rate; "
+        "null: no estimate.",
+    )
+    no_active_users: bool = Field(
+        default=False,
+        description="The candidate's share holds no active user right now (sticky buckets "
+        "and few users): no estimate until one comes.",
+    )
+
+
+class Judge(BaseModel):
+    """The judge's latest verdict on the rollout (its last, once ended)."""
+
+    verdict: Literal["pass", "hold", "fail"] = Field(
+        description="pass: no alarm and enough requests; hold: too little evidence to pass "
+        "yet; fail: an alarm (the rollout rolls back, or freezes)."
+    )
+    reason: str
+    numbers: JudgeNumbers
+
+
 class Rollout(BaseModel):
     """The current (or last) rollout; state "idle" when there has been none."""
 
@@ -216,6 +332,11 @@ class Rollout(BaseModel):
     )
     reason: str = ""
     history: list[RolloutEntry] = Field(default_factory=list)
+    judge: Judge | None = Field(
+        default=None,
+        description="The judge's latest verdict and its numbers; null before the judge had "
+        "traffic to read, and for a rollout that ended before zdproxy restarted.",
+    )
 
 
 class RollingStart(Body):
@@ -248,12 +369,28 @@ class RolloutStart(Body):
     )
 
 
+class PinFallback(BaseModel):
+    """Pins that lead to the candidate of the last rollout, rolled back, aborted or
+    failed: their users go to the live color until the next deploy."""
+
+    rollout: int
+    outcome: RolloutStateName
+    color: Color = Field(description="The failed candidate.")
+    live: Color
+    rules: list[str] = Field(description="The rules that fall back to the live color.")
+    staying: list[str] = Field(description='The rules with after_rollback = "stay".')
+    reason: str
+
+
 class Status(BaseModel):
     version: str = Field(description="zdproxy's own version.")
     uptime_seconds: float
     pools: dict[Color, PoolStatus]
     split: Split
     rules: list[PinSettings]
+    pin_fallback: PinFallback | None = Field(
+        default=None, description="None unless the last rollout failed (see PinFallback)."
+    )
     rollout: Rollout
     journal: list[str] = Field(description="Items of the state journal that override the file.")
 

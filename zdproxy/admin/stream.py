@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from zdproxy.admin import models as m
@@ -45,5 +43,6 @@ async def stream_events(
 
 
 def _sse(event: Event) -> bytes:
-    data = json.dumps(event.to_dict(), separators=(",", ":"), default=str)
+    # Through the API's model, as GET /v1/events.
+    data = m.Event(**event.to_dict()).model_dump_json()
     return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()

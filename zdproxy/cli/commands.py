@@ -6,7 +6,9 @@ Exit codes (stable; deploy scripts rely on them):
   2  bad arguments or an unreadable config
   3  zdproxy's admin API cannot be reached
   4  `wait` timed out before the conditions held
-  5  `wait --until done`: the rollout was rolled back, aborted, frozen or failed
+  5  `wait --until done`, `rollout show --watch`: the rollout was rolled back, aborted,
+     frozen or failed
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from zdproxy.config.units import parse_duration
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_ROLLOUT_FAILED = 5
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 RECONNECT_SECONDS = 1.0  # `events -f` after its stream ended
 
 EXIT_CODES = """exit codes:
@@ -37,7 +40,9 @@ EXIT_CODES = """exit codes:
   2  bad arguments or an unreadable config
   3  zdproxy's admin API cannot be reached
   4  wait: timed out
-  5  wait --until done: the rollout was rolled back, aborted, frozen or failed"""
+  5  wait --until done, rollout show --watch: the rollout was rolled back, aborted,
+     frozen or failed
+  130  interrupted (Ctrl-C)"""
 
 Command = Callable[[AdminClient, argparse.Namespace], Awaitable[int]]
 
@@ -158,8 +163,10 @@ def run_admin_command(args: argparse.Namespace) -> int:
         return _fail(args, str(exc), EXIT_UNREACHABLE)
     except ApiRefused as exc:
         return _fail(args, f"refused: {exc}", EXIT_REFUSED)
+    except RolloutFailed as exc:  # `wait --until done`, `rollout show --watch`
+        return _fail(args, str(exc), EXIT_ROLLOUT_FAILED)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 async def _run(command: Command, endpoint: Endpoint, args: argparse.Namespace) -> int:
@@ -338,10 +345,7 @@ async def _wait(client: AdminClient, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            unmet = await unmet_conditions(client, checks, ids)
-        except RolloutFailed as exc:
-            print(f"zdproxy wait: {exc}", file=sys.stderr)
-            return EXIT_ROLLOUT_FAILED
+            unmet = await unmet_conditions(client, checks, ids)  # RolloutFailed: exit 5
         except Unreachable as exc:  # zdproxy may be restarting: keep trying until the deadline
             unmet = [str(exc)]
         else:

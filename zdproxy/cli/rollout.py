@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from zdproxy.cli.client import AdminClient
+from zdproxy.cli.client import AdminClient, Unreachable
+from zdproxy.cli.views import describe, rollout_view
+from zdproxy.cli.wait import why_not_done
+from zdproxy.config.units import parse_duration
 
 Register = Callable[..., argparse.ArgumentParser]
+
+MIN_INTERVAL = 0.1  # seconds between two polls of `rollout show --watch`
+REDRAW = "\x1b[H\x1b[J"  # cursor home, then erase below: a terminal redraws in place
 
 ACTIONS = {
     "pause": "hold the current step (the judge keeps running)",
@@ -31,8 +38,27 @@ def add_rollout_commands(command: Register, common: argparse.ArgumentParser) -> 
     deploy.add_argument("color", choices=["blue", "green"], help="the color to deploy")
     deploy.add_argument("--plan", help="a [plans.NAME] (default: rollout.default_plan)")
     rollout = command("rollout", _show, "show or steer the rollout")
+    rollout.set_defaults(json=False, watch=False)  # a bare `rollout` shows it
     actions = rollout.add_subparsers(dest="rollout_action", metavar="ACTION")
-    show = actions.add_parser("show", help="the rollout and its history", parents=[common])
+    show = actions.add_parser(
+        "show",
+        help="the rollout, the judge's verdict and numbers, and the history",
+        description="The rollout, the judge's verdict and the numbers behind it, and the "
+        "history. --watch redraws it every --interval until the rollout ends: exit 0 when "
+        "it is done, 5 when it rolled back, was aborted, froze or failed (as `wait --until "
+        "done`), 130 on Ctrl-C. Into a pipe, --watch prints the block again only when the "
+        "state, the step or the verdict changes.",
+        parents=[common],
+    )
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print the raw JSON")
+    form.add_argument("-w", "--watch", action="store_true", help="follow the rollout until it ends")
+    show.add_argument(
+        "--interval",
+        type=_interval,
+        default="1s",
+        help=f"with --watch: redraw this often (default 1s, at least {MIN_INTERVAL * 1000:g}ms)",
+    )
     show.set_defaults(admin_command=_show)
     for action, text in ACTIONS.items():
         parser = actions.add_parser(action, help=text, parents=[common])
@@ -48,17 +74,6 @@ def add_rollout_commands(command: Register, common: argparse.ArgumentParser) -> 
     rolling.add_argument("--wait", action="store_true", help="return when it is done or failed")
 
 
-def describe(rollout: dict[str, Any]) -> str:
-    if rollout["state"] == "idle":
-        return "no rollout yet"
-    step = f", step {rollout['step']} of {rollout['steps']}" if rollout["step"] else ""
-    share = f", {rollout['share']:g}% of the traffic" if rollout["share"] is not None else ""
-    return (
-        f"rollout {rollout['id']}: {rollout['candidate']} with plan {rollout['plan']}: "
-        f"{rollout['state']}{step}{share}; {rollout['reason']}"
-    )
-
-
 async def _deploy(client: AdminClient, args: argparse.Namespace) -> int:
     body = {"color": args.color, **({"plan": args.plan} if args.plan else {})}
     rollout = await client.call("POST", "/v1/rollouts", body)
@@ -67,12 +82,55 @@ async def _deploy(client: AdminClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds < MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least {MIN_INTERVAL * 1000:g}ms")
+    return seconds
+
+
 async def _show(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.watch:
+        return await _watch(client, args.interval)
     rollout = await client.call("GET", "/v1/rollout")
-    print(describe(rollout))
-    for entry in rollout["history"]:
-        print(f"  step {entry['step']} {entry['state']} [{entry['actor']}] {entry['reason']}")
+    print(json.dumps(rollout, indent=2) if args.json else rollout_view(rollout))
     return 0
+
+
+async def _watch(client: AdminClient, interval: float) -> int:
+    """Show the rollout every `interval` until it ends: 0 when it is done, RolloutFailed
+    (exit 5) when it ended otherwise. Idle, it waits for a rollout to start; once it has
+    one, it follows that one by its id, even if another starts after it."""
+    terminal = sys.stdout.isatty()
+    rollout = await client.call("GET", "/v1/rollout")  # no answer at all: exit 3
+    trouble = ""  # why the last poll got no answer
+    shown: tuple[Any, ...] | None = None
+    while True:
+        view = rollout_view(rollout) + (f"\n{trouble}" if trouble else "")
+        if terminal:
+            sys.stdout.write(REDRAW + view + "\n")
+            sys.stdout.flush()
+        elif (change := _change(rollout, trouble)) != shown:
+            print(view + "\n", flush=True)  # a blank line between blocks
+            shown = change
+        if why_not_done(rollout) is None:  # raises RolloutFailed on any other end
+            return 0
+        await asyncio.sleep(interval)
+        path = "/v1/rollout" if rollout["id"] is None else f"/v1/rollouts/{rollout['id']}"
+        try:
+            rollout, trouble = await client.call("GET", path), ""
+        except Unreachable as exc:  # zdproxy may be restarting: the rollout resumes after
+            trouble = f"{exc}; retrying"
+
+
+def _change(rollout: dict[str, Any], trouble: str) -> tuple[Any, ...]:
+    """What makes --watch print again into a pipe: not every new count, only a move."""
+    judge = rollout["judge"]
+    verdict = None if judge is None else judge["verdict"]
+    return (rollout["id"], rollout["state"], rollout["step"], verdict, trouble)
 
 
 async def _action(client: AdminClient, args: argparse.Namespace) -> int:

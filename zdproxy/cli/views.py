@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
+
+# The states of a rollout that runs: the judge's hold and ETA mean something.
+ACTIVE = ("preflight", "step", "paused", "baking", "finishing")
+# What each test of the judge counts: its observed share of the candidate's requests.
+TESTS = {
+    "errors": "error rate",
+    "errors_vs_live": "error rate against live's",
+    "p50_vs_live": "slower than the ratio x live's median",
+    "p99_vs_live": "slower than the ratio x live's p99",
+    "p99": "slower than max_p99",
+}
+BAR = 10  # cells of an evidence bar: full at the evidence that fails
 
 
 def _duration(seconds: float) -> str:
@@ -85,10 +98,134 @@ def status_table(status: dict[str, Any]) -> str:
         f"rules: {len(rules)}"
         + "".join(f"\n  {r.get('name') or f'pins[{i}]'} -> {r['to']}" for i, r in enumerate(rules))
     )
-    lines.append(f"rollout: {status['rollout']['state']}")
+    if status.get("pin_fallback"):
+        lines.append(status["pin_fallback"]["reason"])
+    lines.append(rollout_line(status["rollout"]))
     if status["journal"]:
         lines.append("runtime changes (journal): " + ", ".join(status["journal"]))
     return "\n".join(lines)
+
+
+def describe(rollout: dict[str, Any]) -> str:
+    """The rollout in one line: which, where, and why."""
+    if rollout["state"] == "idle":
+        return "no rollout yet"
+    where = rollout["state"]
+    if rollout["step"]:
+        of = f"step {rollout['step']} of {rollout['steps']}"
+        where = of if where == "step" else f"{where}, {of}"
+    share = f", {rollout['share']:g}% of the traffic" if rollout["share"] is not None else ""
+    return (
+        f"rollout {rollout['id']}: {rollout['candidate']} with plan {rollout['plan']}: "
+        f"{where}{share}; {rollout['reason']}"
+    )
+
+
+def rollout_line(rollout: dict[str, Any]) -> str:
+    """The status's rollout line: the state, and the judge's verdict while it runs."""
+    state = rollout["state"]
+    judge = rollout["judge"]
+    if state not in ACTIVE or judge is None:
+        return f"rollout: {state}"
+    numbers = judge["numbers"]
+    where = f"step {rollout['step']} of {rollout['steps']}" if rollout["step"] else state
+    hold = numbers.get("hold_left_seconds")
+    return (
+        f"rollout {rollout['id']}: {rollout['candidate']} {where}; judge: {judge['verdict']} "
+        f"({judge['reason']}), evidence {_percent(numbers.get('evidence'), 0)}"
+        + ("" if hold is None else f", hold left {_duration(math.ceil(hold))}")
+    )
+
+
+def rollout_view(rollout: dict[str, Any]) -> str:
+    """`zdproxy rollout show`: the rollout, the judge's verdict and the numbers behind it,
+    then the history."""
+    lines = [describe(rollout)]
+    judge = rollout["judge"]
+    if judge is not None:
+        lines += _judge_lines(judge, ended=rollout["state"] not in ACTIVE)
+    if rollout["history"]:
+        lines.append("  history:")
+    lines += [
+        f"    step {entry['step']} {entry['state']} [{entry['actor']}] {entry['reason']}"
+        for entry in rollout["history"]
+    ]
+    return "\n".join(lines)
+
+
+def _judge_lines(judge: dict[str, Any], *, ended: bool) -> list[str]:
+    numbers = judge["numbers"]
+    phase = numbers.get("phase") or "the phase"
+    last = "last verdict" if ended else "verdict"
+    lines = [f"  {last}: {judge['verdict']} ({phase}): {judge['reason']}"]
+    if not ended:
+        if (hold := numbers.get("hold_left_seconds")) is not None:
+            lines.append(f"  hold left: {_duration(math.ceil(hold))}")
+        if needed := numbers.get("requests_needed"):
+            lines.append(f"  needed: {_needed(needed, numbers)}")
+    lines += _versus(numbers, phase)
+    tests = numbers.get("tests") or {}
+    if tests:
+        lines.append("  evidence to fail (100% fails):")
+        width = max(len(name) for name in tests)
+        lines += [f"    {name.ljust(width)}  {_test(name, t)}" for name, t in tests.items()]
+    return lines
+
+
+def _needed(needed: int, numbers: dict[str, Any]) -> str:
+    if numbers.get("no_active_users"):
+        return f"{needed} more candidate requests; no active user in the candidate's share"
+    eta = numbers.get("eta_seconds")
+    if eta is None:
+        return f"{needed} more candidate requests, no ETA (no recent candidate traffic)"
+    return f"{needed} more candidate requests, ETA {_duration(math.ceil(eta))}"
+
+
+def _versus(numbers: dict[str, Any], phase: str) -> list[str]:
+    """Candidate against live: counts over the phase and the rollout, rates and latency
+    over the judge's recent window."""
+    candidate, live = numbers.get("candidate"), numbers.get("reference")
+    if candidate is None or live is None:
+        return []
+    recent = numbers.get("recent") or {}
+    rows = [["", "REQUESTS", "ERROR RATE (95% BOUNDS)", "REQ/S", "P50 MS", "P99 MS"]]
+    for name, counts, window in (
+        ("candidate", candidate, recent.get("candidate") or {}),
+        ("live", live, recent.get("live") or {}),
+    ):
+        rate = _percent(counts["error_rate"])
+        if bounds := counts.get("error_rate_bounds"):
+            rate += f" ({_percent(bounds[0])}-{_percent(bounds[1])})"
+        per_second = window.get("requests_per_second")
+        rows.append(
+            [
+                name,
+                str(counts["requests"]),
+                rate,
+                "-" if per_second is None else f"{per_second:.1f}",
+                _ms(window.get("p50_ms")),
+                _ms(window.get("p99_ms")),
+            ]
+        )
+    since = "until promotion" if live.get("frozen") else "so far"
+    seconds = (recent.get("candidate") or {}).get("seconds")
+    over = "" if seconds is None else f"; req/s and latency: the last {seconds:g}s"
+    note = f"  (candidate: {phase}; live: the rollout {since}{over})"
+    return ["  " + line for line in _table(rows)] + [note]
+
+
+def _test(name: str, test: dict[str, Any]) -> str:
+    evidence = test["evidence"]
+    filled = min(BAR, int(evidence * BAR))
+    shown = ">999%" if evidence > 9.99 else _percent(evidence, 0)
+    observed = f"{_percent(test['observed'])} ({test['events']}/{test['trials']})"
+    limit = "" if test["limit"] is None else f", limit {_percent(test['limit'])}"
+    what = TESTS.get(name, "observed")
+    return f"[{'#' * filled}{'.' * (BAR - filled)}] {shown:>4}  {what}: {observed}{limit}"
+
+
+def _percent(share: float | None, digits: int = 2) -> str:
+    return "-" if share is None else f"{share * 100:.{digits}f}%"
 
 
 def event_line(event: dict[str, Any]) -> str:

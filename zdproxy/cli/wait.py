@@ -28,12 +28,16 @@ class RolloutFailed(Exception):
 
 def _rollout_done(rollout_id: int | None) -> Check:
     def check(status: dict[str, Any]) -> str | None:
-        return _done(status["rollout"] if rollout_id is None else status["by_id"][rollout_id])
+        return why_not_done(
+            status["rollout"] if rollout_id is None else status["by_id"][rollout_id]
+        )
 
     return check
 
 
-def _done(rollout: dict[str, Any]) -> str | None:
+def why_not_done(rollout: dict[str, Any]) -> str | None:
+    """None when the rollout is done, else why not yet; RolloutFailed when it ended
+    without success (it never will be)."""
     state = rollout["state"]
     if state == "done":
         return None

@@ -18,7 +18,7 @@ from pydantic import (
 
 from zdproxy.config.section import Section as _Section
 from zdproxy.config.units import MIN_SECRET_BYTES, Networks, read_secret
-from zdproxy.routing.snapshot import PinRule, PreviewPolicy
+from zdproxy.routing.snapshot import AfterRollback, PinRule, PreviewPolicy
 from zdproxy.routing.vocabulary import PinTarget
 
 # An HTTP token (RFC 9110 5.6.2): the header and cookie names every section accepts.
@@ -79,7 +79,17 @@ class PinSettings(_Section):
         max_length=MAX_MATCHES,
         description="Client networks (CIDR), as zdproxy sees the client (at most 10000).",
     )
-    to: PinTarget = Field(description='"blue", "green", "candidate" or "live".')
+    to: PinTarget = Field(
+        description='"blue", "green", "candidate" or "live". During a rollout "candidate" '
+        'is its candidate and "live" the color it started from, in every phase; otherwise '
+        "the split's colors."
+    )
+    after_rollback: AfterRollback = Field(
+        default="live",
+        description="When the last rollout was rolled back, aborted or failed and this rule "
+        'leads to its candidate: "live" sends the requests to the live color until the '
+        'next deploy; "stay" keeps them on the candidate.',
+    )
 
     @field_validator("host")
     @classmethod
@@ -123,6 +133,7 @@ class PinSettings(_Section):
             tuple(self.host),
             tuple(self.path_prefix),
             tuple(self.network),
+            self.after_rollback,
         )
 
 
@@ -175,8 +186,13 @@ class PreviewSettings(_Section):
         """The HMAC secret (the environment's wins over the file's), or b"" for none."""
         return self.secret.get_secret_value().encode() or self._file_secret
 
-    def policy(self) -> PreviewPolicy:
-        """The preview as the routing snapshot carries it, secret included."""
+    def policy(self, rollout_key: bytes = b"") -> PreviewPolicy:
+        """The preview as the routing snapshot carries it, secret included: with no
+        secret configured, the active rollout's own key (so that its verify hooks'
+        tokens are honoured, and no other's)."""
         return PreviewPolicy(
-            self.header, self.cookie, tuple(self.allow_networks), self.signing_secret
+            self.header,
+            self.cookie,
+            tuple(self.allow_networks),
+            self.signing_secret or rollout_key,
         )

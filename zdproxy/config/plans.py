@@ -7,23 +7,28 @@ from this file only: nothing in the API can run a command.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import pairwise
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from zdproxy.config.overrides import PinSettings
 from zdproxy.config.section import Section as _Section
 from zdproxy.config.units import DAY, HOUR, Duration
 
 
 class JudgeSettings(_Section):
-    """How the candidate is judged against the live pool while it takes traffic.
+    """How the candidate is judged against the live color while it takes traffic.
 
-    Errors are 5xx answers and upstream failures (connect, timeout, reset). The
-    candidate fails when the lower Wilson bound of its error rate is above
-    `max_error_rate`, or above the live pool's upper bound plus
-    `max_error_rate_over_live`; or when its p99 is above `max_p99` or `max_p99_ratio`
-    times the live pool's. A breach must repeat on `consecutive_breaches` ticks.
+    Errors are 5xx answers and upstream failures (connect, timeout, reset), counted
+    even when a retry on the live color hid them from the user, and requests pending
+    past `pending_failure_after`. The tests are anytime-valid (they may decide on any
+    tick): the candidate fails as soon as the evidence shows its error rate above
+    `max_error_rate` or above live's plus `max_error_rate_over_live`, or its latency
+    beyond `max_latency_ratio` times live's (median or p99) or beyond `max_p99`; a
+    candidate as good as live is rolled back with probability at most
+    `false_rollback_rate` over the whole rollout.
     """
 
     tick: Duration = Field(
@@ -33,42 +38,75 @@ class JudgeSettings(_Section):
         description="How often it judges, 50ms to 250ms; the records it reads are 100 ms fresh.",
     )
     window: Duration = Field(
-        default=10.0, ge=1, le=600, description="The sliding window it judges over, 1s to 10m."
+        default=10.0,
+        ge=1,
+        le=600,
+        description="The recent window shown in the numbers, and over which live's error "
+        "rate is also bounded (a shared outage raises both colors' rates). 1s to 10m.",
+    )
+    false_rollback_rate: float = Field(
+        default=0.0025,
+        gt=0,
+        le=0.2,
+        description="The largest chance that a candidate as good as live is rolled back, "
+        "over the whole rollout (0.25% by default; at most 0.2). Lower asks more evidence.",
     )
     min_requests: int = Field(
         default=20,
         ge=1,
         le=1_000_000,
-        description="Candidate requests in the window before any verdict (at most 1000000).",
-    )
-    confidence: float = Field(
-        default=0.95,
-        ge=0.5,
-        lt=1,
-        description="Of the Wilson bounds around error rates; 0.5 to below 1.",
+        description="Candidate requests a step (or the bake) needs before it may pass: a "
+        "sanity floor; a failure needs no minimum (at most 1000000).",
     )
     max_error_rate: float = Field(
         default=0.05, ge=0, le=1, description="Absolute limit on the candidate's error rate, 0-1."
     )
     max_error_rate_over_live: float = Field(
-        default=0.02, ge=0, le=1, description="Limit on the candidate's excess over live, 0-1."
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Limit on the candidate's error rate above live's, 0-1; 1: not compared.",
+    )
+    max_latency_ratio: float = Field(
+        default=1.5,
+        ge=0,
+        le=1000,
+        description="Fails a candidate with over half its requests slower than this times "
+        "live's median, or over 1% slower than this times live's p99; 0: not compared.",
     )
     max_p99: Duration = Field(
         default=0.0,
         ge=0,
         le=HOUR,
-        description="Absolute limit on the candidate's p99; 0: none. At most 1h.",
+        description="Fails a candidate with over 1% of its requests slower than this; 0: none. "
+        "At most 1h.",
     )
-    max_p99_ratio: float = Field(
-        default=2.0, ge=0, le=1000, description="Limit on candidate p99 / live p99; 0: none."
-    )
-    consecutive_breaches: int = Field(
-        default=2, ge=1, le=100, description="Breaching ticks in a row that fail a step (1-100)."
+    pending_failure_after: Duration = Field(
+        default=0.5,
+        gt=0,
+        le=HOUR,
+        description="A candidate request still unanswered this long (or 4x live's p99, if "
+        "longer) counts as a failure while it waits: a hang is caught before it times out.",
     )
 
 
 class StepSettings(_Section):
-    weight: float = Field(gt=0, le=100, description="The candidate's share, in percent.")
+    """One step: the candidate's share of the split, and the rollout pins it turns on."""
+
+    weight: float = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="The candidate's share of the unpinned traffic, in percent; 0 (with "
+        "`pins`): only pinned users reach the candidate.",
+    )
+    pins: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description='Names of [[pins]] rules (to = "candidate") that send their users to '
+        "the candidate from this step until the rollout ends; before this step, and "
+        "outside rollouts of this plan, they match nothing. At most 1000.",
+    )
     hold: Duration = Field(
         default=60.0, ge=0, le=7 * DAY, description="How long the step holds (at most 7d)."
     )
@@ -136,7 +174,15 @@ class PlanSettings(_Section):
         default_factory=list, description="Hooks run before any traffic (migrations)."
     )
     verify: list[str] = Field(
-        default_factory=list, description="Hooks run next, e.g. smoke tests via the preview."
+        default_factory=list,
+        description="Hooks run once the candidate is healthy and pre_rollout is done, e.g. "
+        "smoke tests through the preview.",
+    )
+    pre_rollout_first: bool = Field(
+        default=False,
+        description="Run the pre_rollout hooks before waiting for the candidate's health "
+        "(a build that becomes ready only after its migration); the verify hooks still "
+        "wait for it. false: health first, then both.",
     )
     on_rollback: list[str] = Field(default_factory=list, description="Hooks run after a rollback.")
     post_promote: list[str] = Field(
@@ -146,12 +192,23 @@ class PlanSettings(_Section):
     @field_validator("steps")
     @classmethod
     def _rising(cls, steps: list[StepSettings]) -> list[StepSettings]:
-        for before, after in pairwise(steps):
-            if after.weight <= before.weight:
+        # Every step gives the candidate more: a higher weight, or pins (of its own).
+        for i, (before, after) in enumerate(pairwise([StepSettings(weight=0), *steps])):
+            if after.weight < before.weight:
                 raise ValueError(
-                    f"weights must rise step by step ({before.weight} then {after.weight})"
+                    f"weights must not fall from step to step ({before.weight:g} then "
+                    f"{after.weight:g})"
+                )
+            if after.weight == before.weight and not after.pins:
+                raise ValueError(
+                    f"step {i + 1} changes nothing: give it a higher weight than "
+                    f"{before.weight:g} or pins"
                 )
         return steps
+
+    def step_pins(self) -> set[str]:
+        """The names of the rollout pins its steps name."""
+        return {name for step in self.steps for name in step.pins}
 
     def hooks(self) -> list[str]:
         return [*self.pre_rollout, *self.verify, *self.on_rollback, *self.post_promote]
@@ -174,12 +231,35 @@ class RolloutSettings(_Section):
 
 
 def check_plans(
-    plans: dict[str, PlanSettings], hooks: dict[str, HookSettings], default: str
+    plans: dict[str, PlanSettings],
+    hooks: dict[str, HookSettings],
+    default: str,
+    pins: Sequence[PinSettings],
 ) -> None:
-    """Cross-references: every hook a plan names exists; the default plan exists."""
+    """Cross-references: every hook a plan names exists; every pin a step names exists
+    and sends to the candidate; the default plan exists."""
+    named_by: dict[str, str] = {}  # a rollout pin's name -> the first step naming it
     for name, plan in plans.items():
         for hook in plan.hooks():
             if hook not in hooks:
                 raise ValueError(f"plans.{name}: no [hooks.{hook}] for hook {hook!r}")
+        for i, step in enumerate(plan.steps):
+            for pin in step.pins:
+                if not any(rule.name == pin for rule in pins):
+                    raise ValueError(f"plans.{name}.steps[{i}].pins: no [[pins]] named {pin!r}")
+                named_by.setdefault(pin, f"plans.{name}.steps[{i}]")
+    for i, rule in enumerate(pins):
+        by = named_by.get(rule.name)
+        if by is None:
+            continue
+        # A rollout pin is on only from a step of a rollout to its end: it leads to that
+        # rollout's candidate, and has nothing to do once the rollout ended.
+        if rule.to != "candidate":
+            raise ValueError(f'pins[{i}].to: {by} names this pin: it must be "candidate"')
+        if rule.after_rollback != "live":
+            raise ValueError(
+                f"pins[{i}].after_rollback: {by} names this pin: it is off once its "
+                "rollout ends, whatever the end"
+            )
     if default and default not in plans:
         raise ValueError(f"rollout.default_plan: no [plans.{default}]")

@@ -221,23 +221,35 @@ class SplitSettings(Section):
 class RetrySettings(Section):
     """Sending a failed request again, where that is safe.
 
-    A connect failure goes to another upstream of the same color (nothing was
-    sent). A request that failed on the candidate before any response byte
-    reached the client (connect failure, reset, or one of `statuses`) goes to the
-    live pool once, if it is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE, or
-    any method with an Idempotency-Key header) and its body, if any, fit in
-    `max_body`. A budget keeps the retries that load an upstream (all but
-    same-color connect retries) to a share of recent requests, so a failing pool
-    cannot double the load on the other.
+    Which requests: a connect failure reached no app, so any request may go again; a
+    reset (the upstream closed the connection before any response byte) or a status
+    in `statuses` only for an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE,
+    TRACE, or any method with an Idempotency-Key header) whose body, if any, fit in
+    `max_body`, and before any response byte reached the client. A POST without an
+    Idempotency-Key that reached an app is never sent twice, not even after a timeout.
+
+    Where to: a request the split sent to the candidate goes to the live pool (with
+    `on_live_pool`); any other, after a connect failure or a reset, to another upstream
+    of its color (a pinned or preview request keeps its color). Only the candidate's
+    statuses are ever retried, on the live pool. At most 2 retries per request.
+
+    The budget keeps retries that load a second app (after a reset or a status) to a
+    share of recent requests, so a failing pool cannot double the load on the other;
+    a connect failure's retry loads one app once and is never refused. When a rollout
+    rolls back, the candidate's requests in flight that are safe to send again move to
+    the live pool at once: they spend the budget but are never refused by it (they are
+    bounded by what was in flight); the rest get a grace period, then a 504.
     """
 
     on_live_pool: bool = Field(
-        default=True, description="Retry the candidate's failed requests on the live pool."
+        default=True,
+        description="Retry on the live pool the requests the split sent to the candidate.",
     )
-    statuses: list[int] = Field(
-        default_factory=lambda: [502, 503, 504],
+    statuses: list[int | Literal["5xx"]] = Field(
+        default_factory=lambda: list[int | Literal["5xx"]](["5xx"]),
         max_length=100,
-        description="Candidate statuses that are retried on the live pool.",
+        description='Candidate statuses answered by the live pool instead: 5xx codes, or "5xx" '
+        "for all of 500-599; [] for none. The candidate's answer still counts in its record.",
     )
     max_body: Size = Field(
         default=65536,
@@ -251,11 +263,19 @@ class RetrySettings(Section):
 
     @field_validator("statuses")
     @classmethod
-    def _server_errors(cls, value: list[int]) -> list[int]:
+    def _server_errors(cls, value: list[int | Literal["5xx"]]) -> list[int | Literal["5xx"]]:
         for status in value:
-            if not 500 <= status <= 599:
+            if status != "5xx" and not 500 <= status <= 599:
                 raise ValueError(f"{status} is not a 5xx status")
         return value
+
+    @property
+    def status_codes(self) -> frozenset[int]:
+        """`statuses` as the status codes they name."""
+        codes: set[int] = set()
+        for status in self.statuses:
+            codes.update(range(500, 600) if status == "5xx" else (status,))
+        return frozenset(codes)
 
 
 class LogSettings(Section):
@@ -322,7 +342,7 @@ class Settings(BaseSettings):
         """The rules that span sections; also run on settings changed through the API."""
         self._listener_is_not_an_upstream()
         self._one_role_per_header()
-        check_plans(self.plans, self.hooks, self.rollout.default_plan)
+        check_plans(self.plans, self.hooks, self.rollout.default_plan, self.pins)
 
     def pool(self, color: str) -> PoolSettings:
         pool: PoolSettings = getattr(self.pools, color)

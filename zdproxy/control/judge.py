@@ -1,38 +1,56 @@
-"""The judge: is the candidate worse than allowed, over the same window as live?
+"""The judge: is the candidate worse than the live color, or than its absolute limits?
 
-Error rates are compared through Wilson score bounds, so that a handful of requests
-never makes a verdict: one error in three requests has a lower bound near 6%, not
-33%. Below `min_requests` the answer is "inconclusive", which the rollout handles by
-its declared policy; it is never a pass.
+Each judged phase of a rollout (a step, the bake) has a Judge, fed on every tick
+with what each color did since the last tick. It runs anytime-valid tests
+(control/sequential.py), so it may decide on any tick, as soon as the evidence
+suffices, while the chance that a candidate as good as live is rolled back stays
+below `false_rollback_rate` for the whole rollout:
+
+- errors: 5xx answers and upstream failures (connect, timeout, reset), counted for
+  the candidate even when a retry on live hid them from the user, plus requests
+  pending longer than the hang bound (a hang counts before it times out);
+- against `max_error_rate` (absolute) and against the live color's rate (its upper
+  confidence bound, over the whole rollout and over the recent window, whichever is
+  higher) plus `max_error_rate_over_live`;
+- latency: more than half of the candidate's requests slower than
+  `max_latency_ratio` times the live color's median, or more than 1% slower than
+  that times live's p99, or than `max_p99`; live's quantiles are upper confidence
+  bounds from fine histograms, over the rollout and over the last two seconds,
+  whichever is higher: a candidate as fast as live is not failed by noise, nor by a
+  slowdown both colors share.
+
+The live color's numbers are the rollout's reference: they accumulate over its steps
+and freeze at promotion, so the bake compares the new live color with the old one as
+it was before the switch.
+
+A verdict is "fail" (an alarm), "hold" (too little evidence to pass: fewer than
+`min_requests` in the phase, or no active user in the candidate's share), or "pass"
+(no alarm, enough requests). Whether a pass ends a step is the rollout's business.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any, Literal
 
 from zdproxy.config.plans import JudgeSettings
+from zdproxy.control.sequential import ChangeDetector, bernoulli_bounds, change_prior, excludes
 from zdproxy.control.telemetry import WindowView
+from zdproxy.routing.histogram import BOUNDS, Histogram
 
-# "breach": beyond a limit, but not yet on `consecutive_breaches` ticks in a row.
-Outcome = Literal["pass", "breach", "fail", "inconclusive"]
+Outcome = Literal["pass", "hold", "fail"]
 
-
-def wilson(errors: int, n: int, z: float) -> tuple[float, float]:
-    """The Wilson score interval of a proportion errors/n at z standard deviations."""
-    if n == 0:
-        return 0.0, 1.0
-    p = errors / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # At the edges the bound is exactly 0 (or 1), but centre - margin rounds to a few
-    # 1e-17: enough to fail a candidate with no errors at all when max_error_rate = 0.
-    low = 0.0 if errors == 0 else max(0.0, centre - margin)
-    high = 1.0 if errors == n else min(1.0, centre + margin)
-    return low, high
+# A pending request counts as failed past max(pending_failure_after, this x live's p99).
+PENDING_P99_FACTOR = 4.0
+# The confidence of the bounds shown to operators (not those the tests use).
+DISPLAY_ALPHA = 0.05
+# Live's latency over the last ticks of this span is the candidate's reference too: a
+# slowdown both colors share (a busy machine, a slow database) is not the candidate's.
+SHARED_SPAN_TICKS = 20
+# Evidence shown is capped: with nothing allowed (a limit of 0) one event is infinite.
+EVIDENCE_SHOWN_MAX = 1000.0
 
 
 @dataclass(frozen=True)
@@ -42,82 +60,236 @@ class Verdict:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
+class Reference:
+    """The live color's traffic over a rollout: what the candidate is compared with.
+    Frozen at promotion, so that the bake compares with the old live color."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latency = Histogram()
+        self.frozen = False
+
+    def add(self, fresh: WindowView) -> None:
+        if not self.frozen:
+            self.requests += fresh.requests
+            self.errors += fresh.errors
+            self.latency.add(fresh.latency)
+
+
+def quantile_upper(histogram: Histogram, q: float, alpha: float) -> float:
+    """An upper confidence bound on the q-quantile: the least bucket bound below which,
+    with confidence 1 - alpha, a share q of the values lie. inf when the histogram holds
+    too few values to say."""
+    n = histogram.count
+    # The fewest values at or below a bound that put the share's confidence sequence
+    # above q: the evidence against "the share is q" grows with the count past n*q.
+    lo, hi = math.floor(n * q) + 1, n + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if excludes(mid, n, q, alpha):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo > n:
+        return math.inf
+    seen = 0
+    for index in sorted(histogram.counts):
+        seen += histogram.counts[index]
+        if seen >= lo:
+            return BOUNDS[index] if index < len(BOUNDS) else math.inf
+    return math.inf
+
+
+@dataclass
+class _Test:
+    """One anytime-valid test of the judge: its detector and what it last saw."""
+
+    name: str
+    detector: ChangeDetector
+    limit: float = math.nan  # the rate not to exceed, last tick
+    observed: tuple[int, int] = (0, 0)  # (events, trials) over the phase
+
+    def feed(self, events: int, trials: int, limit: float, prior: float) -> None:
+        self.detector.update(events, trials, limit, prior)
+        self.limit = limit
+        self.observed = (self.observed[0] + events, self.observed[1] + trials)
+
+    def to_dict(self) -> dict[str, Any]:
+        events, trials = self.observed
+        return {
+            "limit": None if math.isnan(self.limit) else round(self.limit, 6),
+            "observed": round(events / trials, 6) if trials else None,
+            "events": events,
+            "trials": trials,
+            "evidence": round(min(self.detector.evidence, EVIDENCE_SHOWN_MAX), 4),
+        }
+
+
 class Judge:
-    def __init__(self, settings: JudgeSettings) -> None:
+    def __init__(
+        self, settings: JudgeSettings, alpha: float, reference: Reference, started: float
+    ) -> None:
+        """`alpha`: this phase's share of the rollout's false_rollback_rate."""
         self.settings = settings
-        self.z = NormalDist().inv_cdf(1 - (1 - settings.confidence) / 2)
-        self.breaches = 0
+        self.reference = reference
+        self.started = started
+        self.last = started  # the end of the last tick fed
+        s = settings
+        names = ["errors"]
+        if s.max_error_rate_over_live < 1:
+            names.append("errors_vs_live")
+        if s.max_latency_ratio:
+            names += ["p50_vs_live", "p99_vs_live"]
+        if s.max_p99:
+            names.append("p99")
+        # Each relative test also leans on a confidence bound of the reference.
+        shares = len(names) + sum(name.endswith("_vs_live") for name in names)
+        self.alpha = alpha / shares
+        self.tests = {name: _Test(name, ChangeDetector(self.alpha)) for name in names}
+        self.live_ticks: deque[Histogram] = deque(maxlen=SHARED_SPAN_TICKS)
+        self.requests = 0  # the candidate's, over the phase
+        self.errors = 0
+        self.pending_failed = 0  # requests counted as failed while pending
 
-    def assess(self, candidate: WindowView, live: WindowView) -> Verdict:
-        """One tick's verdict; "fail" only after `consecutive_breaches` breaching ticks."""
-        breach = self._breach(candidate, live)
-        if breach is None:
-            self.breaches = 0
-            if candidate.requests < self.settings.min_requests:
-                return Verdict(
-                    "inconclusive",
-                    f"{candidate.requests} of {self.settings.min_requests} requests needed",
-                    _numbers(candidate, live),
-                )
-            return Verdict("pass", "within limits", _numbers(candidate, live))
-        self.breaches += 1
-        if self.breaches < self.settings.consecutive_breaches:
-            return Verdict("breach", f"breach {self.breaches}: {breach.reason}", breach.numbers)
-        return breach
+    def hang_bound(self) -> float:
+        p99 = self.reference.latency.quantile(0.99)
+        derived = PENDING_P99_FACTOR * p99 if p99 is not None else 0.0
+        return max(self.settings.pending_failure_after, derived)
 
-    def _breach(self, candidate: WindowView, live: WindowView) -> Verdict | None:
-        s = self.settings
-        if candidate.requests < s.min_requests:
-            return None
-        numbers = _numbers(candidate, live)
-        low, _ = wilson(candidate.errors, candidate.requests, self.z)
-        numbers["candidate_error_low"] = round(low, 6)
-        if low > s.max_error_rate:
-            return Verdict(
-                "fail",
-                f"error rate {candidate.error_rate:.1%} ({candidate.errors}/{candidate.requests}; "
-                f"at least {low:.1%}) is above {s.max_error_rate:.1%}",
-                numbers,
+    def assess(
+        self,
+        now: float,
+        fresh: WindowView,
+        fresh_live: WindowView,
+        recent: WindowView,
+        recent_live: WindowView,
+    ) -> Verdict:
+        """Feed one tick (`fresh`: what each color did since the last; `recent`: over the
+        sliding window) and judge."""
+        reference = self.reference
+        reference.add(fresh_live)
+        self.live_ticks.append(fresh_live.latency)
+        prior = change_prior(self.last - self.started, now - self.started)
+        span, self.last = now - self.last, now
+        # A request crosses the hang bound once: count it in the tick it crosses.
+        bound = self.hang_bound()
+        crossed = sum(1 for age in fresh.pending if bound <= age < bound + span)
+        self.pending_failed += crossed
+        errors, requests = fresh.errors + crossed, fresh.requests + crossed
+        self.requests += requests
+        self.errors += errors
+        self._feed(errors, requests, fresh.latency, recent_live, prior)
+        return self._verdict(recent, recent_live)
+
+    def _feed(
+        self,
+        errors: int,
+        requests: int,
+        latency: Histogram,
+        recent_live: WindowView,
+        prior: float,
+    ) -> None:
+        s, reference, tests = self.settings, self.reference, self.tests
+        tests["errors"].feed(errors, requests, s.max_error_rate, prior)
+        if "errors_vs_live" in tests:
+            upper = bernoulli_bounds(reference.errors, reference.requests, self.alpha)[1]
+            # A shared outage (a database down) raises live's recent rate too; a 100%
+            # step leaves live no recent traffic, and the rollout's bound stands.
+            if not reference.frozen and recent_live.requests:
+                recent = bernoulli_bounds(recent_live.errors, recent_live.requests, self.alpha)
+                upper = max(upper, recent[1])
+            tests["errors_vs_live"].feed(
+                errors, requests, min(1.0, upper + s.max_error_rate_over_live), prior
             )
-        if live.requests >= s.min_requests:
-            _, live_high = wilson(live.errors, live.requests, self.z)
-            numbers["live_error_high"] = round(live_high, 6)
-            if low > live_high + s.max_error_rate_over_live:
-                return Verdict(
-                    "fail",
-                    f"error rate {candidate.error_rate:.1%} against live's {live.error_rate:.1%}: "
-                    f"more than {s.max_error_rate_over_live:.1%} worse",
-                    numbers,
-                )
-        # Latency is compared by histogram buckets, not by values interpolated inside
-        # them: the candidate fails only when its p99 is certainly beyond the limit, so
-        # coarse buckets never fail a fine candidate. A bucket holds (lower, upper], so
-        # a bucket starting at the limit holds only values above it: `>=`, not `>`
-        # (with `>`, max_p99 = 0.5 passed a candidate whose every request took 0.9 s).
-        bucket = candidate.latency.bucket_of(0.99)
-        p99 = candidate.latency.quantile(0.99)
-        if bucket is not None and p99 is not None and s.max_p99 and bucket[0] >= s.max_p99:
-            return Verdict(
-                "fail", f"p99 {p99 * 1000:.0f} ms is above {s.max_p99 * 1000:.0f} ms", numbers
+        n = latency.count
+        shared = Histogram()
+        if not reference.frozen:
+            for piece in self.live_ticks:
+                shared.add(piece)
+        for name, q in (("p50_vs_live", 0.5), ("p99_vs_live", 0.99)):
+            if name in tests:
+                # The higher of live's bound over the rollout and over the last ticks
+                # (when those say anything), as for errors.
+                bound = quantile_upper(reference.latency, q, self.alpha)
+                now = quantile_upper(shared, q, self.alpha)
+                if math.isfinite(now):
+                    bound = max(bound, now)
+                slow = s.max_latency_ratio * bound
+                events = latency.above(slow) if math.isfinite(slow) else 0
+                tests[name].feed(events, n, 1 - q, prior)
+        if "p99" in tests:
+            tests["p99"].feed(latency.above(s.max_p99), n, 0.01, prior)
+
+    def _verdict(self, recent: WindowView, recent_live: WindowView) -> Verdict:
+        numbers = self.numbers()
+        numbers["recent"] = {"candidate": recent.to_dict(), "live": recent_live.to_dict()}
+        for test in self.tests.values():
+            if test.detector.alarm:
+                return Verdict("fail", self._failure(test), numbers)
+        needed = max(0, self.settings.min_requests - self.requests)
+        numbers["requests_needed"] = needed
+        numbers["eta_seconds"] = None
+        if not needed:
+            return Verdict("pass", "within limits", numbers)
+        if not recent.requests and recent_live.requests:
+            # Sticky buckets: a small share can hold none of the users active right now.
+            numbers["no_active_users"] = True
+            return Verdict("hold", "no active user in the candidate's share", numbers)
+        if recent.rate:
+            numbers["eta_seconds"] = round(needed / recent.rate, 1)
+        return Verdict(
+            "hold", f"{self.requests} of {self.settings.min_requests} candidate requests", numbers
+        )
+
+    def _failure(self, test: _Test) -> str:
+        events, trials = test.observed
+        s, shown = self.settings, f"{events}/{trials}"
+        if test.name == "errors":
+            return f"error rate {events / trials:.1%} ({shown}) is above {s.max_error_rate:.1%}"
+        if test.name == "errors_vs_live":
+            live = self.reference.errors / self.reference.requests if self.reference.requests else 0
+            return (
+                f"error rate {events / trials:.1%} ({shown}) against live's {live:.1%}: "
+                f"more than {s.max_error_rate_over_live:.1%} worse"
             )
-        live_bucket = live.latency.bucket_of(0.99)
-        if (
-            bucket is not None
-            and live_bucket is not None
-            and p99 is not None
-            and s.max_p99_ratio
-            and live.requests >= s.min_requests
-            and bucket[0] >= live_bucket[1] * s.max_p99_ratio
-        ):
-            live_p99 = live.latency.quantile(0.99) or live_bucket[1]
-            return Verdict(
-                "fail",
-                f"p99 {p99 * 1000:.0f} ms against live's {live_p99 * 1000:.0f} ms: more than "
-                f"{s.max_p99_ratio:g}x slower",
-                numbers,
-            )
-        return None
+        if test.name == "p99":
+            return f"{shown} requests slower than max_p99 {s.max_p99 * 1000:g} ms (over 1%)"
+        share = "half" if test.name == "p50_vs_live" else "1%"
+        quantile = "median" if test.name == "p50_vs_live" else "p99"
+        return (
+            f"{shown} requests slower than {s.max_latency_ratio:g}x live's {quantile} "
+            f"(more than {share})"
+        )
+
+    def numbers(self) -> dict[str, Any]:
+        """The phase's evidence, for the status, the events and the metrics."""
+        low, high = bernoulli_bounds(self.errors, self.requests, DISPLAY_ALPHA)
+        reference = self.reference
+        live_p50, live_p99 = reference.latency.quantile(0.5), reference.latency.quantile(0.99)
+        return {
+            "candidate": {
+                "requests": self.requests,
+                "errors": self.errors,
+                "error_rate": round(self.errors / self.requests, 6) if self.requests else None,
+                "error_rate_bounds": [round(low, 6), round(high, 6)],
+                "pending_failed": self.pending_failed,
+            },
+            "reference": {
+                "requests": reference.requests,
+                "errors": reference.errors,
+                "error_rate": round(reference.errors / reference.requests, 6)
+                if reference.requests
+                else None,
+                "p50_ms": _ms(live_p50),
+                "p99_ms": _ms(live_p99),
+                "frozen": reference.frozen,
+            },
+            "hang_after_ms": _ms(self.hang_bound()),
+            "tests": {name: test.to_dict() for name, test in self.tests.items()},
+            "evidence": max(test.to_dict()["evidence"] for test in self.tests.values()),
+        }
 
 
-def _numbers(candidate: WindowView, live: WindowView) -> dict[str, Any]:
-    return {"candidate": candidate.to_dict(), "live": live.to_dict()}
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None or not math.isfinite(seconds) else round(seconds * 1000, 3)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from itertools import count
@@ -71,6 +74,7 @@ class ControlPlane:
         self._dataplane = dataplane
         self.clock = clock
         self._versions = count(1)
+        self._preview_key = secrets.token_bytes(32)  # see _rollout_key
         self.desired = DesiredState(config, journal, events)
         self.events = events
         self.health = HealthChecker(self._health_changed)
@@ -133,8 +137,7 @@ class ControlPlane:
         hold = ("split",) if active else ()
         self.desired.take_config(self.desired.config, items, hold=hold)
         snapshot = self._reconfigured()
-        journaled = self.desired.items.get("rollout")
-        record = RolloutRecord.model_validate(journaled.value) if journaled else None
+        record = self.rollout_record()
         seen = (e.data.get("rollout") for e in self.events.history())
         last_id = max((n for n in seen if isinstance(n, int)), default=0)
         self.rollouts.restore(record, last_id)
@@ -275,11 +278,12 @@ class ControlPlane:
     def save_rollout(
         self, rollout: dict[str, Any], *, durable: bool, undrain: Color | None = None
     ) -> None:
+        """A rollout's record without a split change; the snapshot follows it (its pins
+        depend on the record: see control/snapshots.py)."""
         changes, back = self._rollout_changes(rollout, undrain)
         self.desired.change(changes, "auto", durable=durable)
-        if back:
-            self._undrained(back, "auto")
-            self.publish()
+        self._undrained(back, "auto")
+        self.publish()
 
     def _rollout_changes(
         self, rollout: dict[str, Any], undrain: Color | None
@@ -385,7 +389,9 @@ class ControlPlane:
         try:
             self.desired.change({"rules": value}, actor)
         except Refused as exc:  # the file calls them pins, the API rules
-            field = "rules" + exc.field.removeprefix("pins")
+            field = exc.field
+            if field.startswith("pins"):  # not a plan's step naming a pin: plans.NAME...
+                field = "rules" + field.removeprefix("pins")
             raise Refused(field, exc.reason, exc.status) from None
         self.events.emit("rules_changed", f"{len(pins)} pin rules", actor=actor, rules=value)
         self.publish()
@@ -436,6 +442,10 @@ class ControlPlane:
             )
         return result
 
+    def evacuate(self, color: str, grace: float) -> tuple[int, int]:
+        ids = {t.id for t in self.targets_of(color)}
+        return self._dataplane.evacuate(ids, grace) if ids else (0, 0)
+
     def undrain(
         self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"
     ) -> set[str]:
@@ -469,8 +479,35 @@ class ControlPlane:
         )
         self.publish()
 
+    def rollout_record(self) -> RolloutRecord | None:
+        """The record last written: the active rollout's, else the last one's. Read from
+        the desired state, not from `rollouts`: a transition is written (and published)
+        before its Rollout object takes the new record, and an ended rollout's record
+        stays there until the next deploy replaces it, across restarts too."""
+        journaled = self.desired.items.get("rollout")
+        return RolloutRecord.model_validate(journaled.value) if journaled is not None else None
+
     def snapshot_from_settings(self) -> RoutingSnapshot:
-        return snapshots.build(self.settings, next(self._versions), self.routable)
+        record = self.rollout_record()
+        return snapshots.build(
+            self.settings, next(self._versions), self.routable, record, self._rollout_key(record)
+        )
+
+    def preview_secret(self) -> bytes:
+        """What the verify hooks' preview tokens are signed with: the configured secret,
+        else the active rollout's own key (b"" with neither)."""
+        return self.settings.preview.signing_secret or self._rollout_key(self.rollout_record())
+
+    def _rollout_key(self, record: RolloutRecord | None) -> bytes:
+        """An active rollout's preview key: derived from a key this process drew at
+        start, so it is never on disk, and ends with the rollout (or the process)."""
+        if record is None or not record.state.active:
+            return b""
+        return hmac.new(self._preview_key, b"rollout %d" % record.id, hashlib.sha256).digest()
+
+    def pin_fallback(self) -> snapshots.PinFallback | None:
+        """The pins that go to the live color since the last rollout failed, if any."""
+        return snapshots.fallback(self._dataplane.snapshot, self.rollout_record())
 
     def publish(self) -> RoutingSnapshot:
         snapshot = self.snapshot_from_settings()

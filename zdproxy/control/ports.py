@@ -82,6 +82,15 @@ class ControlHost(Protocol):
         self, ids: set[str], *, cut_after: float, tunnel_grace: float, actor: Actor = "api"
     ) -> DrainResult: ...
 
+    def preview_secret(self) -> bytes:
+        """The key a verify hook's preview token must be signed with to be honoured."""
+        ...
+
+    def evacuate(self, color: str, grace: float) -> tuple[int, int]:
+        """After a rollback: replay the color's safe requests in flight on live, give
+        the others `grace` seconds (see DataPlane.evacuate)."""
+        ...
+
     def undrain(
         self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"
     ) -> set[str]: ...

@@ -15,6 +15,7 @@ from zdproxy.dataplane.exchange import PoolSide
 from zdproxy.dataplane.route import Route, Router
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import BASIS_POINTS, RoutingSnapshot
+from zdproxy.routing.vocabulary import PIN_TARGETS, other
 
 
 class ColorPool:
@@ -69,9 +70,11 @@ class RoutingTable:
         "all_to_candidate",
         "candidate",
         "candidate_weight",
+        "fallback",
         "live",
         "router",
         "snapshot",
+        "suspect",
     )
 
     def __init__(
@@ -88,14 +91,20 @@ class RoutingTable:
         self.candidate_weight = weight = snapshot.candidate_weight
         self.all_to_candidate = weight >= BASIS_POINTS
         self.router = Router(snapshot, counters or OverrideCounters())
-        # What a pin or preview color means in this snapshot: (first choice, fallback).
-        to_live, to_candidate = (self.live, self.candidate), (self.candidate, self.live)
+        # What a pin's or preview's target means in this snapshot, roles resolved to
+        # colors once here: (first choice, fallback).
+        pool_of = {snapshot.live: self.live, snapshot.candidate: self.candidate}
         self._routes = {
-            "live": to_live,
-            snapshot.live: to_live,
-            "candidate": to_candidate,
-            snapshot.candidate: to_candidate,
+            target: (pool_of[color], pool_of[other(color)])
+            for target in PIN_TARGETS
+            for color in (snapshot.color_of(target),)
         }
+        # Whose failures a retry may take elsewhere, and where: the rollout's candidate
+        # and its old live color, through every phase (during the bake the candidate is
+        # already live and the old color still warm); with no rollout, the split's.
+        roles = snapshot.roles
+        self.suspect = roles.candidate if roles is not None else snapshot.candidate
+        self.fallback = pool_of[other(self.suspect)]
 
     def pick(self, route: Route) -> PoolSide | None:
         """An upstream for the request's route: the color or role a pin or preview chose,
@@ -117,9 +126,11 @@ class RoutingTable:
             return second.pick()
         return None
 
-    def live_pick(self) -> PoolSide | None:
-        """An upstream of the live color, for a candidate request's retry."""
-        return self.live.pick() if self.live is not None else None
+    def fallback_pick(self) -> PoolSide | None:
+        """An upstream of the color that answers for the suspect's failures (the live
+        color, or during a bake the old one), for a retry of a request the split sent
+        to the suspect."""
+        return self.fallback.pick() if self.fallback is not None else None
 
     def alternative(self, failed: PoolSide) -> PoolSide | None:
         """Another routable upstream of the failed one's color, for a safe retry."""

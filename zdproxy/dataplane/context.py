@@ -12,10 +12,12 @@ that owns it (as in uvicorn's protocols, which take a config and a server state)
 from __future__ import annotations
 
 import asyncio
+from enum import StrEnum
 from math import inf
 from typing import Protocol
 
-from zdproxy.dataplane.balancer import RoutingTable
+from zdproxy.dataplane.balancer import ColorPool, RoutingTable
+from zdproxy.dataplane.exchange import Exchange
 from zdproxy.dataplane.limits import Limits
 
 RETRY_WINDOW = 10.0  # seconds of requests the retry budget looks at
@@ -25,6 +27,7 @@ class Connection(Protocol):
     """A client connection, as its owner sees it: timed out, drained, cut."""
 
     deadline: float  # the loop time its current timeout fires at
+    active: Exchange | None  # the request being answered
 
     def on_timeout(self) -> None: ...
 
@@ -39,6 +42,20 @@ class Connection(Protocol):
 
     def abort(self) -> None: ...
 
+    def evacuate(self, live: ColorPool | None, until: float) -> bool:
+        """Its request in flight is on a color that was rolled back: send it to `live`
+        now if that is safe (True), else let it finish until `until` (loop time)."""
+        ...
+
+
+class RetryKind(StrEnum):
+    """Why a request was sent again: the `kind` of zdproxy_retries_total."""
+
+    CONNECT = "connect"  # no connection to the upstream: nothing reached an app
+    RESET = "reset"  # the upstream closed the connection before any response byte
+    STATUS = "status"  # the candidate answered one of `retry.statuses`
+    EVACUATE = "evacuate"  # its color was rolled back while it was in flight
+
 
 class RetryBudget:
     """Retries stay below a share of the recent requests (3 always), and are counted."""
@@ -50,7 +67,8 @@ class RetryBudget:
         self.requests = 0  # in the current window
         self.retries = 0  # in the current window
         self.started = 0.0
-        self.counts = {"connect": 0, "reset": 0, "status": 0, "over_budget": 0}  # since start
+        # Since start, by kind, and the retries the budget refused.
+        self.counts = {**{kind.value: 0 for kind in RetryKind}, "over_budget": 0}
 
     def allowed(self) -> bool:
         if self.retries < max(3.0, self.requests * self.share):
@@ -58,7 +76,7 @@ class RetryBudget:
         self.counts["over_budget"] += 1
         return False
 
-    def spend(self, kind: str) -> None:
+    def spend(self, kind: RetryKind) -> None:
         self.retries += 1
         self.counts[kind] += 1
 

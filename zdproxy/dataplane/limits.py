@@ -30,7 +30,7 @@ class Limits:
     tunnel_idle_timeout: float
     # Retries (config [retry]).
     retry_on_live: bool
-    retry_statuses: frozenset[int]
+    retry_statuses: frozenset[int]  # the candidate's answers replaced by the live pool's
     retry_max_body: int
     retry_budget_percent: float
     # The access log (config [log]); a sample of 0 to 1 of the responses.

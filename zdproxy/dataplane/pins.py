@@ -2,7 +2,8 @@
 
 Router.decide (route.py) asks the preview first, then the pins, once per request
 head, and only when the snapshot has pins or an enabled preview. The answers are
-colors or pin targets; the balancer resolves them to pools when the request starts.
+colors or pin targets (each rule's RoutingSnapshot.destination, taken when the rules
+are compiled); the balancer resolves them to pools when the request starts.
 """
 
 from __future__ import annotations
@@ -122,11 +123,13 @@ class Overrides:
         self._reads_sticky = False
         self._needs_host = self._needs_address = False
         self.reads_cookies = bool(self._preview_cookie)
-        self._rules = tuple(self._compile(pin, sticky_header) for pin in snapshot.pins)
+        self._rules = tuple(
+            self._compile(pin, snapshot.destination(pin), sticky_header) for pin in snapshot.pins
+        )
         self.active = self._preview or bool(self._rules)
 
     def _compile(
-        self, pin: PinRule, sticky_header: bytes | None
+        self, pin: PinRule, to: PinTarget, sticky_header: bytes | None
     ) -> tuple[str, PinTarget, tuple[Condition, ...]]:
         conditions: list[Condition] = []
         values = frozenset(v.encode() for v in pin.values)
@@ -149,7 +152,7 @@ class Overrides:
         if pin.networks:
             conditions.append(_network(networks(pin.networks)))
             self._needs_address = True
-        return pin.name, pin.to, tuple(conditions)
+        return pin.name, to, tuple(conditions)
 
     def pin(
         self,

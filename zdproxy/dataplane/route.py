@@ -18,7 +18,9 @@ from zdproxy.routing.vocabulary import COLORS, PIN_TARGETS, PinTarget
 
 
 class Via(IntEnum):
-    """How the route was chosen (as Starlette's Match says how a route matched)."""
+    """How the route was chosen (as Starlette's Match says how a route matched).
+
+    The values index records.ROUTE_KINDS: UpstreamStats counts responses by them."""
 
     SPLIT = 0  # the split is 0 or 100%: everything goes one way, no bucket needed
     BUCKET = 1  # the sticky bucket against the candidate's weight

@@ -7,10 +7,13 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import defaultdict
+from dataclasses import replace
 
 from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
 from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.exchange import PoolSide
 from zdproxy.dataplane.limits import Limits
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
@@ -72,10 +75,34 @@ class ProxyServer:
         return self.ctx.table.snapshot
 
     def collect(self) -> list[IntervalRecord]:
-        """Response records since the last call, one per upstream that had traffic."""
-        records = [pool.stats.take() for pool in (*self.pools.values(), *self._retired)]
+        """Response records since the last call, one per upstream that had traffic or
+        has requests in flight; `pending` holds their ages, the oldest first (a hung
+        upstream answers nothing: its pending requests are all there is to see)."""
+        known = (*self.pools.values(), *self._retired)
+        ages = self._pending_ages(known)
+        records = []
+        for pool in known:
+            record = pool.stats.take()
+            if pending := ages.get(pool):
+                record = replace(record, pending=tuple(sorted(pending, reverse=True)))
+            if record.responses or record.failures or record.pending:
+                records.append(record)
         self._retired = {pool for pool in self._retired if pool.outstanding or pool.tunnels}
-        return [record for record in records if record.responses or record.failures]
+        return records
+
+    def _pending_ages(self, pools: tuple[UpstreamPool, ...]) -> dict[PoolSide, list[float]]:
+        """Seconds since each request in flight started, by its upstream. Once per
+        collect, never per request: one walk of the client connections, skipped when
+        nothing is in flight."""
+        ages: dict[PoolSide, list[float]] = defaultdict(list)
+        if not any(pool.outstanding for pool in pools):
+            return ages
+        now = self.loop.time()
+        for conn in self.ctx.connections:
+            exchange = conn.active
+            if exchange is not None and exchange.pool is not None:
+                ages[exchange.pool].append(now - exchange.started)
+        return ages
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         return self.ctx.budget.counts, self.override_counts
@@ -112,6 +139,24 @@ class ProxyServer:
                 conn.transport.close()
                 closed += 1
         return closed
+
+    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+        """Requests in flight on these upstreams (a color just rolled back): each one
+        that is safe to send again goes to the current snapshot's live pool at once;
+        every other one gets `grace` seconds more, then its client gets a 504, or is cut
+        if its response has started. Returns (replayed, left to finish). Call it after
+        the snapshot that takes the traffic off these upstreams is applied."""
+        live = self.ctx.table.live
+        if live is not None and any(member.target.id in ids for member in live.members):
+            live = None  # never move requests onto an upstream being evacuated
+        until = self.loop.time() + grace
+        replayed = left = 0
+        for conn in [conn for conn in self.ctx.connections if conn.serves(ids)]:
+            if conn.evacuate(live, until):
+                replayed += 1
+            else:
+                left += 1
+        return replayed, left
 
     def cut(self, ids: set[str]) -> int:
         """Abort the client connections whose request is in flight on these upstreams."""

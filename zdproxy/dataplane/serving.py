@@ -13,7 +13,8 @@ import asyncio
 from collections import deque
 from math import inf
 
-from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.balancer import ColorPool
+from zdproxy.dataplane.context import Context, RetryKind
 from zdproxy.dataplane.exchange import Exchange, PoolSide, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import CONTINUE_100, error_response
@@ -105,20 +106,22 @@ class ExchangeDriver:
 
     def upstream_connected(self, exchange: Exchange, future: asyncio.Future[object]) -> None:
         """Done-callback of PoolSide.connect."""
-        exchange.connecting = None
         if future.cancelled():
             return
         error = future.exception()
-        if self.active is not exchange:  # the client left or timed out meanwhile
+        if exchange.connecting is not future or self.active is not exchange:
+            # Abandoned meanwhile (the client left, a timeout, an evacuation): a cancel
+            # comes too late for a connect that had already completed.
             if error is None:
                 future.result()[0].close()  # type: ignore[index]
             return
+        exchange.connecting = None
         pool = exchange.pool
         assert pool is not None
         if error is not None:
             pool.outstanding -= 1
             pool.stats.fail(FailureKind.CONNECT)
-            if self._retry_elsewhere(exchange, pool, "connect"):  # nothing was sent: safe
+            if self._retry_elsewhere(exchange, pool, RetryKind.CONNECT):  # nothing was sent
                 return
             reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
             self._respond_locally(
@@ -252,7 +255,7 @@ class ExchangeDriver:
             if exchange.idempotent:
                 pool.outstanding -= 1
                 pool.stats.fail(FailureKind.RESET)
-                if self._retry_elsewhere(exchange, pool, "reset"):
+                if self._retry_elsewhere(exchange, pool, RetryKind.RESET):
                     return
                 self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
                 return
@@ -260,39 +263,51 @@ class ExchangeDriver:
         pool.stats.fail(FailureKind.RESET)
         self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
 
-    def _retry_elsewhere(self, exchange: Exchange, failed: PoolSide, kind: str) -> bool:
-        """Send a request that got no response byte to the client again: to another
-        upstream of the same color, else (a split-routed candidate request) to the live
-        pool. Only for failures that leave it safe: nothing was sent (connect), or an
-        idempotent request whose whole body is known (reset, status)."""
+    def _retry_elsewhere(self, exchange: Exchange, failed: PoolSide, kind: RetryKind) -> bool:
+        """Send a request that got no response byte to the client again. Only for
+        failures that leave it safe: nothing was sent (connect), or an idempotent
+        request whose whole body is known (reset, status).
+
+        A split-routed request the candidate failed goes to the live pool: the failure
+        speaks against the candidate's build, not just one of its instances. Any other
+        goes to another upstream of the same color (never after a status: a pinned or
+        preview request keeps its color's answer)."""
         ctx = self.ctx
         if exchange.attempts >= MAX_RETRIES:
             return False
         table = ctx.table
-        other = table.alternative(failed) if kind != "status" else None
-        # A refused connection cost the app nothing: only retries that put load on an
-        # upstream (after a reset or a status, or on the other pool) spend the budget.
-        budgeted = kind != "connect"
-        if other is None and self._may_go_live(exchange, failed):
-            other = table.live_pick()
-            budgeted = True
-        if other is None or (budgeted and not ctx.budget.allowed()):
+        other = table.fallback_pick() if self._may_go_live(exchange, failed) else None
+        if other is None and kind is not RetryKind.STATUS:
+            other = table.alternative(failed)
+        if other is None:
             return False
-        if kind == "connect":  # nothing was sent: what waits in `pending` goes as it is
+        # A failed connect reached no app: sent elsewhere, the request still loads one
+        # app once, so the budget never refuses it (a crashed candidate costs users
+        # nothing). Retries after a reset or a status load a second app: budgeted.
+        if kind is not RetryKind.CONNECT and not ctx.budget.allowed():
+            return False
+        self._resend(exchange, other, kind, sent=kind is not RetryKind.CONNECT)
+        return True
+
+    def _resend(self, exchange: Exchange, pool: PoolSide, kind: RetryKind, *, sent: bool) -> None:
+        """Dispatch the exchange again, to `pool`. `sent`: an upstream got its head, so
+        it starts over from the head and the kept body; else what waits in `pending`
+        goes as it is."""
+        if sent:
+            exchange.rewind()
+        else:
             exchange.attempts += 1
             exchange.reused = False
-        else:
-            exchange.rewind()
+        ctx = self.ctx
         ctx.budget.spend(kind)
-        self._dispatch(exchange, other, ctx.loop.time())
-        return True
+        self._dispatch(exchange, pool, ctx.loop.time())
 
     def _may_go_live(self, exchange: Exchange, failed: PoolSide) -> bool:
         ctx = self.ctx
         return (
             ctx.limits.retry_on_live
             and exchange.route.to is None  # a pinned or preview request stays where it was sent
-            and failed.target.color != ctx.table.snapshot.live
+            and failed.target.color == ctx.table.suspect
         )
 
     def retry_status(self, exchange: Exchange, pool: PoolSide, status: int) -> bool:
@@ -302,12 +317,13 @@ class ExchangeDriver:
             and exchange.replayable
             and exchange.attempts < MAX_RETRIES
             and self._may_go_live(exchange, pool)
-            and self.ctx.table.live is not None
+            and self.ctx.table.fallback is not None
+            and self.ctx.budget.allowed()  # else the user gets the candidate's own answer
         )
 
     def retry_on_live(self, exchange: Exchange, failed: PoolSide) -> None:
         """The candidate answered a retryable status, which the client never saw."""
-        if not self._retry_elsewhere(exchange, failed, "status"):
+        if not self._retry_elsewhere(exchange, failed, RetryKind.STATUS):
             # The live pool went away meanwhile: nothing to answer with but our own.
             self._respond_locally(exchange, 502, f"upstream {failed.target.id} failed")
 
@@ -318,6 +334,33 @@ class ExchangeDriver:
         pool.outstanding -= 1
         pool.stats.fail(kind)
         self._respond_locally(exchange, 502, f"upstream {pool.target.id}: {detail}")
+
+    def evacuate(self, live: ColorPool | None, until: float) -> bool:
+        """The active exchange's upstream belongs to a color just rolled back. Safe to
+        send again (it reached no app yet, or it is idempotent, its whole body is known
+        and no response byte went out), it goes to `live` at once; any other must finish
+        by `until` (loop time), or the client gets a 504 (a cut, if the response has
+        started). Replays spend the budget's window but are never refused by it: they
+        are bounded by what was in flight, and a refusal would leave a user waiting."""
+        exchange = self.active
+        pool = exchange.pool if exchange is not None else None
+        assert exchange is not None and pool is not None
+        sent = exchange.connecting is None  # an upstream connection got its head
+        safe = not sent or (
+            exchange.idempotent and exchange.replayable and not exchange.response_started
+        )
+        if live is None or not safe:
+            self.ctx.loop.call_at(until, self._evacuation_over, exchange, pool)
+            return False
+        self._abandon(exchange, None)  # moved by the control plane: no failure of the app's
+        self._resend(exchange, live.pick(), RetryKind.EVACUATE, sent=sent)
+        return True
+
+    def _evacuation_over(self, exchange: Exchange, pool: PoolSide) -> None:
+        if self.active is not exchange or exchange.pool is not pool:
+            return  # it finished, the client left, or it was retried elsewhere
+        self._abandon(exchange, FailureKind.TIMEOUT)
+        self._respond_locally(exchange, 504, f"upstream {pool.target.id} was rolled back")
 
     def on_timeout(self) -> None:
         """Called by the server's sweeper once `deadline` has passed."""
@@ -374,7 +417,7 @@ class ExchangeDriver:
         pool = exchange.pool
         pool.outstanding -= 1
         ctx = self.ctx
-        pool.stats.observe(101, ctx.loop.time() - exchange.started)
+        pool.stats.observe(101, ctx.loop.time() - exchange.started, exchange.route.via)
         exchange.upstream = None
         self.active = None
         self.tunnel_peer = upstream

@@ -358,7 +358,7 @@ class UpstreamConnection(asyncio.Protocol):
         pool = self.pool
         pool.outstanding -= 1
         client = exchange.client
-        pool.stats.observe(self._status, now - exchange.started)
+        pool.stats.observe(self._status, now - exchange.started, exchange.route.via)
         if (access := pool.ctx.limits.access) is not None:
             access.response(exchange, self._status, pool.target.id, now - exchange.started)
         reusable = (

@@ -75,10 +75,10 @@ bake = "8s"
 [plans.canary.judge]
 window = "4s"
 min_requests = 10
-# Both apps answer in about a millisecond: a p99 ratio would judge scheduling noise
-# (a busy laptop fails a healthy green), so the demo judges error rates and a plain
-# latency limit.
-max_p99_ratio = 0
+# Both apps answer in about a millisecond: a latency ratio would judge scheduling
+# noise (a busy laptop fails a healthy green), so the demo judges error rates and a
+# plain latency limit.
+max_latency_ratio = 0
 max_p99 = "1s"
 """
 

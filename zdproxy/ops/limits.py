@@ -22,7 +22,7 @@ def dataplane_limits(settings: Settings) -> Limits:
         max_idle_per_upstream=upstream.max_idle_per_upstream,
         tunnel_idle_timeout=upstream.tunnel_idle_timeout,
         retry_on_live=retry.on_live_pool,
-        retry_statuses=frozenset(retry.statuses),
+        retry_statuses=retry.status_codes,
         retry_max_body=retry.max_body,
         retry_budget_percent=retry.budget_percent,
         access_log=log.access,

@@ -1,7 +1,8 @@
 """The seam between the planes: everything the control plane may ask of the data plane.
 
-Snapshots go down (`apply`), records come up (`collect`, `failure_streaks`), and
-drains are watched and finished (`in_flight`, `close_tunnels`, `cut`). Every call
+Snapshots go down (`apply`), records come up (`collect`, `failure_streaks`), drains
+are watched and finished (`in_flight`, `close_tunnels`, `cut`), and a rolled-back
+color's requests in flight are moved to the live pool (`evacuate`). Every call
 takes and returns plain values, so the same contract can be met by the in-process
 data plane, by worker processes behind a pipe, or by the in-memory fake the tests
 use (tests/fakes.py).
@@ -26,7 +27,9 @@ class DataPlane(Protocol):
         ...
 
     def collect(self) -> list[IntervalRecord]:
-        """Response records since the last call, one per upstream that had traffic."""
+        """Response records since the last call, one per upstream that had traffic or
+        has requests in flight; a record's `pending` holds the ages in seconds of the
+        requests in flight on its upstream, the oldest first."""
         ...
 
     def failure_streaks(self, at_least: int) -> dict[str, int]:
@@ -45,6 +48,19 @@ class DataPlane(Protocol):
 
     def cut(self, ids: set[str]) -> int:
         """Abort the client connections with a request in flight on these upstreams."""
+        ...
+
+    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+        """Requests in flight on these upstreams (a color just rolled back): each
+        idempotent, replayable one with no response byte sent yet (and any one still
+        connecting, which reached no app) is sent again to the current snapshot's live
+        pool at once; every other one gets `grace` seconds more, then its client gets a
+        504, or is cut if its response has started. A non-idempotent request that
+        reached an app is never sent twice. Returns (replayed, left to finish).
+
+        Call it only after the snapshot that takes the traffic off these upstreams
+        (the candidate at 0%) is applied: the live pool it replays on is that
+        snapshot's."""
         ...
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:

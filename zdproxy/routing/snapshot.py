@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from zdproxy.routing.address import Address
 from zdproxy.routing.vocabulary import COLORS, PIN_TARGETS, Color, PinTarget, other
 
 BASIS_POINTS = 10_000
+
+# What a pin does once a rollout of the color it leads to was rolled back, aborted or
+# failed: "live" sends its requests to the live color until the next deploy, "stay"
+# keeps them on the failed color.
+AfterRollback = Literal["live", "stay"]
+AFTER_ROLLBACK: tuple[AfterRollback, ...] = ("live", "stay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +63,8 @@ class StickyPolicy:
 
 @dataclass(frozen=True, slots=True)
 class PinRule:
-    """Requests matching every given condition go to `to` (a color, "candidate" or "live").
+    """Requests matching every given condition go to `to` (a color, "candidate" or "live");
+    RoutingSnapshot.destination says where that is in a given snapshot.
 
     Values are kept as configured; the data plane normalises and compiles them.
     """
@@ -70,10 +77,13 @@ class PinRule:
     hosts: tuple[str, ...] = ()
     path_prefixes: tuple[str, ...] = ()
     networks: tuple[str, ...] = ()
+    after_rollback: AfterRollback = "live"
 
     def __post_init__(self) -> None:
         if self.to not in PIN_TARGETS:
             raise ValueError(f"pin {self.name!r}: unknown target {self.to!r}")
+        if self.after_rollback not in AFTER_ROLLBACK:
+            raise ValueError(f"pin {self.name!r}: unknown after_rollback {self.after_rollback!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +95,7 @@ class PinRule:
             "hosts": list(self.hosts),
             "path_prefixes": list(self.path_prefixes),
             "networks": list(self.networks),
+            "after_rollback": self.after_rollback,
         }
 
     @classmethod
@@ -98,7 +109,23 @@ class PinRule:
             tuple(data["hosts"]),
             tuple(data["path_prefixes"]),
             tuple(data["networks"]),
+            data["after_rollback"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """The colors the "live" and "candidate" pin targets name."""
+
+    live: Color
+    candidate: Color
+
+    def __post_init__(self) -> None:
+        if self.live == self.candidate:
+            raise ValueError(f"roles: live and candidate are both {self.live}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"live": self.live, "candidate": self.candidate}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +170,10 @@ class RoutingSnapshot:
 
     `pools` holds only routable upstreams: an upstream absent from it gets no new request.
     The candidate is the color that is not live; it gets `candidate_weight` basis points.
+
+    `roles` and `fallen` come from the rollout record (control/snapshots.py): the split's
+    live color flips when a rollout promotes its candidate, a pin's role must not, and a
+    rolled back candidate must not keep the users pinned to it.
     """
 
     version: int
@@ -150,8 +181,15 @@ class RoutingSnapshot:
     candidate_weight: int
     pools: dict[Color, tuple[UpstreamTarget, ...]] = field(default_factory=dict)
     sticky: StickyPolicy = StickyPolicy()
-    pins: tuple[PinRule, ...] = ()  # ordered: the first match wins
+    pins: tuple[PinRule, ...] = ()  # ordered: the first match wins; rollout pins when on
     preview: PreviewPolicy = PreviewPolicy()
+    # During a rollout: its old live color and its candidate, in every phase. None: the
+    # split's live color and the other.
+    roles: Roles | None = None
+    # The candidate of the last rollout when it was rolled back, aborted or failed, until
+    # the next deploy: a pin leading to it goes to the live color instead, unless its
+    # after_rollback is "stay". None: no such rollout.
+    fallen: Color | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.candidate_weight <= BASIS_POINTS:
@@ -160,6 +198,22 @@ class RoutingSnapshot:
     @property
     def candidate(self) -> Color:
         return other(self.live)
+
+    def color_of(self, target: PinTarget) -> Color:
+        """The color a pin target or a preview names in this snapshot."""
+        if target == "live":
+            return self.roles.live if self.roles is not None else self.live
+        if target == "candidate":
+            return self.roles.candidate if self.roles is not None else self.candidate
+        return target
+
+    def destination(self, pin: PinRule) -> PinTarget:
+        """Where `pin` sends its requests in this snapshot: its own target, or "live"
+        when that leads to the fallen color and the pin does not stay there."""
+        falls_back = self.fallen is not None and pin.after_rollback == "live"
+        if falls_back and self.color_of(pin.to) == self.fallen:
+            return "live"
+        return pin.to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +224,8 @@ class RoutingSnapshot:
             "sticky": self.sticky.to_dict(),
             "pins": [pin.to_dict() for pin in self.pins],
             "preview": self.preview.to_dict(),
+            "roles": self.roles.to_dict() if self.roles is not None else None,
+            "fallen": self.fallen,
         }
 
     @classmethod
@@ -181,6 +237,15 @@ class RoutingSnapshot:
         sticky = StickyPolicy(**data.get("sticky", {}))
         pins = tuple(PinRule.from_dict(pin) for pin in data.get("pins", ()))
         preview = PreviewPolicy.from_dict(data["preview"]) if "preview" in data else PreviewPolicy()
+        roles = Roles(**data["roles"]) if data.get("roles") else None
         return cls(
-            data["version"], data["live"], data["candidate_weight"], pools, sticky, pins, preview
+            data["version"],
+            data["live"],
+            data["candidate_weight"],
+            pools,
+            sticky,
+            pins,
+            preview,
+            roles,
+            data.get("fallen"),
         )

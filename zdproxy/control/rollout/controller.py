@@ -27,6 +27,7 @@ from zdproxy.config.plans import PlanSettings, StepSettings
 from zdproxy.config.settings import Color
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
+from zdproxy.control.judge import Verdict
 from zdproxy.control.phases import FAILED, HistoryEntry, Phase, RolloutRecord
 from zdproxy.control.ports import ControlHost
 from zdproxy.control.probe import answering
@@ -50,6 +51,7 @@ class Rollouts:
         self.drive = drive
         self.active: Rollout | None = None
         self.recent: OrderedDict[int, RolloutRecord] = OrderedDict()  # newest last
+        self.verdicts: dict[int, Verdict] = {}  # the judge's last word on each of `recent`
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_id = 0
@@ -64,6 +66,13 @@ class Rollouts:
     def holder(self) -> int | None:
         """The id of the rollout that holds the split, if any."""
         return self.active.id if self.active is not None else None
+
+    def verdict(self, rollout_id: int) -> Verdict | None:
+        """The judge's latest verdict on a rollout (its last, once ended); None before
+        the judge had records, and for a rollout ended before a restart."""
+        if self.active is not None and self.active.id == rollout_id:
+            return self.active.verdict
+        return self.verdicts.get(rollout_id)
 
     def get(self, rollout_id: int) -> RolloutRecord | None:
         if self.active is not None and self.active.id == rollout_id:
@@ -235,8 +244,11 @@ class Rollouts:
         record = rollout.record
         self.counts[record.state] += 1
         self.recent[record.id] = record
+        if rollout.verdict is not None:
+            self.verdicts[record.id] = rollout.verdict
         while len(self.recent) > RECENT:
-            self.recent.popitem(last=False)
+            gone, _ = self.recent.popitem(last=False)
+            self.verdicts.pop(gone, None)
 
     def _running(self, verb: str) -> Rollout:
         if self.active is None:

@@ -24,7 +24,7 @@ from zdproxy.config.settings import Color
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.hooks import HookResult, run_hook
-from zdproxy.control.judge import Judge, Verdict
+from zdproxy.control.judge import Judge, Reference, Verdict
 from zdproxy.control.phases import (
     HISTORY,
     HistoryEntry,
@@ -40,6 +40,9 @@ log = logging.getLogger("zdproxy.rollout")
 PREVIEW_TTL = 3600  # seconds a verify hook's signed preview token is valid
 DRAIN_CUT_AFTER = 30.0  # seconds the old color's requests get to finish after promotion
 DRAIN_TUNNEL_GRACE = 5.0
+# After a rollback, requests in flight on the failed color that cannot be replayed
+# (a POST that reached the app) get this long to finish before they are cut.
+EVACUATE_GRACE = 3.0
 
 
 class Rollout:
@@ -51,8 +54,10 @@ class Rollout:
         self.host = host
         self.entered = now  # when the phase (or step) began: its deadline counts from here
         self.held_from = now  # the step's hold; starts again on resume
-        self.judged_from = now  # the judge reads only slices that began after this
-        self.judge = Judge(plan.judge)
+        self.judged_from = now  # the phase's judge reads only slices that began after this
+        self.reference = Reference()  # the old live color's traffic, until promotion
+        self.judge = self._judge(now)
+        self.verdict: Verdict | None = None  # the last; None until the judge has records
         self.job: asyncio.Task[str | None] | None = None  # hooks or the drain; None: idle
         self.after: set[asyncio.Task[None]] = set()  # on_rollback hooks, after the swap
 
@@ -98,24 +103,35 @@ class Rollout:
             self._finishing()
 
     def _preflight(self, now: float) -> None:
-        if self.job is None:
-            healthy = self._healthy()
-            if healthy < self.plan.min_healthy:
-                if now - self.entered >= self.plan.preflight_timeout:
-                    reason = (
-                        f"{self.record.candidate} has {healthy} healthy upstreams of "
-                        f"{self.plan.min_healthy} needed after {self.plan.preflight_timeout:g}s"
-                    )
-                    self.end(Phase.ABORTED, reason, "auto", {"healthy": healthy})
+        """Health, then the pre_rollout and verify hooks; with `pre_rollout_first`, the
+        pre_rollout hooks (a migration the candidate needs to become ready) come before
+        the wait for health. The hooks done are journaled, so each stage is known."""
+        plan, done = self.plan, self.record.hooks_done
+        if self.job is not None:
+            if not self.job.done():
                 return
-            hooks = [*self.plan.pre_rollout, *self.plan.verify]
-            self.job = asyncio.ensure_future(self._hooks(hooks))
-        if self.job.done():
             failure = self._take_job()
             if failure is not None:
                 self.end(Phase.ABORTED, failure, "auto")
-            else:
-                self._enter_step(1, "preflight passed", now)
+                return
+        pre_rollout = [name for name in plan.pre_rollout if name not in done]
+        if plan.pre_rollout_first and pre_rollout:
+            self.job = asyncio.ensure_future(self._hooks(pre_rollout))
+            return
+        healthy = self._healthy()
+        if healthy < plan.min_healthy:
+            if now - self.entered >= plan.preflight_timeout:
+                reason = (
+                    f"{self.record.candidate} has {healthy} healthy upstreams of "
+                    f"{plan.min_healthy} needed after {plan.preflight_timeout:g}s"
+                )
+                self.end(Phase.ABORTED, reason, "auto", {"healthy": healthy})
+            return
+        hooks = [name for name in [*plan.pre_rollout, *plan.verify] if name not in done]
+        if hooks:
+            self.job = asyncio.ensure_future(self._hooks(hooks))
+        else:
+            self._enter_step(1, "preflight passed", now)
 
     def _step(self, now: float) -> None:
         verdict = self._judged(now)
@@ -140,7 +156,7 @@ class Rollout:
                 self._enter_step(number + 1, f"step {number} passed", now)
             else:
                 self._promoted(f"step {number} passed", "auto", now)
-        elif verdict.outcome == "inconclusive" and plan.inconclusive == "fail":
+        elif verdict.outcome == "hold" and plan.inconclusive == "fail":
             self._fail(verdict)
         elif held >= plan.step_deadline:
             reason = (
@@ -180,15 +196,16 @@ class Rollout:
         weight = round(self.plan.steps[number - 1].weight * 100)
         self._move(Phase.STEP, reason, "auto", step=number, split=(weight, self.record.previous))
         self.entered = self.held_from = self.judged_from = now
-        self.judge = Judge(self.plan.judge)
+        self.judge = self._judge(now)
 
     def _promoted(self, reason: str, actor: Actor, now: float) -> None:
         """The candidate becomes live; the old live color stays warm for the bake."""
         candidate = self.record.candidate
         baking = f"{reason}: {candidate} is live, baking"
+        self.reference.frozen = True  # the bake compares with the old color before the switch
         self._move(Phase.BAKING, baking, actor, split=(0, candidate))
         self.entered = self.judged_from = now
-        self.judge = Judge(self.plan.judge)
+        self.judge = self._judge(now)
 
     def _fail(self, verdict: Verdict) -> None:
         reason = f"judge failed {self.record.candidate}: {verdict.reason}"
@@ -226,6 +243,17 @@ class Rollout:
             split=split,
             undrain=undrain,
         )
+        if shifted:  # the swap is applied: what the failed color still holds moves too
+            replayed, left = host.evacuate(record.candidate, EVACUATE_GRACE)
+            if replayed or left:
+                self.emit(
+                    "evacuated",
+                    f"requests in flight on {record.candidate}: {replayed} replayed on "
+                    f"{record.previous}, {left} given {EVACUATE_GRACE:g}s to finish",
+                    actor,
+                    replayed=replayed,
+                    left=left,
+                )
         if shifted and self.plan.on_rollback:
             task = asyncio.ensure_future(self._on_rollback())
             self.after.add(task)
@@ -263,7 +291,9 @@ class Rollout:
         else:
             self.host.steer(split[0], split[1], value, actor, durable=durable, undrain=undrain)
         self.record = moved
-        self.emit(f"rollout_{phase}", reason, actor, level=level, numbers=numbers or {})
+        if numbers is None:  # every rollout event carries the judge's latest numbers
+            numbers = self.verdict.numbers if self.verdict is not None else {}
+        self.emit(f"rollout_{phase}", reason, actor, level=level, numbers=numbers)
 
     # -- jobs: slow work of this rollout, fenced after every await ------------------------
 
@@ -312,17 +342,53 @@ class Rollout:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _judge(self, now: float) -> Judge:
+        """A judge for a new phase: each judged phase (a step, the bake) gets an equal
+        share of the rollout's false_rollback_rate."""
+        plan = self.plan
+        phases = len(plan.steps) + (1 if plan.bake else 0)
+        self.seen = self.host.telemetry.latest or now  # records before this are not judged
+        return Judge(plan.judge, plan.judge.false_rollback_rate / phases, self.reference, now)
+
     def _judged(self, now: float) -> Verdict | None:
-        """Judge the candidate against the old live color; None when that failed it."""
-        record, window = self.record, self.plan.judge.window
-        telemetry = self.host.telemetry
-        candidate = telemetry.view(record.candidate, now, window, self.judged_from)
-        live = telemetry.view(record.previous, now, window, self.judged_from)
-        verdict = self.judge.assess(candidate, live)
+        """Judge the candidate on the records that came since the last look; None when
+        that failed it. No new records: the last verdict stands."""
+        record, host = self.record, self.host
+        if self._healthy() == 0:
+            reason = f"{record.candidate} has no routable upstream (health checks or drain)"
+            self._fail(Verdict("fail", reason, self.verdict.numbers if self.verdict else {}))
+            return None
+        telemetry = host.telemetry
+        latest = telemetry.latest
+        if latest is None or latest <= self.seen:
+            return self.verdict or Verdict("hold", "waiting for the first records")
+        retain, window = telemetry.retain, self.plan.judge.window
+        fresh = telemetry.view(record.candidate, latest, retain, self.seen)
+        fresh_live = telemetry.view(record.previous, latest, retain, self.seen)
+        recent = telemetry.view(record.candidate, latest, window, self.judged_from)
+        recent_live = telemetry.view(record.previous, latest, window, self.judged_from)
+        self.seen = latest
+        verdict = self.judge.assess(latest, fresh, fresh_live, recent, recent_live)
+        verdict.numbers.update(self._progress(now))
+        self.verdict = verdict
         if verdict.outcome == "fail":
             self._fail(verdict)
             return None
         return verdict
+
+    def _progress(self, now: float) -> dict[str, Any]:
+        """Where the phase stands in time, for the numbers."""
+        record, plan = self.record, self.plan
+        if record.state is Phase.BAKING:
+            return {
+                "phase": "bake",
+                "hold_left_seconds": round(max(0.0, plan.bake - (now - self.entered)), 1),
+            }
+        hold = plan.steps[record.step - 1].hold if record.step else 0.0
+        return {
+            "phase": f"step {record.step}",
+            "hold_left_seconds": round(max(0.0, hold - (now - self.held_from)), 1),
+        }
 
     def _expect(self, verb: str, *states: Phase) -> None:
         if self.record.state not in states:
@@ -343,9 +409,8 @@ class Rollout:
         record, host = self.record, self.host
         settings = host.settings
         preview = settings.preview
-        secret = preview.signing_secret
         expiry = int(time.time()) + PREVIEW_TTL
-        value = mint_token(secret, record.candidate, expiry) if secret else record.candidate
+        value = mint_token(host.preview_secret(), record.candidate, expiry)
         upstreams = [str(t.address) for t in host.targets_of(record.candidate)]
         return {
             "ZDPROXY_ROLLOUT": str(record.id),
@@ -353,6 +418,7 @@ class Rollout:
             "ZDPROXY_CANDIDATE_UPSTREAMS": " ".join(upstreams),
             "ZDPROXY_CANDIDATE_VERSION": settings.pool(record.candidate).version,
             "ZDPROXY_LIVE": record.previous,
+            "ZDPROXY_LIVE_VERSION": settings.pool(record.previous).version,
             "ZDPROXY_PREVIEW_HEADER": preview.header,
             "ZDPROXY_PREVIEW_VALUE": value,
             "ZDPROXY_PROXY": str(host.listeners[0]) if host.listeners else "",
