@@ -27,14 +27,12 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import ctypes
 import json
 import os
 import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +51,7 @@ from aiohttp import (
     ServerDisconnectedError,
     web,
 )
+from harness import die_with_parent, free_port, render
 
 COLORS = ("blue", "green")
 ACTIVE = ("preflight", "step", "paused", "baking", "finishing")
@@ -85,18 +84,6 @@ ACTIONS = {
     "restart": 3,
 }
 CLI_KINDS = {"shift", "drain", "undrain", "pool_set", "pause", "resume", "promote", "abort"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM if this script dies (no orphans, even on kill -9)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # -- the app servers ---------------------------------------------------------------------
@@ -147,34 +134,6 @@ def start_app(name: str) -> tuple[subprocess.Popen[str], str]:
 
 
 # -- the config file ---------------------------------------------------------------------
-
-
-def toml(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def render(model: dict[str, Any]) -> str:
-    """Nested dicts as TOML tables; `pins` as an array of tables."""
-    lines: list[str] = []
-
-    def table(prefix: str, values: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in values.items() if not isinstance(v, dict) and k != "pins"}
-        if prefix and scalars:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {toml(v)}" for k, v in scalars.items())
-        for key, value in values.items():
-            if isinstance(value, dict):
-                table(f"{prefix}.{key}" if prefix else key, value)
-
-    table("", model)
-    for pin in model.get("pins", []):
-        lines.append("[[pins]]")
-        lines.extend(f"{k} = {toml(v)}" for k, v in pin.items())
-    return "\n".join(lines) + "\n"
 
 
 def config_model(tmp: Path, port: int, admin: int, apps: list[str]) -> dict[str, Any]:

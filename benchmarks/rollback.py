@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, DummyCookieJar, web
+from harness import free_port
 
 TOKEN = "benchmark-admin-token-0123456789"
 CONFIG = """
@@ -53,12 +53,6 @@ steps = [{{ weight = 10, hold = "1h" }}]
 window = "3s"
 min_requests = 10
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def app(name: str, failing: dict[str, bool]) -> web.Application:

@@ -4,6 +4,7 @@ tick clock of our own."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from typing import Any
 
 import pytest
@@ -32,6 +33,18 @@ def service(rng: random.Random, n: int, scale: float = 1.0) -> list[float]:
     return [rng.uniform(0.005, 0.020) * scale for _ in range(n)]
 
 
+WINDOW_TICKS = 100  # judge.window, 10 s
+
+
+def window(ticks: tuple[WindowView, ...]) -> WindowView:
+    latency = Histogram()
+    for view in ticks:
+        latency.add(view.latency)
+    requests = sum(view.requests for view in ticks)
+    errors = sum(view.errors for view in ticks)
+    return WindowView(TICK * len(ticks), requests, errors, latency)
+
+
 class Run:
     """A judge fed tick by tick, as a rollout feeds it."""
 
@@ -40,10 +53,14 @@ class Run:
         self.reference = reference or Reference()
         self.judge = Judge(self.settings, ALPHA, self.reference, 0.0)
         self.now = 0.0
+        self.ticks: deque[tuple[WindowView, WindowView]] = deque(maxlen=WINDOW_TICKS)
 
     def tick(self, candidate: WindowView, live: WindowView) -> Verdict:
+        """One tick; the recent views are the sliding window's, as telemetry gives."""
         self.now += TICK
-        return self.judge.assess(self.now, candidate, live, candidate, live)
+        self.ticks.append((candidate, live))
+        recent = [window(views) for views in zip(*self.ticks, strict=True)]
+        return self.judge.assess(self.now, candidate, live, *recent)
 
     def until_fail(self, ticks: int, candidate: Any, live: Any) -> int | None:
         """Ticks until the verdict is "fail" (None: it never came)."""
@@ -57,12 +74,45 @@ def test_too_few_requests_hold_with_what_is_needed_and_an_eta() -> None:
     run = Run(min_requests=20)
     rng = random.Random(1)
     verdict = run.tick(traffic(service(rng, 5)), traffic(service(rng, 45)))
-    assert verdict.outcome == "hold" and "5 of 20" in verdict.reason
-    assert verdict.numbers["requests_needed"] == 15
-    assert verdict.numbers["eta_seconds"] == pytest.approx(15 / 50, abs=0.05)  # 5 in 0.1 s
+    # No error yet, live's bound still wide: the 5% absolute limit is the lowest, and
+    # an error rate shown under 5% takes 116 requests.
+    assert verdict.outcome == "hold"
+    assert verdict.reason == "5 of 116 candidate requests to show its error rate under 5.0%"
+    assert verdict.numbers["requests_needed"] == 111
+    assert verdict.numbers["eta_seconds"] == pytest.approx(111 / 50, abs=0.1)  # 5 in 0.1 s
+    for _ in range(200):
+        verdict = run.tick(traffic(service(rng, 5)), traffic(service(rng, 45)))
+        if verdict.outcome != "hold":
+            break
+    assert verdict.outcome == "pass" and verdict.numbers["requests_needed"] == 0
+    # Live's thousands of requests without an error bound it near 0: 1% over it is the
+    # limit, shown after some 560 requests.
+    assert 500 <= run.judge.requests <= 700
+
+
+def test_a_floor_of_min_requests_with_no_error_limit_to_show() -> None:
+    rng = random.Random(1)
+    run = Run(min_requests=20, max_error_rate=0.0, max_error_rate_over_live=1.0)
+    verdict = run.tick(traffic(service(rng, 5)), traffic(service(rng, 45)))
+    assert verdict.outcome == "hold" and verdict.reason == "5 of 20 candidate requests"
     for _ in range(3):
         verdict = run.tick(traffic(service(rng, 5)), traffic(service(rng, 45)))
-    assert verdict.outcome == "pass" and verdict.numbers["requests_needed"] == 0
+    assert verdict.outcome == "pass"
+
+
+def test_an_error_rate_above_its_limit_never_passes_however_long_the_hold() -> None:
+    """3% errors against live's 0%: too few to fail fast at 3 requests a tick, never a
+    pass; the step holds until the evidence fails it."""
+    rng = random.Random(12)
+    run = Run()
+    outcomes = []
+    for _ in range(1000):
+        errors = sum(rng.random() < 0.03 for _ in range(3))
+        verdict = run.tick(traffic(service(rng, 3), errors=errors), traffic(service(rng, 27)))
+        outcomes.append(verdict.outcome)
+        if verdict.outcome == "fail":
+            break
+    assert "pass" not in outcomes
 
 
 def test_a_share_with_no_active_user_says_so_with_no_eta() -> None:

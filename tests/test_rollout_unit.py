@@ -71,8 +71,10 @@ def test_a_failing_candidate_is_rolled_back_and_its_rollout_stays_ended(
 ) -> None:
     stepping(machine)
     machine.verdict("green", failing=True)
-    for _ in range(5):
+    for _ in range(60):  # half of a few requests a second fail: evidence within seconds
         machine.tick(1.0)
+        if machine.control.rollouts.active is None:
+            break
     last = machine.control.rollouts.last
     assert last is not None and last.state is Phase.ROLLED_BACK, last
     assert "judge failed green" in last.reason

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Upstream, ZdProxy, admin_api, pools
+from tests.test_rollout import FAST_JUDGE
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -231,7 +232,7 @@ def rollout_config(tmp_path: Path, blue: Upstream, green: Upstream) -> dict[str,
             "canary": {
                 "steps": [{"weight": 10, "hold": "10m"}, {"weight": 100, "hold": "1s"}],
                 # Errors only: latency noise on a loaded machine must not end it first.
-                "judge": {"window": "3s", "min_requests": 10, "max_latency_ratio": 0},
+                "judge": FAST_JUDGE,
             }
         },
     }

@@ -55,14 +55,15 @@ class JudgeSettings(_Section):
         default=20,
         ge=1,
         le=1_000_000,
-        description="Candidate requests a step (or the bake) needs before it may pass: a "
-        "sanity floor; a failure needs no minimum (at most 1000000).",
+        description="Candidate requests a step needs before it may pass, at least: a pass "
+        "also needs its error rate shown under the limits (95% confidence); a failure "
+        "needs no minimum (at most 1000000).",
     )
     max_error_rate: float = Field(
         default=0.05, ge=0, le=1, description="Absolute limit on the candidate's error rate, 0-1."
     )
     max_error_rate_over_live: float = Field(
-        default=0.02,
+        default=0.01,
         ge=0,
         le=1,
         description="Limit on the candidate's error rate above live's, 0-1; 1: not compared.",

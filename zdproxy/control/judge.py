@@ -227,19 +227,54 @@ class Judge:
         for test in self.tests.values():
             if test.detector.alarm:
                 return Verdict("fail", self._failure(test), numbers)
-        needed = max(0, self.settings.min_requests - self.requests)
+        needed, why = self._needed()
         numbers["requests_needed"] = needed
         numbers["eta_seconds"] = None
-        if not needed:
+        if needed == 0:
             return Verdict("pass", "within limits", numbers)
         if not recent.requests and recent_live.requests:
             # Sticky buckets: a small share can hold none of the users active right now.
             numbers["no_active_users"] = True
             return Verdict("hold", "no active user in the candidate's share", numbers)
-        if recent.rate:
+        if needed is not None and recent.rate:
             numbers["eta_seconds"] = round(needed / recent.rate, 1)
-        return Verdict(
-            "hold", f"{self.requests} of {self.settings.min_requests} candidate requests", numbers
+        return Verdict("hold", why, numbers)
+
+    def _needed(self) -> tuple[int | None, str]:
+        """Candidate requests still needed before a pass (None: more will not do, only
+        fewer errors), and why. A pass needs `min_requests`, and the error rate shown
+        under its limit: the upper bound of its 95% confidence sequence below the lowest
+        error limit, as if no more errors came. Without it a short hold would pass a
+        3% error rate at a 10% step long before any test could tell."""
+        floor = self.settings.min_requests
+        limits = [
+            self.tests[name].limit
+            for name in ("errors", "errors_vs_live")
+            if name in self.tests and self.tests[name].limit > 0  # 0: one error fails
+        ]
+        if not limits:
+            needed = max(0, floor - self.requests)
+            return needed, f"{self.requests} of {floor} candidate requests"
+        limit, errors = min(limits), self.errors
+        if errors >= limit * self.requests and self.requests:
+            return None, (
+                f"error rate {errors / self.requests:.1%} is not shown under {limit:.1%} yet"
+            )
+        shown = max(floor, self.requests, 1)  # the fewest requests that could show it
+        if not excludes(errors, shown, limit, DISPLAY_ALPHA) or errors >= limit * shown:
+            low, shown = shown, shown * 2
+            while errors >= limit * shown or not excludes(errors, shown, limit, DISPLAY_ALPHA):
+                low, shown = shown, shown * 2
+            while low + 1 < shown:
+                mid = (low + shown) // 2
+                if errors < limit * mid and excludes(errors, mid, limit, DISPLAY_ALPHA):
+                    shown = mid
+                else:
+                    low = mid
+        needed = max(0, shown - self.requests)
+        return needed, (
+            f"{self.requests} of {shown} candidate requests to show its error rate under "
+            f"{limit:.1%}"
         )
 
     def _failure(self, test: _Test) -> str:

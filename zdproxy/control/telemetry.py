@@ -222,24 +222,31 @@ class Telemetry:
         if self._started is None:
             self._started = now
         start, self._last = (self._last if self._last is not None else now), now
-        slices: dict[str, Slice] = {color: Slice(now, start) for color in COLORS}
-        pending: dict[str, list[float]] = {color: [] for color in COLORS}
+        slices: dict[str, Slice] = {}  # made for the colors that have records only
+        pending: dict[str, tuple[float, ...]] = dict.fromkeys(COLORS, ())
         for record in records:
-            color = color_of(record.upstream_id)
-            self.totals.setdefault(record.upstream_id, Totals()).add(record)
+            upstream = record.upstream_id
+            if (totals := self.totals.get(upstream)) is None:
+                totals = self.totals[upstream] = Totals()
+            totals.add(record)
+            color = color_of(upstream)
+            if (piece := slices.get(color)) is None:
+                piece = slices[color] = Slice(now, start)
             failed = sum(n for kind, n in record.failures.items() if kind in UPSTREAM_FAILURES)
-            piece = slices[color]
             piece.requests += record.responses + failed
             piece.errors += record.by_class[5] + failed
             piece.latency.add_counts(record.latency, record.latency_sum)
             piece.routes = list(map(add, piece.routes, record.routes))
-            pending[color].extend(record.pending)
-        for color, piece in slices.items():
-            series = self._series[color]
-            if piece.requests:
+            if record.pending:
+                pending[color] += record.pending
+        for color, series in self._series.items():
+            piece = slices.get(color)
+            if piece is not None and piece.requests:
                 series.append(piece)
             series.drop_through(now - self.retain)
-            self._pending[color] = tuple(sorted(pending[color]))
+            if pending[color]:
+                pending[color] = tuple(sorted(pending[color]))
+        self._pending = pending
 
     def view(
         self, color: str, now: float, seconds: float | None = None, since: float = 0.0

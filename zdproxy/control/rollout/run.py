@@ -345,9 +345,14 @@ class Rollout:
     def _judge(self, now: float) -> Judge:
         """A judge for a new phase: each judged phase (a step, the bake) gets an equal
         share of the rollout's false_rollback_rate."""
-        plan = self.plan
+        plan, telemetry = self.plan, self.host.telemetry
         phases = len(plan.steps) + (1 if plan.bake else 0)
-        self.seen = self.host.telemetry.latest or now  # records before this are not judged
+        self.seen = telemetry.latest or now  # records before this are not judged
+        if not self.reference.requests and not self.reference.frozen and self.seen:
+            # Live's traffic from before the first step is the reference too: a plan
+            # that starts at 100% leaves live no traffic to compare with afterwards.
+            before = telemetry.view(self.record.previous, self.seen, plan.judge.window)
+            self.reference.add(before)
         return Judge(plan.judge, plan.judge.false_rollback_rate / phases, self.reference, now)
 
     def _judged(self, now: float) -> Verdict | None:
