@@ -10,13 +10,13 @@ below `false_rollback_rate` for the whole rollout:
   the candidate even when a retry on live hid them from the user, plus requests
   pending longer than the hang bound (a hang counts before it times out);
 - against `max_error_rate` (absolute) and against the live color's rate (its upper
-  confidence bound, over the whole rollout and over the recent window, whichever is
+  confidence bound over the whole rollout, or its rate over the recent window if
   higher) plus `max_error_rate_over_live`;
 - latency: more than half of the candidate's requests slower than
   `max_latency_ratio` times the live color's median, or more than 1% slower than
   that times live's p99, or than `max_p99`; live's quantiles are upper confidence
-  bounds from fine histograms, over the rollout and over the last two seconds,
-  whichever is higher: a candidate as fast as live is not failed by noise, nor by a
+  bounds from fine histograms over the rollout, or its quantiles over the last half
+  second if higher: a candidate as fast as live is not failed by noise, nor by a
   slowdown both colors share.
 
 The live color's numbers are the rollout's reference: they accumulate over its steps
@@ -48,7 +48,7 @@ PENDING_P99_FACTOR = 4.0
 DISPLAY_ALPHA = 0.05
 # Live's latency over the last ticks of this span is the candidate's reference too: a
 # slowdown both colors share (a busy machine, a slow database) is not the candidate's.
-SHARED_SPAN_TICKS = 20
+SHARED_SPAN_TICKS = 5
 # Evidence shown is capped: with nothing allowed (a limit of 0) one event is infinite.
 EVIDENCE_SHOWN_MAX = 1000.0
 
@@ -194,11 +194,11 @@ class Judge:
         tests["errors"].feed(errors, requests, s.max_error_rate, prior)
         if "errors_vs_live" in tests:
             upper = bernoulli_bounds(reference.errors, reference.requests, self.alpha)[1]
-            # A shared outage (a database down) raises live's recent rate too; a 100%
-            # step leaves live no recent traffic, and the rollout's bound stands.
+            # A shared outage (a database down) raises live's recent rate too. Only the
+            # rollout's bound makes the test valid, so the recent rate may be a plain
+            # estimate (a bound over a few seconds of traffic would be wide for nothing).
             if not reference.frozen and recent_live.requests:
-                recent = bernoulli_bounds(recent_live.errors, recent_live.requests, self.alpha)
-                upper = max(upper, recent[1])
+                upper = max(upper, recent_live.errors / recent_live.requests)
             tests["errors_vs_live"].feed(
                 errors, requests, min(1.0, upper + s.max_error_rate_over_live), prior
             )
@@ -209,11 +209,11 @@ class Judge:
                 shared.add(piece)
         for name, q in (("p50_vs_live", 0.5), ("p99_vs_live", 0.99)):
             if name in tests:
-                # The higher of live's bound over the rollout and over the last ticks
-                # (when those say anything), as for errors.
+                # The higher of live's bound over the rollout and its quantile over the
+                # last ticks, as for errors.
                 bound = quantile_upper(reference.latency, q, self.alpha)
-                now = quantile_upper(shared, q, self.alpha)
-                if math.isfinite(now):
+                now = shared.quantile(q)
+                if now is not None:
                     bound = max(bound, now)
                 slow = s.max_latency_ratio * bound
                 events = latency.above(slow) if math.isfinite(slow) else 0
