@@ -125,8 +125,9 @@ class PlanSettings(_Section):
         default=60.0,
         ge=0,
         le=7 * DAY,
-        description="After promotion, the old live pool stays warm this long; a failure "
-        "in it makes the old pool live again. At most 7d.",
+        description="After promotion, the old live pool stays warm this long, and longer "
+        "until the judge passes the new one (up to step_deadline more); a failure in it "
+        "makes the old pool live again. At most 7d.",
     )
     min_healthy: int = Field(
         default=1,
@@ -161,8 +162,9 @@ class PlanSettings(_Section):
     )
     inconclusive: Literal["hold", "fail"] = Field(
         default="hold",
-        description="A step whose hold ends without enough traffic: hold (wait for more, up "
-        "to step_deadline) or fail (roll back).",
+        description="A step whose hold ends without a pass: hold (wait for more evidence, "
+        "up to step_deadline, then pause) or fail (roll back). A bake without a pass "
+        "step_deadline past its time: finishes with a warning (hold) or rolls back (fail).",
     )
     on_failure: Literal["rollback", "freeze"] = Field(
         default="rollback",

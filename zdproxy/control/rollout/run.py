@@ -167,10 +167,27 @@ class Rollout:
             self.entered = now
 
     def _bake(self, now: float) -> None:
-        if self._judged(now) is not None and now - self.entered >= self.plan.bake:
-            self._move(Phase.FINISHING, "bake passed", "auto")
-            self.entered = now
-            self.job = asyncio.ensure_future(self._finish())
+        """The bake ends after its time with a pass, as a step does; without one (a
+        low error rate not yet told apart from its limit) it goes on, up to
+        step_deadline more, and then ends as `inconclusive` says."""
+        verdict = self._judged(now)
+        plan = self.plan
+        baked = now - self.entered
+        if verdict is None or baked < plan.bake:
+            return
+        if verdict.outcome == "pass":
+            self._finish_after("bake passed", now)
+        elif baked >= plan.bake + plan.step_deadline:
+            if plan.inconclusive == "fail":
+                self._fail(verdict)
+            else:
+                reason = f"bake has no verdict {plan.step_deadline:g}s past its time: "
+                self._finish_after(reason + verdict.reason, now, level=logging.WARNING)
+
+    def _finish_after(self, reason: str, now: float, level: int = logging.INFO) -> None:
+        self._move(Phase.FINISHING, reason, "auto", level=level)
+        self.entered = now
+        self.job = asyncio.ensure_future(self._finish())
 
     def _finishing(self) -> None:
         """Past its bake the candidate has won: whatever the drain or the post_promote hooks
