@@ -181,6 +181,18 @@ def test_errors_like_lives_pass_the_relative_test_but_not_the_absolute_one() -> 
     assert absolute.until_fail(300, lambda: color(10), lambda: color(40)) is not None
 
 
+def test_a_candidate_twice_as_slow_never_passes_however_long_the_hold() -> None:
+    rng = random.Random(15)
+    run = Run()
+    outcomes = set()
+    for _ in range(600):
+        verdict = run.tick(traffic(service(rng, 3, 2.0)), traffic(service(rng, 27)))
+        outcomes.add(verdict.outcome)
+        if verdict.outcome == "fail":
+            break
+    assert "pass" not in outcomes
+
+
 @pytest.mark.parametrize(("scale", "fails"), [(1.0, False), (1.2, False), (2.0, True), (5.0, True)])
 def test_latency_is_judged_as_a_distribution(scale: float, fails: bool) -> None:
     rng = random.Random(6)

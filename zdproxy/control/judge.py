@@ -77,6 +77,25 @@ class Reference:
             self.latency.add(fresh.latency)
 
 
+def shown_after(events: int, trials: int, limit: float, least: int) -> int | None:
+    """The fewest trials (at least `least`) after which `events` in them show a rate
+    under `limit`: the upper bound of its 95% confidence sequence below it, as if no
+    more events came. None if the events already seen are too many for that."""
+    if events >= limit * max(trials, 1) and trials:
+        return None
+
+    def shows(n: int) -> bool:
+        return events < limit * n and excludes(events, n, limit, DISPLAY_ALPHA)
+
+    low, high = 0, max(least, 1)
+    while not shows(high):  # doubling, then bisection: a few dozen cheap evaluations
+        low, high = high, high * 2
+    while low + 1 < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if shows(mid) else (mid, high)
+    return max(high, least)
+
+
 def quantile_upper(histogram: Histogram, q: float, alpha: float) -> float:
     """An upper confidence bound on the q-quantile: the least bucket bound below which,
     with confidence 1 - alpha, a share q of the values lie. inf when the histogram holds
@@ -242,40 +261,42 @@ class Judge:
 
     def _needed(self) -> tuple[int | None, str]:
         """Candidate requests still needed before a pass (None: more will not do, only
-        fewer errors), and why. A pass needs `min_requests`, and the error rate shown
-        under its limit: the upper bound of its 95% confidence sequence below the lowest
-        error limit, as if no more errors came. Without it a short hold would pass a
-        3% error rate at a 10% step long before any test could tell."""
+        a better candidate), and why. A pass needs `min_requests`, its error rate shown
+        under the lowest error limit and its share of requests slower than the median
+        test's bound shown under one half: the upper bounds of their 95% confidence
+        sequences below the limits, as if no more bad requests came. Without that, a
+        short hold would pass a 3% error rate, or a 2x slower candidate, at a 10% step
+        long before any test could tell."""
         floor = self.settings.min_requests
+        asks = []  # (events, trials, limit, what is to be shown)
         limits = [
             self.tests[name].limit
             for name in ("errors", "errors_vs_live")
             if name in self.tests and self.tests[name].limit > 0  # 0: one error fails
         ]
-        if not limits:
-            needed = max(0, floor - self.requests)
-            return needed, f"{self.requests} of {floor} candidate requests"
-        limit, errors = min(limits), self.errors
-        if errors >= limit * self.requests and self.requests:
-            return None, (
-                f"error rate {errors / self.requests:.1%} is not shown under {limit:.1%} yet"
-            )
-        shown = max(floor, self.requests, 1)  # the fewest requests that could show it
-        if not excludes(errors, shown, limit, DISPLAY_ALPHA) or errors >= limit * shown:
-            low, shown = shown, shown * 2
-            while errors >= limit * shown or not excludes(errors, shown, limit, DISPLAY_ALPHA):
-                low, shown = shown, shown * 2
-            while low + 1 < shown:
-                mid = (low + shown) // 2
-                if errors < limit * mid and excludes(errors, mid, limit, DISPLAY_ALPHA):
-                    shown = mid
-                else:
-                    low = mid
-        needed = max(0, shown - self.requests)
-        return needed, (
-            f"{self.requests} of {shown} candidate requests to show its error rate under "
-            f"{limit:.1%}"
+        if limits:
+            limit = min(limits)
+            asks.append((self.errors, self.requests, limit, f"its error rate under {limit:.1%}"))
+        median = self.tests.get("p50_vs_live")
+        if median is not None and not math.isnan(median.limit):
+            events, trials = median.observed
+            ratio = self.settings.max_latency_ratio
+            what = f"no more than half its requests slower than {ratio:g}x live's median"
+            asks.append((events, trials, median.limit, what))
+        needed, why = (
+            max(0, floor - self.requests),
+            f"{self.requests} of {floor} candidate requests",
         )
+        for events, trials, limit, what in asks:
+            shown = shown_after(events, trials, limit, max(floor, trials))
+            if shown is None:
+                return None, f"cannot show {what} yet ({events} of {trials})"
+            if shown - trials > needed:
+                needed, why = (
+                    shown - trials,
+                    f"{trials} of {shown} candidate requests to show {what}",
+                )
+        return needed, why
 
     def _failure(self, test: _Test) -> str:
         events, trials = test.observed
