@@ -365,6 +365,7 @@ class Rollout:
         plan, telemetry = self.plan, self.host.telemetry
         phases = len(plan.steps) + (1 if plan.bake else 0)
         self.seen = telemetry.latest or now  # records before this are not judged
+        self.judged: Verdict | None = None  # this phase's last verdict (self.verdict: any)
         if not self.reference.requests and not self.reference.frozen and self.seen:
             # Live's traffic from before the first step is the reference too: a plan
             # that starts at 100% leaves live no traffic to compare with afterwards.
@@ -382,8 +383,8 @@ class Rollout:
             return None
         telemetry = host.telemetry
         latest = telemetry.latest
-        if latest is None or latest <= self.seen:
-            return self.verdict or Verdict("hold", "waiting for the first records")
+        if latest is None or latest <= self.seen:  # this phase's last verdict stands
+            return self.judged or Verdict("hold", "waiting for this phase's first records")
         retain, window = telemetry.retain, self.plan.judge.window
         fresh = telemetry.view(record.candidate, latest, retain, self.seen)
         fresh_live = telemetry.view(record.previous, latest, retain, self.seen)
@@ -392,7 +393,7 @@ class Rollout:
         self.seen = latest
         verdict = self.judge.assess(latest, fresh, fresh_live, recent, recent_live)
         verdict.numbers.update(self._progress(now))
-        self.verdict = verdict
+        self.verdict = self.judged = verdict
         if verdict.outcome == "fail":
             self._fail(verdict)
             return None
