@@ -32,7 +32,10 @@ HOLD, BAKE_CANARY, BAKE_BLUEGREEN = 4.0, 4.0, 8.0
 LOW_TRAFFIC_STEP_DEADLINE = 12.0  # the only plan setting set for the low-traffic runs
 PIN_TENANT = "pinned"
 PINNED_USERS = 3  # of the users: the pinned tenant
-WARMUP = 1.5  # seconds of traffic on blue before the deploy
+# Seconds of traffic on blue before the deploy: live has served a while before any
+# deploy, and its window before the first step is the judge's reference (a blue-green
+# plan, all at 100% at once, has no other). 1.5 s of it made that reference tiny.
+WARMUP = 10.0
 FAULT_AFTER = (2.0, 3.0)  # seconds into the step (or the bake), uniform
 SETTLE = 2.0  # seconds of traffic after the rollout ended
 PIN_WATCH = 8.0  # seconds of traffic after a rollback, in the pins run
