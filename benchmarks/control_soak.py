@@ -51,7 +51,7 @@ from aiohttp import (
     ServerDisconnectedError,
     web,
 )
-from harness import die_with_parent, free_port, render
+from harness import decoded, die_with_parent, free_port, render
 
 COLORS = ("blue", "green")
 ACTIVE = ("preflight", "step", "paused", "baking", "finishing")
@@ -266,11 +266,7 @@ class Soak:
                 async with self.session.request(
                     method, self.admin_url + path, json=body, headers=headers
                 ) as response:
-                    text = await response.text()
-                    try:
-                        return response.status, json.loads(text)
-                    except ValueError:
-                        return response.status, text
+                    return await decoded(response)
             except ClientConnectorError as exc:
                 if time.monotonic() > deadline:
                     return None, repr(exc)

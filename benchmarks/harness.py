@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout
+from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout
 
 ADMIN_TIMEOUT = ClientTimeout(total=10)
 
@@ -66,6 +66,15 @@ def render(model: dict[str, Any]) -> str:
 def zdproxy_bin() -> str:
     """The `zdproxy` entry point next to the python running the benchmark."""
     return str(Path(sys.executable).with_name("zdproxy"))
+
+
+async def decoded(response: ClientResponse) -> tuple[int, Any]:
+    """(status, the body as JSON, or as text when it is not JSON) of an admin answer."""
+    text = await response.text()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
 
 
 class Zdproxy:
@@ -123,11 +132,7 @@ class Zdproxy:
         async with session.request(
             method, self.admin_url + path, json=body, headers=headers, timeout=ADMIN_TIMEOUT
         ) as response:
-            text = await response.text()
-            try:
-                return response.status, json.loads(text)
-            except ValueError:
-                return response.status, text
+            return await decoded(response)
 
     async def metrics(self, session: ClientSession) -> str:
         async with session.get(self.admin_url + "/metrics", timeout=ADMIN_TIMEOUT) as response:
