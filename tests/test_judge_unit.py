@@ -289,3 +289,79 @@ def test_quantile_upper_bounds_are_never_below_the_sample_quantile(
     ordered = sorted(values)
     sample_quantile = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
     assert upper >= sample_quantile * 0.98  # histogram buckets are within 2%
+
+
+def test_errors_are_compared_by_the_color_they_come_from_while_live_serves() -> None:
+    """3% errors at a 10% share against live's 0%: every error is the candidate's, each
+    worth ~1.9 nats against a 1/7 share (1.5x its 10% of the requests). Some six
+    errors fail it, about 200 requests: the rate itself against live's bound plus 1%
+    would need some 1,500."""
+    took = []
+    for seed in range(10):
+        rng = random.Random(seed)
+        run = Run()
+        for _ in range(100):
+            assert run.tick(traffic(service(rng, 3)), traffic(service(rng, 27))).outcome != "fail"
+
+        def bad(rng: random.Random = rng) -> WindowView:
+            return traffic(service(rng, 3), errors=sum(rng.random() < 0.03 for _ in range(3)))
+
+        took.append(run.until_fail(400, bad, lambda rng=rng: traffic(service(rng, 27))))
+        test = run.judge.numbers()["tests"]["errors_vs_live"]
+        assert test["of"] == "errors" and test["limit"] == pytest.approx(1 / 7, abs=0.01)
+    assert all(t is not None for t in took)
+    assert sorted(t for t in took if t is not None)[5] * 3 <= 300
+
+
+def test_an_outage_both_colors_share_is_not_the_candidates() -> None:
+    """A database down for three seconds: 40% errors on both colors. Their errors split
+    as their requests do: no failure against live (the absolute limit is off)."""
+    rng = random.Random(11)
+    run = Run(max_error_rate=1.0)
+
+    def color(n: int, rate: float) -> WindowView:
+        return traffic(service(rng, n), errors=sum(rng.random() < rate for _ in range(n)))
+
+    for rate in [0.0] * 50 + [0.4] * 30 + [0.0] * 50:
+        verdict = run.tick(color(3, rate), color(27, rate))
+        assert verdict.outcome != "fail", verdict.reason
+    assert run.judge.numbers()["tests"]["errors_vs_live"]["trials"] > 20
+
+
+def test_a_candidate_shown_worse_but_within_the_margin_is_not_failed() -> None:
+    """One error in a thousand against live's none: the evidence that it is worse than
+    live piles up, but its excess stays under max_error_rate_over_live (1%) until a
+    burst lifts its recent rate above it."""
+    rng = random.Random(12)
+    run = Run()
+    for i in range(1500):
+        errors = 1 if i % 100 == 0 else 0
+        verdict = run.tick(traffic(service(rng, 10), errors=errors), traffic(service(rng, 20)))
+        assert verdict.outcome != "fail", verdict.reason
+    test = run.judge.tests["errors_vs_live"]
+    assert test.detector.alarm and run.judge.excess < 0.01
+    for _ in range(20):  # 40 errors in 200 requests
+        verdict = run.tick(traffic(service(rng, 10), errors=2), traffic(service(rng, 20)))
+        if verdict.outcome == "fail":
+            break
+    assert verdict.outcome == "fail" and "errors of both colors" in verdict.reason
+
+
+def test_at_100_percent_errors_are_compared_with_the_reference() -> None:
+    """No live traffic to compare with (a 100% step, the bake): 3% against 1.5x the
+    upper bound of live's 0 in 2,500 before (~0.8%), at 250 req/s: a few seconds."""
+    took = []
+    for seed in range(10):
+        rng = random.Random(seed)
+        reference = Reference()
+        reference.add(traffic(service(rng, 2500)))
+        reference.frozen = True
+        run = Run(reference)
+        run.judge = Judge(run.settings, ALPHA, reference, 0.0, shared=False)
+
+        def bad(rng: random.Random = rng) -> WindowView:
+            return traffic(service(rng, 25), errors=sum(rng.random() < 0.03 for _ in range(25)))
+
+        took.append(run.until_fail(300, bad, lambda: traffic([])))
+        assert run.judge.numbers()["tests"]["errors_vs_live"]["of"] == "requests"
+    assert all(t is not None and t <= 100 for t in took), took

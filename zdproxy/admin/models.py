@@ -243,16 +243,27 @@ class JudgeReference(BaseModel):
 
 class JudgeTest(BaseModel):
     limit: float | None = Field(
-        description="The rate not to exceed: an error rate, or the share of requests "
-        "allowed to be slower than the test's latency bound (p50_vs_live 0.5, p99_vs_live "
-        "and p99 0.01)."
+        description="The share of the trials allowed to be events: an error rate, the "
+        "share of requests allowed to be slower than the test's latency bound (p50_vs_live "
+        "0.5, p99_vs_live and p99 0.01), or the candidate's share of both colors' errors."
     )
     observed: float | None = Field(description="events / trials; null: no trial yet.")
     events: int = Field(description="Errors, or requests slower than the test's bound.")
-    trials: int = Field(description="The candidate's requests the test has seen.")
+    trials: int = Field(description="What the test has seen: see `of`.")
     evidence: Evidence = Field(
         description="The share of the evidence needed to fail the candidate: 0 none, 1 or "
         "more failed; 1000 at most (one error where the limit allows none is infinite)."
+    )
+    of: Literal["requests", "errors"] = Field(
+        default="requests",
+        description='The trials: "requests" (the candidate\'s), or "errors" (those of both '
+        "colors, for errors_vs_live while live serves part of the traffic: events are the "
+        "candidate's, limit the share of them it may have at max_error_ratio).",
+    )
+    excess: float | None = Field(
+        default=None,
+        description="errors_vs_live only: the candidate's recent error rate minus live's; "
+        "it fails only above max_error_rate_over_live.",
     )
 
 

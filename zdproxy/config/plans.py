@@ -25,7 +25,8 @@ class JudgeSettings(_Section):
     even when a retry on the live color hid them from the user, and requests pending
     past `pending_failure_after`. The tests are anytime-valid (they may decide on any
     tick): the candidate fails as soon as the evidence shows its error rate above
-    `max_error_rate` or above live's plus `max_error_rate_over_live`, or its latency
+    `max_error_rate`, or above `max_error_ratio` times live's (and
+    `max_error_rate_over_live` above it), or its latency
     beyond `max_latency_ratio` times live's (median or p99) or beyond `max_p99`; a
     candidate as good as live is rolled back with probability at most
     `false_rollback_rate` over the whole rollout.
@@ -66,7 +67,16 @@ class JudgeSettings(_Section):
         default=0.01,
         ge=0,
         le=1,
-        description="Limit on the candidate's error rate above live's, 0-1; 1: not compared.",
+        description="How far the candidate's recent error rate may exceed live's before "
+        "being worse than live (beyond `max_error_ratio`) fails it, 0-1; 1: not compared.",
+    )
+    max_error_ratio: float = Field(
+        default=1.5,
+        ge=1,
+        le=1000,
+        description="Fails a candidate whose error rate is shown above this times live's "
+        "(and `max_error_rate_over_live` above it); a candidate under it is not failed "
+        "by the test but with probability `false_rollback_rate`.",
     )
     max_latency_ratio: float = Field(
         default=1.5,

@@ -9,9 +9,14 @@ below `false_rollback_rate` for the whole rollout:
 - errors: 5xx answers and upstream failures (connect, timeout, reset), counted for
   the candidate even when a retry on live hid them from the user, plus requests
   pending longer than the hang bound (a hang counts before it times out);
-- against `max_error_rate` (absolute) and against the live color's rate (its upper
-  confidence bound over the whole rollout, or its rate over the recent window if
-  higher) plus `max_error_rate_over_live`;
+- against `max_error_rate` (absolute), and against the live color: while live serves
+  part of the traffic (a step under 100%), by which color each error comes from (a
+  candidate no worse than `max_error_ratio` times live makes at most its share of
+  the errors, whatever live's rate; an outage both colors share cancels out);
+  otherwise (a 100% step, the bake) against that many times live's upper confidence
+  bound over the rollout. Either fails the candidate only with its recent error rate
+  also `max_error_rate_over_live` above live's: a practical margin, as Kayenta's
+  effect size;
 - latency: more than half of the candidate's requests slower than
   `max_latency_ratio` times the live color's median, or more than 1% slower than
   that times live's p99, or than `max_p99`; live's quantiles are upper confidence
@@ -126,7 +131,9 @@ class _Test:
 
     name: str
     detector: ChangeDetector
-    limit: float = math.nan  # the rate not to exceed, last tick
+    of: Literal["requests", "errors"] = "requests"  # the trials: candidate requests, or
+    # the errors of both colors (errors_vs_live while live serves part of the traffic)
+    limit: float = math.nan  # the share of the trials allowed to be events, last tick
     observed: tuple[int, int] = (0, 0)  # (events, trials) over the phase
 
     def feed(self, events: int, trials: int, limit: float, prior: float) -> None:
@@ -142,18 +149,28 @@ class _Test:
             "events": events,
             "trials": trials,
             "evidence": round(min(self.detector.evidence, EVIDENCE_SHOWN_MAX), 4),
+            "of": self.of,
         }
 
 
 class Judge:
     def __init__(
-        self, settings: JudgeSettings, alpha: float, reference: Reference, started: float
+        self,
+        settings: JudgeSettings,
+        alpha: float,
+        reference: Reference,
+        started: float,
+        *,
+        shared: bool = True,
     ) -> None:
-        """`alpha`: this phase's share of the rollout's false_rollback_rate."""
+        """`alpha`: this phase's share of the rollout's false_rollback_rate. `shared`:
+        live serves part of this phase's traffic (a step under 100%), so errors are
+        compared by the color they come from; else against the reference."""
         self.settings = settings
         self.reference = reference
         self.started = started
         self.last = started  # the end of the last tick fed
+        self.shared = shared
         s = settings
         names = ["errors"]
         if s.max_error_rate_over_live < 1:
@@ -162,14 +179,23 @@ class Judge:
             names += ["p50_vs_live", "p99_vs_live"]
         if s.max_p99:
             names.append("p99")
-        # Each relative test also leans on a confidence bound of the reference.
-        shares = len(names) + sum(name.endswith("_vs_live") for name in names)
-        self.alpha = alpha / shares
+        # A test against live's confidence bound leans on that bound too: a share each.
+        leaning = [n for n in names if n.endswith("_vs_live")]
+        if shared and "errors_vs_live" in leaning:
+            leaning.remove("errors_vs_live")  # compared by color: no bound of live's
+        self.alpha = alpha / (len(names) + len(leaning))
         self.tests = {name: _Test(name, ChangeDetector(self.alpha)) for name in names}
+        if shared and "errors_vs_live" in self.tests:
+            self.tests["errors_vs_live"].of = "errors"
         self.live_ticks: deque[Histogram] = deque(maxlen=SHARED_SPAN_TICKS)
         self.requests = 0  # the candidate's, over the phase
         self.errors = 0
         self.pending_failed = 0  # requests counted as failed while pending
+        # Hangs counted over the recent window (time, count): they are errors the
+        # telemetry's window does not hold yet.
+        self.crossed: deque[tuple[float, int]] = deque()
+        self.live_limit = math.nan  # live's error bound plus the margin, for a pass
+        self.excess = 0.0  # the candidate's recent error rate minus live's
 
     def hang_bound(self) -> float:
         p99 = self.reference.latency.quantile(0.99)
@@ -198,14 +224,30 @@ class Judge:
         errors, requests = fresh.errors + crossed, fresh.requests + crossed
         self.requests += requests
         self.errors += errors
-        self._feed(errors, requests, fresh.latency, recent_live, prior)
+        self.crossed.append((now, crossed))
+        while self.crossed and self.crossed[0][0] <= now - self.settings.window:
+            self.crossed.popleft()
+        self._feed(errors, requests, fresh.latency, fresh_live, recent_live, prior)
+        self.excess = self._excess(recent, recent_live)
         return self._verdict(recent, recent_live)
+
+    def _excess(self, recent: WindowView, recent_live: WindowView) -> float:
+        """The candidate's error rate over the recent window (hangs included) minus
+        live's: over the same window while live serves, else the reference's."""
+        hangs = sum(count for _, count in self.crossed)
+        requests = recent.requests + hangs
+        rate = (recent.errors + hangs) / requests if requests else 0.0
+        if self.shared and recent_live.requests:
+            return rate - recent_live.errors / recent_live.requests
+        reference = self.reference
+        return rate - (reference.errors / reference.requests if reference.requests else 0.0)
 
     def _feed(
         self,
         errors: int,
         requests: int,
         latency: Histogram,
+        fresh_live: WindowView,
         recent_live: WindowView,
         prior: float,
     ) -> None:
@@ -218,9 +260,17 @@ class Judge:
             # estimate (a bound over a few seconds of traffic would be wide for nothing).
             if not reference.frozen and recent_live.requests:
                 upper = max(upper, recent_live.errors / recent_live.requests)
-            tests["errors_vs_live"].feed(
-                errors, requests, min(1.0, upper + s.max_error_rate_over_live), prior
-            )
+            self.live_limit = min(1.0, upper + s.max_error_rate_over_live)
+            test, ratio = tests["errors_vs_live"], s.max_error_ratio
+            if self.shared:
+                # Which color each of this tick's errors comes from: were the candidate's
+                # error rate at most `ratio` times live's, its errors would be at most
+                # this share of the two colors' (a binomial, given their requests).
+                allowed = ratio * requests
+                share = allowed / (allowed + fresh_live.requests) if allowed else 0.0
+                test.feed(errors, errors + fresh_live.errors, share, prior)
+            else:
+                test.feed(errors, requests, min(1.0, ratio * upper), prior)
         n = latency.count
         shared = Histogram()
         if not reference.frozen:
@@ -244,7 +294,7 @@ class Judge:
         numbers = self.numbers()
         numbers["recent"] = {"candidate": recent.to_dict(), "live": recent_live.to_dict()}
         for test in self.tests.values():
-            if test.detector.alarm:
+            if test.detector.alarm and self._practical(test):
                 return Verdict("fail", self._failure(test), numbers)
         needed, why = self._needed()
         numbers["requests_needed"] = needed
@@ -259,6 +309,12 @@ class Judge:
             numbers["eta_seconds"] = round(needed / recent.rate, 1)
         return Verdict("hold", why, numbers)
 
+    def _practical(self, test: _Test) -> bool:
+        """Whether an alarm matters: errors_vs_live's also needs the candidate's recent
+        error rate `max_error_rate_over_live` above live's (a candidate at 0.2% against
+        live's 0.05% is shown worse, soon, but is no reason to roll back)."""
+        return test.name != "errors_vs_live" or self.excess > self.settings.max_error_rate_over_live
+
     def _needed(self) -> tuple[int | None, str]:
         """Candidate requests still needed before a pass (None: more will not do, only
         a better candidate), and why. A pass needs `min_requests`, its error rate shown
@@ -270,9 +326,9 @@ class Judge:
         floor = self.settings.min_requests
         asks = []  # (events, trials, limit, what is to be shown)
         limits = [
-            self.tests[name].limit
-            for name in ("errors", "errors_vs_live")
-            if name in self.tests and self.tests[name].limit > 0  # 0: one error fails
+            limit
+            for limit in (self.tests["errors"].limit, self.live_limit)
+            if limit > 0  # 0: one error fails; nan: not compared, or nothing seen yet
         ]
         if limits:
             limit = min(limits)
@@ -304,11 +360,7 @@ class Judge:
         if test.name == "errors":
             return f"error rate {events / trials:.1%} ({shown}) is above {s.max_error_rate:.1%}"
         if test.name == "errors_vs_live":
-            live = self.reference.errors / self.reference.requests if self.reference.requests else 0
-            return (
-                f"error rate {events / trials:.1%} ({shown}) against live's {live:.1%}: "
-                f"more than {s.max_error_rate_over_live:.1%} worse"
-            )
+            return self._worse_than_live(test)
         if test.name == "p99":
             return f"{shown} requests slower than max_p99 {s.max_p99 * 1000:g} ms (over 1%)"
         share = "half" if test.name == "p50_vs_live" else "1%"
@@ -318,10 +370,29 @@ class Judge:
             f"(more than {share})"
         )
 
+    def _worse_than_live(self, test: _Test) -> str:
+        events, trials = test.observed
+        s, excess = self.settings, f"{self.excess:.1%}"
+        if test.of == "errors":
+            return (
+                f"{events} of the {trials} errors of both colors are the candidate's, more "
+                f"than its share ({test.limit:.0%}) at {s.max_error_ratio:g}x live's error "
+                f"rate; its recent error rate is {excess} above live's"
+            )
+        reference = self.reference
+        live = reference.errors / reference.requests if reference.requests else 0.0
+        return (
+            f"error rate {events / trials:.1%} ({events}/{trials}) against live's {live:.1%} "
+            f"before: over {s.max_error_ratio:g}x, and {excess} above it"
+        )
+
     def numbers(self) -> dict[str, Any]:
         """The phase's evidence, for the status, the events and the metrics."""
         low, high = bernoulli_bounds(self.errors, self.requests, DISPLAY_ALPHA)
         reference = self.reference
+        tests = {name: test.to_dict() for name, test in self.tests.items()}
+        if "errors_vs_live" in tests:
+            tests["errors_vs_live"]["excess"] = round(self.excess, 6)
         live_p50, live_p99 = reference.latency.quantile(0.5), reference.latency.quantile(0.99)
         return {
             "candidate": {
@@ -342,8 +413,8 @@ class Judge:
                 "frozen": reference.frozen,
             },
             "hang_after_ms": _ms(self.hang_bound()),
-            "tests": {name: test.to_dict() for name, test in self.tests.items()},
-            "evidence": max(test.to_dict()["evidence"] for test in self.tests.values()),
+            "tests": tests,
+            "evidence": max(test["evidence"] for test in tests.values()),
         }
 
 

@@ -371,7 +371,11 @@ class Rollout:
             # that starts at 100% leaves live no traffic to compare with afterwards.
             before = telemetry.view(self.record.previous, self.seen, plan.judge.window)
             self.reference.add(before)
-        return Judge(plan.judge, plan.judge.false_rollback_rate / phases, self.reference, now)
+        # While live serves part of the traffic, errors are compared by the color they
+        # come from; at 100% and in the bake, against the reference.
+        shared = self.record.state is Phase.STEP and plan.steps[self.record.step - 1].weight < 100
+        alpha = plan.judge.false_rollback_rate / phases
+        return Judge(plan.judge, alpha, self.reference, now, shared=shared)
 
     def _judged(self, now: float) -> Verdict | None:
         """Judge the candidate on the records that came since the last look; None when
