@@ -257,13 +257,13 @@ class JudgeTest(BaseModel):
     of: Literal["requests", "errors"] = Field(
         default="requests",
         description='The trials: "requests" (the candidate\'s), or "errors" (those of both '
-        "colors, for errors_vs_live while live serves part of the traffic: events are the "
-        "candidate's, limit the share of them it may have at max_error_ratio).",
+        "colors, for errors_by_color: events are the candidate's, limit the share of them "
+        "it may have at max_error_ratio).",
     )
     excess: float | None = Field(
         default=None,
-        description="errors_vs_live only: the candidate's recent error rate minus live's; "
-        "it fails only above max_error_rate_over_live.",
+        description="errors_vs_live and errors_by_color: the candidate's recent error rate "
+        "minus live's; they fail it only above max_error_rate_over_live.",
     )
 
 
@@ -291,7 +291,8 @@ class JudgeNumbers(BaseModel):
     tests: dict[str, JudgeTest] = Field(
         default_factory=dict,
         description="The judge's tests by name: errors (absolute error rate), "
-        "errors_vs_live, p50_vs_live, p99_vs_live, p99 (absolute max_p99). Only the "
+        "errors_vs_live, errors_by_color (steps under 100%), p50_vs_live, p99_vs_live, p99 "
+        "(absolute max_p99). Only the "
         "configured ones.",
     )
     evidence: Evidence | None = Field(

@@ -9,11 +9,11 @@ from typing import Any
 # The states of a rollout that runs: the judge's hold and ETA mean something.
 ACTIVE = ("preflight", "step", "paused", "baking", "finishing")
 # What each test of the judge counts: its observed share of the candidate's requests
-# (of both colors' errors for errors_vs_live while live serves: OF_ERRORS).
-OF_ERRORS = "candidate's share of both colors' errors"
+# (errors_by_color: of both colors' errors).
 TESTS = {
     "errors": "error rate",
     "errors_vs_live": "error rate against live's",
+    "errors_by_color": "candidate's share of both colors' errors",
     "p50_vs_live": "slower than the ratio x live's median",
     "p99_vs_live": "slower than the ratio x live's p99",
     "p99": "slower than max_p99",
@@ -222,7 +222,7 @@ def _test(name: str, test: dict[str, Any]) -> str:
     shown = ">999%" if evidence > 9.99 else _percent(evidence, 0)
     observed = f"{_percent(test['observed'])} ({test['events']}/{test['trials']})"
     limit = "" if test["limit"] is None else f", limit {_percent(test['limit'])}"
-    what = OF_ERRORS if test.get("of") == "errors" else TESTS.get(name, "observed")
+    what = TESTS.get(name, "observed")
     excess = test.get("excess")
     if excess is not None:
         limit += f"; recent excess over live {_percent(excess)}"

@@ -42,8 +42,9 @@ class JudgeSettings(_Section):
         default=10.0,
         ge=1,
         le=600,
-        description="The recent window shown in the numbers, and over which live's error "
-        "rate is also bounded (a shared outage raises both colors' rates). 1s to 10m.",
+        description="The recent window shown in the numbers, over which the candidate's "
+        "error rate is compared with live's for `max_error_rate_over_live`, and live's "
+        "recent rate raises the limit a pass must show (a shared outage). 1s to 10m.",
     )
     false_rollback_rate: float = Field(
         default=0.0025,

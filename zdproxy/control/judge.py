@@ -9,14 +9,15 @@ below `false_rollback_rate` for the whole rollout:
 - errors: 5xx answers and upstream failures (connect, timeout, reset), counted for
   the candidate even when a retry on live hid them from the user, plus requests
   pending longer than the hang bound (a hang counts before it times out);
-- against `max_error_rate` (absolute), and against the live color: while live serves
-  part of the traffic (a step under 100%), by which color each error comes from (a
-  candidate no worse than `max_error_ratio` times live makes at most its share of
-  the errors, whatever live's rate; an outage both colors share cancels out);
-  otherwise (a 100% step, the bake) against that many times live's upper confidence
-  bound over the rollout. Either fails the candidate only with its recent error rate
-  also `max_error_rate_over_live` above live's: a practical margin, as Kayenta's
-  effect size;
+- against `max_error_rate` (absolute); against `max_error_ratio` times the live
+  color's rate (its upper confidence bound over the rollout, or its rate over the
+  recent window if higher); and, while live serves part of the traffic (a step under
+  100%), by the color each error comes from (a candidate no worse than that ratio
+  makes at most its share of the two colors' errors, whatever live's rate: strong
+  evidence per error at a small share, where its requests are few; an outage both
+  colors share cancels out). The comparisons with live fail the candidate only with
+  its recent error rate also `max_error_rate_over_live` above live's: a practical
+  margin, as Kayenta's effect size;
 - latency: more than half of the candidate's requests slower than
   `max_latency_ratio` times the live color's median, or more than 1% slower than
   that times live's p99, or than `max_p99`; live's quantiles are upper confidence
@@ -54,6 +55,8 @@ DISPLAY_ALPHA = 0.05
 # Live's latency over the last ticks of this span is the candidate's reference too: a
 # slowdown both colors share (a busy machine, a slow database) is not the candidate's.
 SHARED_SPAN_TICKS = 5
+# The tests against live's error rate: they need the practical margin too.
+AGAINST_LIVES_ERRORS = ("errors_vs_live", "errors_by_color")
 # Evidence shown is capped: with nothing allowed (a limit of 0) one event is infinite.
 EVIDENCE_SHOWN_MAX = 1000.0
 
@@ -132,7 +135,7 @@ class _Test:
     name: str
     detector: ChangeDetector
     of: Literal["requests", "errors"] = "requests"  # the trials: candidate requests, or
-    # the errors of both colors (errors_vs_live while live serves part of the traffic)
+    # the errors of both colors (errors_by_color)
     limit: float = math.nan  # the share of the trials allowed to be events, last tick
     observed: tuple[int, int] = (0, 0)  # (events, trials) over the phase
 
@@ -164,8 +167,8 @@ class Judge:
         shared: bool = True,
     ) -> None:
         """`alpha`: this phase's share of the rollout's false_rollback_rate. `shared`:
-        live serves part of this phase's traffic (a step under 100%), so errors are
-        compared by the color they come from; else against the reference."""
+        live serves part of this phase's traffic (a step under 100%), so errors can be
+        compared by the color they come from too."""
         self.settings = settings
         self.reference = reference
         self.started = started
@@ -175,19 +178,19 @@ class Judge:
         names = ["errors"]
         if s.max_error_rate_over_live < 1:
             names.append("errors_vs_live")
+            if shared:
+                names.append("errors_by_color")
         if s.max_latency_ratio:
             names += ["p50_vs_live", "p99_vs_live"]
         if s.max_p99:
             names.append("p99")
         # A test against live's confidence bound leans on that bound too: a share each.
-        leaning = [n for n in names if n.endswith("_vs_live")]
-        if shared and "errors_vs_live" in leaning:
-            leaning.remove("errors_vs_live")  # compared by color: no bound of live's
-        self.alpha = alpha / (len(names) + len(leaning))
+        leaning = sum(name.endswith("_vs_live") for name in names)
+        self.alpha = alpha / (len(names) + leaning)
         self.tests = {name: _Test(name, ChangeDetector(self.alpha)) for name in names}
-        if shared and "errors_vs_live" in self.tests:
-            self.tests["errors_vs_live"].of = "errors"
-        self.live_ticks: deque[Histogram] = deque(maxlen=SHARED_SPAN_TICKS)
+        if "errors_by_color" in self.tests:
+            self.tests["errors_by_color"].of = "errors"
+        self.live_ticks: deque[WindowView] = deque(maxlen=SHARED_SPAN_TICKS)
         self.requests = 0  # the candidate's, over the phase
         self.errors = 0
         self.pending_failed = 0  # requests counted as failed while pending
@@ -214,7 +217,7 @@ class Judge:
         sliding window) and judge."""
         reference = self.reference
         reference.add(fresh_live)
-        self.live_ticks.append(fresh_live.latency)
+        self.live_ticks.append(fresh_live)
         prior = change_prior(self.last - self.started, now - self.started)
         span, self.last = now - self.last, now
         # A request crosses the hang bound once: count it in the tick it crosses.
@@ -255,27 +258,36 @@ class Judge:
         tests["errors"].feed(errors, requests, s.max_error_rate, prior)
         if "errors_vs_live" in tests:
             upper = bernoulli_bounds(reference.errors, reference.requests, self.alpha)[1]
-            # A shared outage (a database down) raises live's recent rate too. Only the
-            # rollout's bound makes the test valid, so the recent rate may be a plain
-            # estimate (a bound over a few seconds of traffic would be wide for nothing).
-            if not reference.frozen and recent_live.requests:
-                upper = max(upper, recent_live.errors / recent_live.requests)
+            # A shared outage (a database down) raises live's recent rate too, and its
+            # rate over the last ticks first. Only the rollout's bound makes the test
+            # valid, so these may be plain estimates (a bound over a few seconds of
+            # traffic would be wide for nothing).
+            if not reference.frozen:
+                last = (
+                    sum(t.requests for t in self.live_ticks),
+                    sum(t.errors for t in self.live_ticks),
+                )
+                for requests_seen, errors_seen in (
+                    (recent_live.requests, recent_live.errors),
+                    last,
+                ):
+                    if requests_seen:
+                        upper = max(upper, errors_seen / requests_seen)
             self.live_limit = min(1.0, upper + s.max_error_rate_over_live)
-            test, ratio = tests["errors_vs_live"], s.max_error_ratio
-            if self.shared:
-                # Which color each of this tick's errors comes from: were the candidate's
-                # error rate at most `ratio` times live's, its errors would be at most
-                # this share of the two colors' (a binomial, given their requests).
-                allowed = ratio * requests
-                share = allowed / (allowed + fresh_live.requests) if allowed else 0.0
-                test.feed(errors, errors + fresh_live.errors, share, prior)
-            else:
-                test.feed(errors, requests, min(1.0, ratio * upper), prior)
+            ratio = s.max_error_ratio
+            tests["errors_vs_live"].feed(errors, requests, min(1.0, ratio * upper), prior)
+        if "errors_by_color" in tests:
+            # Which color each of this tick's errors comes from: were the candidate's
+            # error rate at most `ratio` times live's, its errors would be at most this
+            # share of the two colors' (a binomial, given the requests each served).
+            allowed = s.max_error_ratio * requests
+            share = allowed / (allowed + fresh_live.requests) if allowed else 0.0
+            tests["errors_by_color"].feed(errors, errors + fresh_live.errors, share, prior)
         n = latency.count
         shared = Histogram()
         if not reference.frozen:
             for piece in self.live_ticks:
-                shared.add(piece)
+                shared.add(piece.latency)
         for name, q in (("p50_vs_live", 0.5), ("p99_vs_live", 0.99)):
             if name in tests:
                 # The higher of live's bound over the rollout and its quantile over the
@@ -310,10 +322,12 @@ class Judge:
         return Verdict("hold", why, numbers)
 
     def _practical(self, test: _Test) -> bool:
-        """Whether an alarm matters: errors_vs_live's also needs the candidate's recent
-        error rate `max_error_rate_over_live` above live's (a candidate at 0.2% against
-        live's 0.05% is shown worse, soon, but is no reason to roll back)."""
-        return test.name != "errors_vs_live" or self.excess > self.settings.max_error_rate_over_live
+        """Whether an alarm matters: one against live's error rate also needs the
+        candidate's recent rate `max_error_rate_over_live` above live's (0.2% against
+        live's 0.05% is soon shown worse, and is no reason to roll back)."""
+        if test.name not in AGAINST_LIVES_ERRORS:
+            return True
+        return self.excess > self.settings.max_error_rate_over_live
 
     def _needed(self) -> tuple[int | None, str]:
         """Candidate requests still needed before a pass (None: more will not do, only
@@ -359,7 +373,7 @@ class Judge:
         s, shown = self.settings, f"{events}/{trials}"
         if test.name == "errors":
             return f"error rate {events / trials:.1%} ({shown}) is above {s.max_error_rate:.1%}"
-        if test.name == "errors_vs_live":
+        if test.name in AGAINST_LIVES_ERRORS:
             return self._worse_than_live(test)
         if test.name == "p99":
             return f"{shown} requests slower than max_p99 {s.max_p99 * 1000:g} ms (over 1%)"
@@ -382,8 +396,8 @@ class Judge:
         reference = self.reference
         live = reference.errors / reference.requests if reference.requests else 0.0
         return (
-            f"error rate {events / trials:.1%} ({events}/{trials}) against live's {live:.1%} "
-            f"before: over {s.max_error_ratio:g}x, and {excess} above it"
+            f"error rate {events / trials:.1%} ({events}/{trials}) against live's {live:.1%}: "
+            f"above {s.max_error_ratio:g}x it, and {excess} over it recently"
         )
 
     def numbers(self) -> dict[str, Any]:
@@ -391,8 +405,9 @@ class Judge:
         low, high = bernoulli_bounds(self.errors, self.requests, DISPLAY_ALPHA)
         reference = self.reference
         tests = {name: test.to_dict() for name, test in self.tests.items()}
-        if "errors_vs_live" in tests:
-            tests["errors_vs_live"]["excess"] = round(self.excess, 6)
+        for name in AGAINST_LIVES_ERRORS:
+            if name in tests:
+                tests[name]["excess"] = round(self.excess, 6)
         live_p50, live_p99 = reference.latency.quantile(0.5), reference.latency.quantile(0.99)
         return {
             "candidate": {

@@ -371,8 +371,8 @@ class Rollout:
             # that starts at 100% leaves live no traffic to compare with afterwards.
             before = telemetry.view(self.record.previous, self.seen, plan.judge.window)
             self.reference.add(before)
-        # While live serves part of the traffic, errors are compared by the color they
-        # come from; at 100% and in the bake, against the reference.
+        # While live serves part of the traffic, errors can be compared by the color
+        # they come from; at 100% and in the bake, only with the reference.
         shared = self.record.state is Phase.STEP and plan.steps[self.record.step - 1].weight < 100
         alpha = plan.judge.false_rollback_rate / phases
         return Judge(plan.judge, alpha, self.reference, now, shared=shared)
