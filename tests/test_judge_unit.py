@@ -162,7 +162,7 @@ def test_the_failure_names_the_rates_and_carries_the_numbers() -> None:
         verdict = run.tick(traffic(service(rng, 5), errors=5), traffic(service(rng, 20)))
         if verdict.outcome == "fail":
             break
-    assert verdict.outcome == "fail" and "error rate 100.0%" in verdict.reason
+    assert verdict.outcome == "fail" and "100.0% recently" in verdict.reason
     tests = verdict.numbers["tests"]
     assert tests["errors"]["evidence"] >= 1 or tests["errors_vs_live"]["evidence"] >= 1
     assert verdict.numbers["candidate"]["errors"] == verdict.numbers["candidate"]["requests"]

@@ -198,7 +198,8 @@ class Judge:
         # telemetry's window does not hold yet.
         self.crossed: deque[tuple[float, int]] = deque()
         self.live_limit = math.nan  # live's error bound plus the margin, for a pass
-        self.excess = 0.0  # the candidate's recent error rate minus live's
+        self.recent_rates = (0.0, 0.0)  # the candidate's recent error rate, and live's
+        self.excess = 0.0  # the first minus the second
 
     def hang_bound(self) -> float:
         p99 = self.reference.latency.quantile(0.99)
@@ -231,19 +232,20 @@ class Judge:
         while self.crossed and self.crossed[0][0] <= now - self.settings.window:
             self.crossed.popleft()
         self._feed(errors, requests, fresh.latency, fresh_live, recent_live, prior)
-        self.excess = self._excess(recent, recent_live)
+        self.recent_rates = self._recent_rates(recent, recent_live)
+        self.excess = self.recent_rates[0] - self.recent_rates[1]
         return self._verdict(recent, recent_live)
 
-    def _excess(self, recent: WindowView, recent_live: WindowView) -> float:
-        """The candidate's error rate over the recent window (hangs included) minus
+    def _recent_rates(self, recent: WindowView, recent_live: WindowView) -> tuple[float, float]:
+        """The candidate's error rate over the recent window (hangs included), and
         live's: over the same window while live serves, else the reference's."""
         hangs = sum(count for _, count in self.crossed)
         requests = recent.requests + hangs
         rate = (recent.errors + hangs) / requests if requests else 0.0
         if self.shared and recent_live.requests:
-            return rate - recent_live.errors / recent_live.requests
+            return rate, recent_live.errors / recent_live.requests
         reference = self.reference
-        return rate - (reference.errors / reference.requests if reference.requests else 0.0)
+        return rate, reference.errors / reference.requests if reference.requests else 0.0
 
     def _feed(
         self,
@@ -372,7 +374,12 @@ class Judge:
         events, trials = test.observed
         s, shown = self.settings, f"{events}/{trials}"
         if test.name == "errors":
-            return f"error rate {events / trials:.1%} ({shown}) is above {s.max_error_rate:.1%}"
+            # A detector fails on the requests since a change, which the phase's count
+            # dilutes: the recent rate says more.
+            return (
+                f"error rate above {s.max_error_rate:.1%} since it changed: "
+                f"{self.recent_rates[0]:.1%} recently ({shown} over the phase)"
+            )
         if test.name in AGAINST_LIVES_ERRORS:
             return self._worse_than_live(test)
         if test.name == "p99":
@@ -386,18 +393,17 @@ class Judge:
 
     def _worse_than_live(self, test: _Test) -> str:
         events, trials = test.observed
-        s, excess = self.settings, f"{self.excess:.1%}"
+        ratio = self.settings.max_error_ratio
+        candidate, live = self.recent_rates
+        recently = f"{candidate:.1%} recently against live's {live:.1%}"
         if test.of == "errors":
             return (
                 f"{events} of the {trials} errors of both colors are the candidate's, more "
-                f"than its share ({test.limit:.0%}) at {s.max_error_ratio:g}x live's error "
-                f"rate; its recent error rate is {excess} above live's"
+                f"than its share ({test.limit:.0%}) at {ratio:g}x live's error rate: {recently}"
             )
-        reference = self.reference
-        live = reference.errors / reference.requests if reference.requests else 0.0
         return (
-            f"error rate {events / trials:.1%} ({events}/{trials}) against live's {live:.1%}: "
-            f"above {s.max_error_ratio:g}x it, and {excess} over it recently"
+            f"error rate above {ratio:g}x live's since it changed: {recently} "
+            f"({events}/{trials} over the phase)"
         )
 
     def numbers(self) -> dict[str, Any]:
