@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import ssl
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Upstream, ZdProxy, admin_api, pools, to_toml, wait_until
+from zdproxy.ops.logs import LogfmtFormatter
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -313,3 +315,25 @@ async def test_editing_a_health_setting_keeps_the_verdicts(
         assert resp.status == 200
     kinds = [e["kind"] for e in (await admin_api(proxy, "GET", "/v1/events"))["events"]]
     assert "upstream_down" not in kinds
+
+
+@pytest.mark.parametrize(
+    ("text", "written"),
+    [
+        ("plain", "plain"),
+        ("two words", '"two words"'),
+        ('say "hi"\\now', '"say \\"hi\\"\\\\now"'),
+        ("line\nbreak\r\ttab", '"line\\nbreak\\r\\ttab"'),
+        ("esc\x1b[31mred\x00", '"esc\\x1b[31mred\\x00"'),
+        ("del\x7f c1\x85", '"del\\x7f c1\\x85"'),
+        ("admin\u202egnp.exe", '"admin\\u202egnp.exe"'),
+        ("isolate\u2066x\u2069", '"isolate\\u2066x\\u2069"'),
+    ],
+)
+def test_log_values_never_carry_control_or_bidi_characters_raw(text: str, written: str) -> None:
+    """A label or path from a client or a config file is logged escaped: no terminal
+    escape, NUL or bidirectional override reaches whoever reads the log."""
+    record = logging.LogRecord("zdproxy.test", logging.INFO, __file__, 1, "msg", None, None)
+    record.fields = {"value": text}
+    line = LogfmtFormatter(journald=True).format(record)
+    assert line.endswith(f" value={written}")
