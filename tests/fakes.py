@@ -15,6 +15,7 @@ from pathlib import Path
 
 from zdproxy.control.health import UpstreamHealth
 from zdproxy.control.journal import RESERVE_BYTES, Journal
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.records import IntervalRecord, OverrideCounters, UpstreamStats
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -89,6 +90,9 @@ class FakeDataPlane:
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         return self.retries, self.override_counts
+
+    def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
+        return {}
 
 
 class FakeClock:

@@ -482,6 +482,43 @@ BAD_INPUT = [
     pytest.param("GET", "/v1/events?since=-1", None, "since", id="since"),
     pytest.param("GET", "/v1/events?follow=maybe", None, "follow", id="follow"),
     pytest.param("GET", "/v1/events?sice=1", None, "sice", id="unknown parameter"),
+    # Strict types: a number field takes a JSON number only.
+    pytest.param(
+        "PUT", "/v1/split", {"candidate_weight": True}, "candidate_weight", id="weight true"
+    ),
+    pytest.param(
+        "PUT", "/v1/split", {"candidate_weight": "100"}, "candidate_weight", id="weight text"
+    ),
+    pytest.param(
+        "PUT",
+        "/v1/pools/green",
+        {"upstreams": [{"address": "127.0.0.1:10", "weight": True}]},
+        "upstreams[0].weight",
+        id="upstream weight true",
+    ),
+    pytest.param("PUT", "/v1/split", {"candidate_weight": 0, "force": "yes"}, "force", id="force"),
+    pytest.param(
+        "POST", "/v1/drain", {"color": "blue", "cut_after": "5"}, "cut_after", id="cut text"
+    ),
+    pytest.param("PUT", "/v1/split", b'{"candidate_weight": NaN}', "body", id="NaN"),
+    # Labels and values are logged: no control or bidirectional formatting characters.
+    pytest.param(
+        "PUT", "/v1/pools/green", {"version": "v1\u202egnp.exe"}, "version", id="bidi version"
+    ),
+    pytest.param(
+        "PUT",
+        "/v1/rules",
+        {"rules": [{**BETA, "name": "beta\u0000"}]},
+        "rules[0].name",
+        id="NUL in a rule name",
+    ),
+    pytest.param(
+        "PUT", "/v1/split", {"candidate_weight": 0, "salt": "s\x1b[2J"}, "salt", id="ESC salt"
+    ),
+    pytest.param("POST", "/v1/undrain", {"upstream": f"blue/{UNUSED}\u0085"}, "upstream", id="C1"),
+    pytest.param("GET", "/v1/events?kind=a%0Ab", None, "kind", id="LF in a query"),
+    pytest.param("PUT", "/v1/split", b"[" * 65 + b"]" * 65, "body", id="nested 65 deep"),
+    pytest.param("PUT", "/v1/split", b"[" * 2000 + b"]" * 2000, "body", id="nested 2000 deep"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""The admin API's frame: a route table, bearer-token checks, problem+json errors,
-and the listener (loopback TCP or a unix socket).
+"""The admin API's frame: a route table, bearer-token checks, request parsing and
+problem+json errors. The listener that serves it is admin/listener.py.
 
 Handlers (admin/handlers.py) receive a validated `Call` and return a response
 model; everything about HTTP — parsing, auth, errors, the OpenAPI document — is
@@ -10,19 +10,19 @@ drift apart.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from zdproxy.admin.inputs import json_problem, printable, too_deep
 from zdproxy.admin.models import FieldError, Problem
 from zdproxy.config.loader import format_validation_error
-from zdproxy.config.units import lone_surrogate
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 
@@ -30,7 +30,6 @@ log = logging.getLogger("zdproxy.admin")
 
 CLI_AGENT = "zdproxy-cli/"  # the CLI's User-Agent prefix: its changes are actor "cli"
 PROBLEM_JSON = "application/problem+json"
-SHUTDOWN_SECONDS = 2.0
 
 Handler = Callable[["Call"], Awaitable[BaseModel | web.StreamResponse]]
 
@@ -114,26 +113,51 @@ def _actor(request: web.Request) -> Actor:
     return "cli" if request.headers.get("User-Agent", "").startswith(CLI_AGENT) else "api"
 
 
+def _invalid(error: FieldError) -> ApiError:
+    return ApiError(400, f"{error.field}: {error.reason}", [error])
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _decode(raw: bytes) -> Any:
+    """The body as JSON, checked (depth, Unicode, control characters) before any model
+    sees it; an empty body is an empty object."""
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw, parse_constant=_not_json)  # NaN, Infinity
+    except RecursionError:  # deeper than the decoder can go: far past MAX_JSON_DEPTH
+        raise _invalid(too_deep()) from None
+    except ValueError:
+        raise _invalid(FieldError(field="body", reason="not valid JSON")) from None
+    if (error := json_problem(data)) is not None:
+        raise _invalid(error)
+    return data
+
+
 async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
     query = body = None
     if route.query is not None:
+        params = dict(request.query)
+        if (error := json_problem(params)) is not None:
+            raise _invalid(error)
         try:
-            query = route.query.model_validate(dict(request.query))
+            query = route.query.model_validate(params)
         except ValidationError as exc:
             raise _field_errors(exc, "query") from None
     if route.body is not None:
         try:
-            data = await request.json() if await request.read() else {}
-        except ValueError:
-            reason = "not valid JSON"
-            raise ApiError(
-                400, f"body: {reason}", [FieldError(field="body", reason=reason)]
-            ) from None
-        if (where := lone_surrogate(data)) is not None:
-            reason = "not valid Unicode (a lone surrogate)"
-            raise ApiError(400, f"{where}: {reason}", [FieldError(field=where, reason=reason)])
+            raw = await request.read()
+        except (web.RequestPayloadError, ConnectionResetError) as exc:
+            # A broken chunked framing, or the client left before its body was complete.
+            reason = f"could not be read: {exc}"
+            raise _invalid(FieldError(field="body", reason=reason)) from None
+        data = _decode(raw)
         try:
-            body = route.body.model_validate(data)
+            # Strict: a JSON number only where a number is expected (not true, not "5").
+            body = route.body.model_validate(data, strict=True)
         except ValidationError as exc:
             raise _field_errors(exc, "body") from None
     return body, query
@@ -177,7 +201,7 @@ async def _problems(
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
-        log.exception("admin: %s %s failed", request.method, request.path)
+        log.exception("admin: %s %s failed", printable(request.method), printable(request.path))
         return problem(500, "internal error; see zdproxy's log")
 
 
@@ -187,21 +211,3 @@ def build_app(routes: list[Route], tokens: Tokens, stopping: Callable[[], bool])
         path = route.path.replace("{color}", "{color:blue|green}")
         app.router.add_route(route.method, path, _endpoint(route, tokens, stopping))
     return app
-
-
-class AdminListener:
-    """Serves the app on the admin listener."""
-
-    def __init__(self, app: web.Application) -> None:
-        # Calls still running at stop (a drain with wait) get a short grace, not aiohttp's 60 s.
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_SECONDS
-        )
-
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on a listening socket (bound by the daemon, or inherited)."""
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
-
-    async def close(self) -> None:
-        await self._runner.cleanup()

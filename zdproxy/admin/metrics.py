@@ -27,6 +27,7 @@ from zdproxy.config.settings import COLORS
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.histogram import COARSE
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -53,6 +54,7 @@ class ZdproxyCollector(Collector):
         for kind, n in retries.items():
             family.add_metric([kind], n)
         yield family
+        yield self._local_errors()
         family = CounterMetricFamily(
             "zdproxy_pin_matches", "Requests routed by each pin rule", labels=["rule"]
         )
@@ -115,6 +117,20 @@ class ZdproxyCollector(Collector):
                 buckets.append((_bound(bound), cumulative))
             duration.add_metric([color], buckets, latency.total)
         yield duration
+
+    def _local_errors(self) -> Metric:
+        """Every kind at every site, zeros included: a first error is then an increase."""
+        counts = self.control.local_errors()
+        family = CounterMetricFamily(
+            "zdproxy_local_errors",
+            "zdproxy's own resource errors (out of descriptors, memory or local ports), "
+            "never counted against an upstream, by kind and where",
+            labels=["kind", "where"],
+        )
+        for site in LocalErrorSite:
+            for kind in LocalErrorKind:
+                family.add_metric([kind, site], counts.get((site, kind), 0))
+        return family
 
     def _upstreams(self) -> Iterator[Metric]:
         control = self.control

@@ -7,16 +7,29 @@ import socket
 from aiohttp import web
 from pydantic import BaseModel
 
-from zdproxy.admin.app import AdminListener, Call, Route, Tokens, build_app
+from zdproxy.admin.app import Call, Route, Tokens, build_app
 from zdproxy.admin.handlers import AdminAPI, ServiceState
+from zdproxy.admin.listener import AdminListener, ListenerLimits, reachable_from_other_hosts
 from zdproxy.admin.metrics import CONTENT_TYPE, Exporter
 from zdproxy.admin.openapi import openapi_document
+from zdproxy.config.service import AdminSettings
 from zdproxy.control.plane import ControlPlane
 
 
+class Unprotected(Exception):
+    """An admin listener other hosts can reach, and no token to keep them out."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(
+            f"admin listener {address} is reachable from other hosts and no admin token is "
+            "set: set admin.token_file (or ZDPROXY_ADMIN__TOKEN), or listen on a loopback "
+            "address or a unix socket (under systemd: ListenStream= of zdproxy-admin.socket)"
+        )
+
+
 class AdminServer:
-    def __init__(self, control: ControlPlane, service: ServiceState, token: bytes) -> None:
-        self.tokens = Tokens(token)
+    def __init__(self, control: ControlPlane, service: ServiceState, admin: AdminSettings) -> None:
+        self.tokens = Tokens(admin.bearer_token)
         self._exporter = Exporter(control, service)
         routes = AdminAPI(control, service).routes()
         routes += [
@@ -32,7 +45,13 @@ class AdminServer:
         ]
         self._openapi_body = openapi_document(routes)
         app = build_app(routes, self.tokens, lambda: service.stopping)
-        self._listener = AdminListener(app)
+        limits = ListenerLimits(
+            header_timeout=admin.header_timeout,
+            idle_timeout=admin.idle_timeout,
+            max_connections=admin.max_connections,
+            max_pending_heads=admin.max_pending_heads,
+        )
+        self._listener = AdminListener(app, limits)
 
     async def _metrics(self, call: Call) -> BaseModel | web.StreamResponse:
         return web.Response(body=self._exporter.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -40,7 +59,15 @@ class AdminServer:
     async def _openapi(self, call: Call) -> BaseModel | web.StreamResponse:
         return web.json_response(self._openapi_body)
 
+    def check_reach(self, sock: socket.socket) -> None:
+        """Refuse a listening socket that other hosts can reach while no token is set,
+        whoever opened it: the settings check admin.listen, but a socket passed by systemd
+        is wherever its unit put it."""
+        if not self.tokens.token and (address := reachable_from_other_hosts(sock)) is not None:
+            raise Unprotected(address)
+
     async def start(self, sock: socket.socket) -> None:
+        self.check_reach(sock)
         await self._listener.start(sock)
 
     async def close(self) -> None:

@@ -86,6 +86,11 @@ class ProxySettings(Section):
         pattern=r"^[!#-'*+.0-9A-Z^-z|~-]*$",
         description="Pseudonym in the Via header added both ways; empty disables Via.",
     )
+    forward_proxy_authorization: bool = Field(
+        default=False,
+        description="Forward the Proxy-Authorization request header to the app servers. "
+        "Off: it is removed, as credentials meant for a proxy (RFC 9110 11.7.4).",
+    )
 
 
 class UpstreamSettings(Section):

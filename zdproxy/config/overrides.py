@@ -30,7 +30,7 @@ INTERPRETED_HEADERS = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
         "upgrade", "content-length", "host", "expect", "x-forwarded-for", "x-forwarded-proto",
-        "x-forwarded-host", "cookie", "idempotency-key",
+        "x-forwarded-host", "cookie", "idempotency-key", "proxy-authorization",
     }
 )  # fmt: skip
 

@@ -9,6 +9,8 @@ from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
 from zdproxy.config.section import Section as _Section
 from zdproxy.config.units import (
+    DAY,
+    HOUR,
     MIN_SECRET_BYTES,
     Address,
     AddressField,
@@ -45,6 +47,38 @@ class AdminSettings(_Section):
         description="The sliding window of the per-color rates and latencies in `status`, "
         "1s to 10m.",
     )
+    header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        le=HOUR,
+        description="A request head must arrive in full within this time, counted from the "
+        "accept for a connection's first request and from the first byte for a later one; "
+        "past it: 408 and close. At most 1h.",
+    )
+    idle_timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        le=DAY,
+        description="A keep-alive connection idle this long between requests is closed. "
+        "At most 1d.",
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=2,
+        le=65535,
+        description="Admin connections open at once. A new one past it closes the oldest "
+        "idle connection (one still sending a body its answer did not need goes first), "
+        "else the oldest without a complete request head (408); when every one is "
+        "answering a request, the new one gets 503. 2-65535 (each is a file descriptor).",
+    )
+    max_pending_heads: int = Field(
+        default=64,
+        ge=1,
+        le=65534,
+        description="Connections still sending their request head, at most; a new one past "
+        "it closes the oldest of them (408). Below max_connections: the difference is kept "
+        "for connections that sent their request, so slow clients cannot crowd them out.",
+    )
     _file_token: bytes = PrivateAttr(default=b"")
 
     @model_validator(mode="after")
@@ -53,6 +87,11 @@ class AdminSettings(_Section):
             self._file_token = read_secret(self.token_file)
         if 0 < len(self.token.get_secret_value().encode()) < MIN_SECRET_BYTES:
             raise ValueError(f"token: must be at least {MIN_SECRET_BYTES} bytes")
+        if self.max_pending_heads >= self.max_connections:
+            raise ValueError(
+                f"max_pending_heads: {self.max_pending_heads} must be below max_connections "
+                f"({self.max_connections})"
+            )
         if not self.bearer_token and not self.listen.is_loopback:
             raise ValueError(
                 f"listen: {self.listen} is not loopback; an admin API reachable from other "

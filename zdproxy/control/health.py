@@ -25,6 +25,7 @@ import aiohttp
 from zdproxy import __version__
 from zdproxy.config.settings import COLORS, HealthSettings, Settings
 from zdproxy.control.probe import connect_failure
+from zdproxy.routing.local import LocalErrors, LocalErrorSite, local_error_kind
 from zdproxy.routing.snapshot import UpstreamTarget
 
 log = logging.getLogger("zdproxy.health")
@@ -82,6 +83,7 @@ class HealthChecker:
         self._unchecked: set[str] = set()  # upstreams of pools with `enabled = false`
         self._settled: asyncio.Event | None = None
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled, still closing
+        self.local_errors = LocalErrors()  # probes zdproxy could not even start
 
     def state(self, upstream_id: str) -> UpstreamHealth | None:
         probe = self._probes.get(upstream_id)
@@ -158,7 +160,15 @@ class HealthChecker:
         settings = probe.settings
         try:
             while True:
-                ok, reason = await self._check(probe)
+                try:
+                    ok, reason = await self._check(probe)
+                except OSError as exc:
+                    if self.local_errors.note(exc, LocalErrorSite.HEALTH_CHECK) is None:
+                        raise
+                    # zdproxy's own shortage (routing/local.py) says nothing of the
+                    # upstream: no verdict, and no back-to-back retry while it lasts.
+                    await asyncio.sleep(settings.interval)
+                    continue
                 self._record(probe, ok, reason)
                 if self._settled is not None and self._settled_now():
                     self._settled.set()
@@ -206,7 +216,7 @@ class HealthChecker:
         return probe.session
 
     async def _check(self, probe: _Probe) -> tuple[bool, str]:
-        """One probe: (passed, reason)."""
+        """One probe: (passed, reason). A local resource error is raised, not a failure."""
         if not probe.settings.path:
             return await _connect(probe)
         settings = probe.settings
@@ -228,9 +238,11 @@ class HealthChecker:
                 raw = await response.content.read(MAX_BODY)
         except TimeoutError:
             return False, f"no answer within {settings.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            return False, f"{type(exc).__name__}: {exc}"
-        except OSError as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # aiohttp's connect errors are both
+            if local_error_kind(exc) is not None:
+                raise
+            if isinstance(exc, aiohttp.ClientError):
+                return False, f"{type(exc).__name__}: {exc}"
             return False, exc.strerror or str(exc)
         try:
             body = json.loads(raw)

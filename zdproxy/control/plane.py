@@ -38,6 +38,7 @@ from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout.controller import Rollouts
 from zdproxy.control.telemetry import Telemetry
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import (
@@ -217,6 +218,11 @@ class ControlPlane:
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         """The data plane's running counts: retries by kind, and pin and preview outcomes."""
         return self._dataplane.counters()
+
+    def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
+        """Local resource errors since start, by site and kind: the data plane's upstream
+        connects and the health checks' (each site has one owner, so nothing overlaps)."""
+        return {**self._dataplane.local_errors(), **self.health.local_errors.counts}
 
     # -- commands (each journaled, then published) --------------------------------------
 

@@ -29,6 +29,7 @@ from zdproxy.dataplane.http import (
     H_HOST,
     H_IDEMPOTENCY_KEY,
     H_PREVIEW,
+    H_PROXY_AUTHORIZATION,
     H_STICKY,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
@@ -43,6 +44,7 @@ from zdproxy.dataplane.http import (
     strip_named_headers,
 )
 from zdproxy.dataplane.serving import MAX_PIPELINE, ExchangeDriver
+from zdproxy.dataplane.validate import CR, LINE_DONE, line_spaces, line_start, valid_host
 from zdproxy.routing.records import FailureKind
 
 log = logging.getLogger("zdproxy.client")
@@ -64,10 +66,13 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         "_host",
         "_host_count",
         "_idempotency_key",
+        "_line_spaces",
         "_lines",
+        "_read",
         "_sticky",
         "_upgrade",
         "_url",
+        "_valid_host",
         "_xff",
         "_xfh",
         "_xfp",
@@ -98,6 +103,11 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         self._head_bytes = 0  # parsed head bytes (request target aside)
         self._head_raw = 0  # raw bytes of reads that fell wholly inside the head
         self._body_bytes = 0
+        # The request line check: a read that begins with a request line not checked yet
+        # (after any empty lines); the SPs so far of one that goes on past a read.
+        self._read: bytes | None = None
+        self._line_spaces = LINE_DONE
+        self._valid_host: bytes | None = None  # the last Host found valid here
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -133,6 +143,11 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         if self.owed_reply is not None:
             return  # the request stream is broken; what follows is discarded
         head_continues = self.in_head
+        if head_continues:
+            if not self._head_goes_on(data):
+                return
+        elif self.receiving is None:  # between requests: a request line starts this read
+            self._read = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -157,6 +172,21 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
                 self._head_raw += len(data)
                 if self._head_raw > self.ctx.limits.max_header_bytes:
                     self._reject(431, "request header fields too large")
+
+    def _head_goes_on(self, data: bytes) -> bool:
+        """This read goes on with a head begun in an earlier one (rare: most heads fit in
+        one read). Check its request line as far as the reads hold it, as the check in
+        on_headers_complete needs it whole in one read. False once it is refused."""
+        try:
+            before, self._read = self._read, None
+            if before is not None:  # the line began in the read before this one
+                self._line_spaces = line_spaces(before, line_start(before, 0), 0)
+            if self._line_spaces != LINE_DONE:
+                self._line_spaces = line_spaces(data, 0, self._line_spaces)
+        except Reject as exc:
+            self._reject(exc.status, exc.detail)
+            return False
+        return True
 
     def eof_received(self) -> bool:
         peer = self.tunnel_peer
@@ -226,6 +256,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         if kind is None:
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_HOST:
+            if value != self._valid_host:  # most requests repeat the last one's Host
+                self._check_host(value)
             self._host = value
             self._host_count += 1
             self._lines.extend((name, SEP, value, CRLF))
@@ -254,6 +286,9 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             self._upgrade = value
         elif kind == H_EXPECT:
             self._expect = value
+        elif kind == H_PROXY_AUTHORIZATION:
+            if ctx.limits.forward_proxy_authorization:
+                self._lines.extend((name, SEP, value, CRLF))
         elif kind >= H_PREVIEW:  # only configured pins and preview register these kinds
             self._capture(kind, value)
             if kind != H_PREVIEW:  # the preview header is ours; the app never sees it
@@ -276,17 +311,27 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             raise Reject(505, f"HTTP/{version} is not supported")
         http10 = version == "1.0"
         method: bytes = parser.get_method()
+        url = self._url
+        data = self._read
+        if data is not None:  # its request line starts the read (which ones: validate.py)
+            self._read = None
+            # llhttp has checked the parts, but allows more than the one SP between them of
+            # `method SP target SP HTTP/x.y CRLF`. A well-formed line has its CR where those
+            # lengths put it; a longer one has only SPs or parts there (no CR in a line),
+            # and a shorter one, HTTP/0.9's `method SP target`, got its 505 above.
+            if data[len(method) + len(url) + 10] != CR:
+                # Rare: empty lines before it (RFC 9112 2.2 ignores them), or a bad line.
+                line_spaces(data, line_start(data, 0), 0)  # whole in data: raises or is done
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported by a reverse proxy")
-        url = self._url
+        if self._host_count > 1 or (self._host_count == 0 and not http10):
+            raise Reject(400, "exactly one Host header is required")  # RFC 9112 3.2
         lines = self._lines
         if url[:1] != b"/":
             url, lines, authority = origin_form(method, url, lines)
             if authority is not None:  # now the only Host header
+                self._check_host(authority)
                 self._host = authority
-                self._host_count = 1
-        if self._host_count > 1 or (self._host_count == 0 and not http10):
-            raise Reject(400, "exactly one Host header is required")
         if self._conn_tokens:
             named = {t for t in self._conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
@@ -353,6 +398,11 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             self.queue.append(exchange)
             if len(self.queue) >= MAX_PIPELINE:
                 self.gate.pause(PIPELINE_FULL)
+
+    def _check_host(self, value: bytes) -> None:
+        if not valid_host(value):
+            raise Reject(400, "invalid Host: a host name or an IP literal, then an optional :port")
+        self._valid_host = value
 
     def _capture(self, kind: int, value: bytes) -> None:
         captured = self._captured

@@ -3,7 +3,8 @@
 A connection gets its Context when it is created and never reaches for the server
 that owns it (as in uvicorn's protocols, which take a config and a server state):
 
-- the process: the event loop, the live client connections, the stopping flag;
+- the process: the event loop, the live client connections, the stopping flag, the
+  local resource errors (routing/local.py);
 - a config generation: `limits`, a frozen value swapped whole on reload;
 - a routing snapshot: `table` and the request header kinds it reads, swapped on apply;
 - a retry window: the retry budget, restarted by the timeout sweep.
@@ -19,6 +20,7 @@ from typing import Protocol
 from zdproxy.dataplane.balancer import ColorPool, RoutingTable
 from zdproxy.dataplane.exchange import Exchange
 from zdproxy.dataplane.limits import Limits
+from zdproxy.routing.local import LocalErrors
 
 RETRY_WINDOW = 10.0  # seconds of requests the retry budget looks at
 
@@ -93,6 +95,7 @@ class Context:
         "budget",
         "connections",
         "limits",
+        "local_errors",
         "loop",
         "request_headers",
         "stopping",
@@ -108,6 +111,7 @@ class Context:
         self.request_headers = table.router.request_headers  # read per header: kept at hand
         self.connections: set[Connection] = set()
         self.stopping = False
+        self.local_errors = LocalErrors()
         self.all_closed: asyncio.Event | None = None  # set when the last connection closes
         self.budget = RetryBudget(limits.retry_share)
 

@@ -21,10 +21,12 @@ H_X_FORWARDED_HOST = 10
 H_COOKIE = 11
 H_IDEMPOTENCY_KEY = 12  # makes any method safe to retry (draft-ietf-httpapi-idempotency-key)
 H_STICKY = 13  # the header the sticky policy hashes (configured, so added per snapshot)
+# Credentials for a proxy, not the app (RFC 9110 11.7.4): forwarded only if configured.
+H_PROXY_AUTHORIZATION = 14
 # Configured per snapshot too: the preview header (captured, never forwarded), then the
 # headers pin rules read (captured and forwarded), H_PIN + i for the i-th such header.
-H_PREVIEW = 14
-H_PIN = 15
+H_PREVIEW = 15
+H_PIN = 16
 
 # Framing and hop-by-hop fields: what both directions interpret.
 RESPONSE_HEADERS: dict[bytes, int] = {
@@ -47,6 +49,7 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"x-forwarded-host": H_X_FORWARDED_HOST,
     b"cookie": H_COOKIE,
     b"idempotency-key": H_IDEMPOTENCY_KEY,
+    b"proxy-authorization": H_PROXY_AUTHORIZATION,
 }
 
 # Connection options that are about this hop only and name no header to strip.
@@ -101,13 +104,16 @@ def origin_form(
     scheme, sep, rest = url.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise Reject(400, "invalid request target")
-    authority, slash, path = rest.partition(b"/")
+    # The authority ends where the path begins, or the query of an empty path (RFC 3986 3).
+    ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    cut = min(ends) if ends else len(rest)
+    authority, path = rest[:cut], rest[cut:]
     if not authority:
         raise Reject(400, "invalid request target")
     # The target's authority replaces any Host header (RFC 9112 3.2.2).
     lines = strip_named_headers(lines, {b"host"})
     lines.extend((b"Host", SEP, authority, CRLF))
-    return b"/" + path if slash else b"/", lines, authority
+    return path if path[:1] == b"/" else b"/" + path, lines, authority
 
 
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}

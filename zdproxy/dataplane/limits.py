@@ -22,6 +22,7 @@ class Limits:
     max_body_bytes: int  # 0: no limit
     trusted_proxies: tuple[str, ...]  # CIDR; only their X-Forwarded-* are kept
     via: str  # the Via header's pseudonym; "" sends none
+    forward_proxy_authorization: bool  # else Proxy-Authorization is removed from requests
     # The upstream side (config [upstream]).
     connect_timeout: float
     upstream_timeout: float

@@ -16,6 +16,7 @@ from zdproxy.dataplane.context import Context
 from zdproxy.dataplane.exchange import PoolSide
 from zdproxy.dataplane.limits import Limits
 from zdproxy.dataplane.upstream import UpstreamPool
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -106,6 +107,9 @@ class ProxyServer:
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         return self.ctx.budget.counts, self.override_counts
+
+    def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
+        return dict(self.ctx.local_errors.counts)
 
     def failure_streaks(self, at_least: int) -> dict[str, int]:
         """Upstreams whose last `at_least` or more outcomes were all failures."""

@@ -18,6 +18,7 @@ from zdproxy.dataplane.context import Context, RetryKind
 from zdproxy.dataplane.exchange import Exchange, PoolSide, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import CONTINUE_100, error_response
+from zdproxy.routing.local import LocalErrorSite, describe
 from zdproxy.routing.records import FailureKind
 
 MAX_PIPELINE = 16  # queued requests behind the active one before we stop reading
@@ -120,6 +121,13 @@ class ExchangeDriver:
         assert pool is not None
         if error is not None:
             pool.outstanding -= 1
+            if (local := self.ctx.local_errors.note(error, LocalErrorSite.CONNECT)) is not None:
+                # zdproxy itself is out of descriptors, memory or local ports: no failure
+                # of the upstream's (never ejected for it), and a connect to another one
+                # needs the same resource, so no retry either: 503 at once.
+                detail = f"zdproxy cannot open a connection to upstream {pool.target.id}"
+                self._respond_locally(exchange, 503, f"{detail}: {describe(local)}")
+                return
             pool.stats.fail(FailureKind.CONNECT)
             if self._retry_elsewhere(exchange, pool, RetryKind.CONNECT):  # nothing was sent
                 return

@@ -22,7 +22,7 @@ import uvloop
 
 from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
-from zdproxy.admin.server import AdminServer
+from zdproxy.admin.server import AdminServer, Unprotected
 from zdproxy.config.changes import FieldProblem, ReloadOutcome, changed_fields, reload_conflicts
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
@@ -48,6 +48,10 @@ RESTART_ONLY = (
     ("proxy", "listen"),
     ("proxy", "backlog"),
     ("admin", "listen"),
+    ("admin", "header_timeout"),
+    ("admin", "idle_timeout"),
+    ("admin", "max_connections"),
+    ("admin", "max_pending_heads"),
     ("state", "dir"),
     ("state", "events_in_memory"),
     ("state", "events_file_max"),
@@ -89,7 +93,7 @@ class Daemon:
         journal = Journal(self.state_dir / "state.json")
         self.control = ControlPlane(settings, self.dataplane, self.events, journal)
         self.service = ServiceState(reload=self.reload)
-        self.admin = AdminServer(self.control, self.service, settings.admin.bearer_token)
+        self.admin = AdminServer(self.control, self.service, settings.admin)
         self.addresses: list[str] = []
         self.admin_address = ""
 
@@ -110,6 +114,7 @@ class Daemon:
             sock = bind(admin.listen, ADMIN_BACKLOG, mode=0o660)
             self.own.add("admin")
         self.sockets["admin"] = sock
+        self.admin.check_reach(sock)  # a passed socket is where systemd put it
         if (sock := passed.pop("proxy", None)) is None:
             sock = bind(proxy.listen, proxy.backlog)
             self.own.add("proxy")
@@ -358,9 +363,10 @@ def run(settings: Settings, config_path: Path) -> int:
 
     try:
         parked = uvloop.run(serve())
-    except OSError as exc:
+    except (OSError, Unprotected) as exc:
         log.error("cannot start: %s", exc)
-        notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={exc.errno or 0}")
+        code = exc.errno if isinstance(exc, OSError) else 0
+        notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={code or 0}")
         return 1
     if parked is None:
         notifier.close()

@@ -16,6 +16,7 @@ def dataplane_limits(settings: Settings) -> Limits:
         max_body_bytes=proxy.max_body_bytes,
         trusted_proxies=tuple(proxy.trusted_proxies),
         via=proxy.via,
+        forward_proxy_authorization=proxy.forward_proxy_authorization,
         connect_timeout=upstream.connect_timeout,
         upstream_timeout=upstream.timeout,
         upstream_idle_timeout=upstream.idle_timeout,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -65,4 +66,8 @@ class DataPlane(Protocol):
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         """Running counts since start: retries by kind, pin and preview outcomes."""
+        ...
+
+    def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
+        """Local resource errors since start (routing/local.py), by site and kind."""
         ...

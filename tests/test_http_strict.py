@@ -1,0 +1,270 @@
+"""Strict request heads: the request line's single spaces, the Host value, and
+Proxy-Authorization kept from the app unless configured (RFC 9112 3, 3.2; RFC 9110
+11.7.4). End to end through a zdproxy process, then the client connection alone, fed
+every split of a request into reads."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import (
+    RawHandler,
+    RawUpstream,
+    Upstream,
+    ZdProxy,
+    pools,
+    raw_exchange,
+    unchecked,
+)
+from tests.test_http_basic import header, read_response
+from zdproxy.config.loader import settings_from_mapping
+from zdproxy.dataplane.client import ClientConnection
+from zdproxy.dataplane.context import Context
+from zdproxy.dataplane.exchange import Exchange
+from zdproxy.dataplane.server import ProxyServer
+from zdproxy.dataplane.validate import valid_host
+from zdproxy.ops.limits import dataplane_limits
+
+StartProxy = Callable[..., ZdProxy]
+StartUpstream = Callable[..., Awaitable[Upstream]]
+StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
+
+LINE = b"malformed request line"
+HOST = b"invalid Host"
+
+# Each: the request, and what zdproxy's 400 says.
+REFUSED = {
+    "two spaces before the target": (b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", LINE),
+    "two spaces before the version": (b"GET /  HTTP/1.1\r\nHost: x\r\n\r\n", LINE),
+    "a space in Host": (b"GET / HTTP/1.1\r\nHost: bad host\r\n\r\n", HOST),
+    "an empty Host": (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", HOST),
+    "a port but no host": (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", HOST),
+    "a port that is not digits": (b"GET / HTTP/1.1\r\nHost: x:8o\r\n\r\n", HOST),
+    "userinfo in Host": (b"GET / HTTP/1.1\r\nHost: user@x\r\n\r\n", HOST),
+    "a path in Host": (b"GET / HTTP/1.1\r\nHost: x/y\r\n\r\n", HOST),
+    "a bad %-escape": (b"GET / HTTP/1.1\r\nHost: %zz\r\n\r\n", HOST),
+    "an unclosed IP literal": (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", HOST),
+    "an IP literal that is no IPv6 address": (b"GET / HTTP/1.1\r\nHost: [1::2::3]\r\n\r\n", HOST),
+    "userinfo in an absolute-form target": (
+        b"GET http://user@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        HOST,
+    ),
+    "HTTP/1.1 without Host": (b"GET / HTTP/1.1\r\n\r\n", b"Host header is required"),
+    "HTTP/1.1 absolute form without Host": (
+        b"GET http://x/ HTTP/1.1\r\n\r\n",
+        b"Host header is required",
+    ),
+    "two Hosts": (b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n", b"Host header is required"),
+}
+
+
+async def recording_upstream(raw_upstream: StartRaw) -> RawUpstream:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    return await raw_upstream(handler)
+
+
+@pytest.mark.parametrize(("request_bytes", "detail"), REFUSED.values(), ids=REFUSED.keys())
+async def test_bad_request_lines_and_hosts_get_400_close_and_reach_no_upstream(
+    zdproxy: StartProxy, raw_upstream: StartRaw, request_bytes: bytes, detail: bytes
+) -> None:
+    up = await recording_upstream(raw_upstream)
+    proxy = zdproxy({"pools": unchecked(pools([up.address]))})  # no probe connects either
+    raw = await raw_exchange(proxy, request_bytes)  # returns once the proxy closed
+    assert raw.startswith(b"HTTP/1.1 400"), raw
+    assert b"Connection: close" in raw
+    assert detail in raw
+    assert up.received == b""
+    assert up.connections == 0
+
+
+async def test_hosts_with_ports_and_ip_literals_pass_unchanged(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    proxy = zdproxy({"pools": pools([blue.address])})
+    hosts = [
+        "example.com:8080",
+        "[::1]:8080",
+        "[2001:db8::ffff:192.0.2.1]",
+        "192.0.2.1",
+        "xn--bcher-kva.example",
+        "under_score.local:",  # an empty port is still a port (RFC 3986 3.2.3)
+        "%65xample.com",
+    ]
+    for host in hosts:
+        raw = await raw_exchange(
+            proxy, b"GET /h HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode()
+        )
+        assert raw.startswith(b"HTTP/1.1 200"), (host, raw)
+        assert header(blue.seen[-1]["headers"], "Host") == [host]
+    # An absolute-form target's authority ends at the query of an empty path, too.
+    raw = await raw_exchange(
+        proxy, b"GET http://example.test?x=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n"
+    )
+    assert raw.startswith(b"HTTP/1.1 200"), raw
+    assert blue.seen[-1]["path"] == "/?x=1"
+    assert header(blue.seen[-1]["headers"], "Host") == ["example.test"]
+
+
+async def test_each_request_on_a_keep_alive_connection_gets_its_line_checked(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    proxy = zdproxy({"pools": pools([blue.address])})
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _ = await read_response(reader)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"GET  /second HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        raw = await reader.read()  # until zdproxy closes the connection
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 400") and LINE in raw, raw
+    assert [seen["path"] for seen in blue.seen] == ["/first"]
+
+
+async def test_proxy_authorization_reaches_the_app_only_if_configured(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    credentials = {"Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Authorization": "Bearer app"}
+    seen: dict[bool, dict[str, Any]] = {}
+    for forward in (False, True):
+        proxy = zdproxy(
+            {"pools": pools([blue.address]), "proxy": {"forward_proxy_authorization": forward}}
+        )
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{proxy.url}/auth", headers=credentials) as response,
+        ):
+            assert response.status == 200
+            seen[forward] = await response.json()
+    assert "Proxy-Authorization" not in seen[False]["headers"]
+    assert seen[False]["headers"]["Authorization"] == "Bearer app"  # the app's own: kept
+    assert seen[True]["headers"]["Proxy-Authorization"] == "Basic cHJveHk6c2VjcmV0"
+
+
+# -- the client connection alone: every split of a request into reads ------------------
+
+
+class Wire(asyncio.Transport):
+    """The client's side of a connection: records what zdproxy writes to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("192.0.2.1", 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Checked(ClientConnection):
+    """A client connection whose requests go nowhere: it keeps the target of each one
+    that passed its checks, in order."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, b"http")
+        self.passed: list[bytes] = []
+
+    def _start(self, exchange: Exchange) -> None:
+        self.passed.append(exchange.head.split(b" ", 2)[1])
+
+
+async def answers(reads: list[bytes]) -> list[bytes]:
+    """The targets of the requests in these reads that pass, then the status refusing
+    the first that does not, if one does not."""
+    limits = dataplane_limits(settings_from_mapping({"pools": pools(["127.0.0.1:9"])}))
+    conn = Checked(ProxyServer(limits).ctx)
+    wire = Wire()
+    conn.connection_made(wire)
+    for data in reads:
+        conn.data_received(data)
+    return conn.passed + re.findall(rb"HTTP/1.1 (\d{3})", wire.written)
+
+
+def splits(request: bytes) -> list[list[bytes]]:
+    """The request whole, in two reads at every point, and one byte per read."""
+    two = [[request[:i], request[i:]] for i in range(1, len(request))]
+    return [[request], *two, [request[i : i + 1] for i in range(len(request))]]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer"),
+    [
+        (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"/a"),
+        (b"\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n", b"/a"),  # empty lines first
+        (b"GET  /a HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"GET /a  HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        (b"GET /a\r\nHost: x\r\n\r\n", b"505"),  # HTTP/0.9, however it is read
+    ],
+    ids=["good", "empty lines first", "two spaces before the target", "two before the version",
+         "no version"],
+)  # fmt: skip
+async def test_a_request_line_gets_the_same_answer_however_it_is_read(
+    request_bytes: bytes, answer: bytes
+) -> None:
+    for reads in splits(request_bytes):
+        assert await answers(reads) == [answer], reads
+
+
+async def test_every_request_that_starts_a_read_is_checked_and_bodies_never_are() -> None:
+    get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+    bad = b"GET  /b HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert await answers([get, get, bad]) == [b"/a", b"/a", b"400"]
+    # A body that starts a read is no request line, even if it looks like a bad one.
+    assert await answers([post, b"GET  /x\r\n\r\n", get]) == [b"/p", b"/a"]
+    assert await answers([post + b"GET  /x\r\n\r\n" + get]) == [b"/p", b"/a"]
+
+
+async def test_every_host_of_a_keep_alive_connection_is_checked() -> None:
+    def get(host: bytes) -> bytes:
+        return b"GET /%s HTTP/1.1\r\nHost: %s\r\n\r\n" % (host[:1], host)
+
+    assert await answers([get(b"a"), get(b"a"), get(b"b:80")]) == [b"/a", b"/a", b"/b"]
+    assert await answers([get(b"a"), get(b"a b")]) == [b"/a", b"400"]
+    assert await answers([get(b"a"), b"GET / HTTP/1.1\r\nHost:\r\n\r\n"]) == [b"/a", b"400"]
+
+
+def test_host_syntax() -> None:
+    good = [b"a", b"A-b.c_d~e", b"192.0.2.1:80", b"x:", b"[::1]", b"[::ffff:192.0.2.1]:8080"]
+    good += [b"%41b", b"!$&'()*+,;="]
+    bad = [b"", b":80", b"a b", b"a:b", b"a:80:80", b"a@b", b"a/b", b"%4", b"%zz", b"[::1"]
+    bad += [b"[::1]x", b"[1::2::3]", b"[v1.x]", b"[fe80::1%25eth0]", b"\xc3\xa9.example"]
+    assert [host for host in good if not valid_host(host)] == []
+    assert [host for host in bad if valid_host(host)] == []
