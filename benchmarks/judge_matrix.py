@@ -5,7 +5,7 @@ plans), good releases, a low-traffic rollout and a pinned tenant, each run with 
 fresh app servers, zdproxy and sticky users (judge_run.py), and prints Markdown tables
 ready for the README (the numbers are defined in judge_measure.py).
 
-    .venv/bin/python benchmarks/judge_matrix.py                 # the full matrix, ~20 min
+    .venv/bin/python benchmarks/judge_matrix.py                 # the full matrix, ~45 min
     .venv/bin/python benchmarks/judge_matrix.py --quick         # a smoke check, ~4 min
     .venv/bin/python benchmarks/judge_matrix.py --only hang,crash --plans canary --runs 5
 """
