@@ -11,13 +11,14 @@ below `false_rollback_rate` for the whole rollout:
   pending longer than the hang bound (a hang counts before it times out);
 - against `max_error_rate` (absolute); against `max_error_ratio` times the live
   color's rate (its upper confidence bound over the rollout, or its rate over the
-  recent window if higher); and, while live serves part of the traffic (a step under
-  100%), by the color each error comes from (a candidate no worse than that ratio
-  makes at most its share of the two colors' errors, whatever live's rate: strong
-  evidence per error at a small share, where its requests are few; an outage both
-  colors share cancels out). The comparisons with live fail the candidate only with
-  its recent error rate also `max_error_rate_over_live` above live's: a practical
-  margin, as Kayenta's effect size;
+  recent window or the last half second if higher); and, while live serves part of
+  the traffic (a step under 100%), by the color each error comes from (a candidate
+  no worse than that ratio makes at most its share of the two colors' errors,
+  whatever live's rate: strong evidence per error at a small share, where its
+  requests are few; an outage both colors share cancels out). The comparisons with
+  live fail the candidate only with its recent error rate also
+  `max_error_rate_over_live` above live's: a practical margin, as Kayenta's effect
+  size;
 - latency: more than half of the candidate's requests slower than
   `max_latency_ratio` times the live color's median, or more than 1% slower than
   that times live's p99, or than `max_p99`; live's quantiles are upper confidence
