@@ -215,3 +215,23 @@ def test_a_restart_keeps_a_resumed_rollouts_split_over_a_file_edited_meanwhile(
     assert split(machine) == ("green", 0)
     held = [e for e in machine.events.history() if e.kind == "config_held"]
     assert held and held[-1].data["item"] == "split"
+
+
+def test_a_restart_with_a_plan_that_lost_the_current_step_fails_the_rollout(
+    machine: RolloutMachine,
+) -> None:
+    """The config file changed under a running rollout: its plan has fewer steps than
+    the journaled step. The restart ends it as failed, naming why, and goes on."""
+    stepping(machine)
+    while machine.control.rollouts.last is not None and machine.control.rollouts.last.step < 2:
+        machine.tick(0.5)
+    plan = machine.config.plans["canary"]
+    shorter = plan.model_copy(update={"steps": plan.steps[:1]})
+    machine.config = machine.config.model_copy(
+        update={"plans": {**machine.config.plans, "canary": shorter}}
+    )
+    machine.crash()
+    last = machine.control.rollouts.last
+    assert last is not None and last.state is Phase.FAILED
+    assert last.reason == "plan 'canary' has no step 2 any more"
+    assert machine.control.rollouts.active is None

@@ -184,8 +184,12 @@ class Rollouts:
         plan = self.host.settings.plans.get(record.plan)
         rollout = Rollout(record, plan or _GONE, self.host, self.clock())
         self.active = rollout
+        reason = None
         if plan is None:
             reason = f"plan {record.plan!r} is no longer in the config file"
+        elif record.step > len(plan.steps):
+            reason = f"plan {record.plan!r} has no step {record.step} any more"
+        if reason is not None:
             rollout.end(Phase.FAILED, reason, "auto")
             self._settle(rollout)
             return

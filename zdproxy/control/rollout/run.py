@@ -372,8 +372,14 @@ class Rollout:
             before = telemetry.view(self.record.previous, self.seen, plan.judge.window)
             self.reference.add(before)
         # While live serves part of the traffic, errors can be compared by the color
-        # they come from; at 100% and in the bake, only with the reference.
-        shared = self.record.state is Phase.STEP and plan.steps[self.record.step - 1].weight < 100
+        # they come from; at 100% and in the bake, only with the reference. (A step the
+        # plan no longer has is a journaled record the restore fails at once.)
+        step = self.record.step
+        shared = (
+            self.record.state is Phase.STEP
+            and 0 < step <= len(plan.steps)
+            and plan.steps[step - 1].weight < 100
+        )
         alpha = plan.judge.false_rollback_rate / phases
         return Judge(plan.judge, alpha, self.reference, now, shared=shared)
 
