@@ -23,6 +23,7 @@ from tests.conftest import (
     unchecked,
 )
 from tests.test_http_basic import header, read_response
+from tests.test_http_errors import recording_upstream
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.dataplane.client import ClientConnection
 from zdproxy.dataplane.context import Context
@@ -62,15 +63,6 @@ REFUSED = {
     ),
     "two Hosts": (b"GET / HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n", b"Host header is required"),
 }
-
-
-async def recording_upstream(raw_upstream: StartRaw) -> RawUpstream:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-
-    return await raw_upstream(handler)
 
 
 @pytest.mark.parametrize(("request_bytes", "detail"), REFUSED.values(), ids=REFUSED.keys())
