@@ -95,8 +95,9 @@ async def test_hop_by_hop_headers_are_removed_both_ways(
     assert b"connection: x-resp-secret" not in lowered
     seen = blue.seen[-1]["headers"]
     names = {k.decode().lower() for k, _ in seen}
-    assert not names & {"x-secret", "keep-alive", "te", "proxy-connection", "trailer"}
+    assert not names & {"x-secret", "keep-alive", "te", "proxy-connection"}
     assert header(seen, "X-Other") == ["stays"]
+    assert header(seen, "Trailer") == ["X-T"]  # end to end: it names forwarded trailers
 
 
 async def test_keep_alive_reuses_client_and_upstream_connections(

@@ -195,6 +195,8 @@ class Checked(ClientConnection):
 
     def _start(self, exchange: Exchange) -> None:
         self.passed.append(exchange.head.split(b" ", 2)[1])
+        self.active = exchange
+        self.exchange_done(exchange, 0.0)  # answered at once: what is owed next follows
 
 
 async def answers(reads: list[bytes]) -> list[bytes]:

@@ -59,8 +59,8 @@ class ProxySettings(Section):
         default=0,
         ge=0,
         le=1024 * GiB,
-        description="Largest request body; larger gets 413. 0 means no limit (bodies stream). "
-        "At most 1024GiB.",
+        description="Largest request body; larger gets 413, as soon as a Content-Length or a "
+        "chunk-size line declares it. 0 means no limit (bodies stream). At most 1024GiB.",
     )
     trusted_proxies: Networks = Field(
         default_factory=list,

@@ -1,24 +1,26 @@
 """The client side: one protocol instance per client connection.
 
 It parses requests with httptools, rewrites their heads for the upstream, and
-hands each one, as an Exchange, to the serving half (serving.py). Requests are
-answered strictly in the order they arrived (pipelining); a bad request is
-answered with a 4xx after the responses already owed, and the connection closes
-because its framing is in doubt.
+hands each one, as an Exchange, to the serving half (serving.py), once the read
+that completed its head is parsed whole (framing.py checks what httptools does
+not). Requests are answered strictly in the order they arrived (pipelining); a bad
+request is answered with a 4xx after the responses already owed, and the
+connection closes because its framing is in doubt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections import deque
 from math import inf
 
 import httptools
 
+from zdproxy.dataplane.body import UpgradeBody
 from zdproxy.dataplane.context import Context
 from zdproxy.dataplane.exchange import Exchange, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
+from zdproxy.dataplane.framing import MAX_PENDING_BODY, RequestFraming
 from zdproxy.dataplane.http import (
     CONNECTION_OPTIONS,
     CRLF,
@@ -43,22 +45,15 @@ from zdproxy.dataplane.http import (
     origin_form,
     strip_named_headers,
 )
-from zdproxy.dataplane.serving import MAX_PIPELINE, ExchangeDriver
-from zdproxy.dataplane.validate import CR, LINE_DONE, line_spaces, line_start, valid_host
+from zdproxy.dataplane.serving import MAX_PIPELINE
+from zdproxy.dataplane.validate import CR, LINE_DONE, line_spaces, line_start
 from zdproxy.routing.records import FailureKind
 
-log = logging.getLogger("zdproxy.client")
 
-MAX_PENDING_BODY = 256 * 1024  # body bytes buffered while no upstream is attached
-
-
-class ClientConnection(ExchangeDriver, asyncio.Protocol):
+class ClientConnection(RequestFraming, asyncio.Protocol):
     __slots__ = (
-        "_body_bytes",
         "_captured",
-        "_chunked",
         "_conn_tokens",
-        "_content_length",
         "_cookie",
         "_expect",
         "_head_bytes",
@@ -66,13 +61,10 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         "_host",
         "_host_count",
         "_idempotency_key",
-        "_line_spaces",
         "_lines",
-        "_read",
         "_sticky",
         "_upgrade",
         "_url",
-        "_valid_host",
         "_xff",
         "_xfh",
         "_xfp",
@@ -103,11 +95,13 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         self._head_bytes = 0  # parsed head bytes (request target aside)
         self._head_raw = 0  # raw bytes of reads that fell wholly inside the head
         self._body_bytes = 0
-        # The request line check: a read that begins with a request line not checked yet
-        # (after any empty lines); the SPs so far of one that goes on past a read.
         self._read: bytes | None = None
+        self._line_at = 0
         self._line_spaces = LINE_DONE
-        self._valid_host: bytes | None = None  # the last Host found valid here
+        self._unsent: Exchange | None = None
+        self._chunk_from = -1
+        self._upgrade_body: UpgradeBody | None = None
+        self._valid_host: bytes | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -136,9 +130,12 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             ctx = self.ctx
             self.deadline = ctx.loop.time() + ctx.limits.tunnel_idle_timeout
             return
-        if self.upgrade_buffer is not None:  # bytes for the tunnel, before the 101 arrived
-            self.upgrade_buffer.append(data)
-            self.gate.pause(BODY_WAITING)
+        if self.upgrade_buffer is not None:  # after an Upgrade request's head
+            if self._upgrade_body is None:  # bytes for the tunnel, before the 101 arrived
+                self.upgrade_buffer.append(data)
+                self.gate.pause(BODY_WAITING)
+            else:
+                self._upgrade_body_received(data)
             return
         if self.owed_reply is not None:
             return  # the request stream is broken; what follows is discarded
@@ -148,23 +145,15 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
                 return
         elif self.receiving is None:  # between requests: a request line starts this read
             self._read = data
+            self._line_at = 0
+        else:  # a body goes on: where it ends in this read is not known here
+            self._read = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade_requested(data[exc.args[0] :])
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, Reject):
-                self._reject(cause.status, cause.detail)
-            else:
-                log.error("bug while parsing a request", exc_info=cause)
-                self._reject(500, "internal proxy error")
-        except httptools.HttpParserInvalidMethodError:
-            self._reject(400, "invalid request method")
-        except httptools.HttpParserInvalidURLError:
-            self._reject(400, "invalid request target")
         except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed request: {exc}")
+            self._malformed(exc)
         else:
             if head_continues and self.in_head:
                 # Every byte of this read belongs to an unfinished head. httptools holds a
@@ -172,21 +161,13 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
                 self._head_raw += len(data)
                 if self._head_raw > self.ctx.limits.max_header_bytes:
                     self._reject(431, "request header fields too large")
-
-    def _head_goes_on(self, data: bytes) -> bool:
-        """This read goes on with a head begun in an earlier one (rare: most heads fit in
-        one read). Check its request line as far as the reads hold it, as the check in
-        on_headers_complete needs it whole in one read. False once it is refused."""
-        try:
-            before, self._read = self._read, None
-            if before is not None:  # the line began in the read before this one
-                self._line_spaces = line_spaces(before, line_start(before, 0), 0)
-            if self._line_spaces != LINE_DONE:
-                self._line_spaces = line_spaces(data, 0, self._line_spaces)
-        except Reject as exc:
-            self._reject(exc.status, exc.detail)
-            return False
-        return True
+            elif self._chunk_from >= 0:
+                self._chunk_declared(data)
+        unsent = self._unsent
+        if unsent is not None:
+            self._unsent = None
+            if unsent is self.active:  # not refused meanwhile
+                self._start(unsent)
 
     def eof_received(self) -> bool:
         peer = self.tunnel_peer
@@ -215,6 +196,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
     # -- httptools callbacks: parsing one request --------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._line_at < 0 and self._read is not None:
+            self._next_line()  # pipelined behind a request of this read
         self.in_head = True
         self._head_bytes = 0
         self._head_raw = 0
@@ -246,12 +229,17 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             raise Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # a trailer field of a chunked body: not forwarded
         self._head_bytes += len(name) + len(value) + 4
         ctx = self.ctx
         if self._head_bytes > ctx.limits.max_header_bytes:
             raise Reject(431, "request header fields too large")
+        if not self.in_head:  # a trailer field of a chunked body
+            exchange = self.receiving
+            if exchange is not None:
+                if exchange.trailers is None:
+                    exchange.trailers = []
+                exchange.trailers.extend((name, SEP, value, CRLF))
+            return
         kind = ctx.request_headers.get(name.lower())
         if kind is None:
             self._lines.extend((name, SEP, value, CRLF))
@@ -313,15 +301,17 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
         method: bytes = parser.get_method()
         url = self._url
         data = self._read
-        if data is not None:  # its request line starts the read (which ones: validate.py)
-            self._read = None
+        at = self._line_at
+        if data is not None and at >= 0:  # its line is in this read (which: validate.py)
             # llhttp has checked the parts, but allows more than the one SP between them of
             # `method SP target SP HTTP/x.y CRLF`. A well-formed line has its CR where those
             # lengths put it; a longer one has only SPs or parts there (no CR in a line),
             # and a shorter one, HTTP/0.9's `method SP target`, got its 505 above.
-            if data[len(method) + len(url) + 10] != CR:
+            if data[at + len(method) + len(url) + 10] != CR:
                 # Rare: empty lines before it (RFC 9112 2.2 ignores them), or a bad line.
-                line_spaces(data, line_start(data, 0), 0)  # whole in data: raises or is done
+                at = line_start(data, at)
+                line_spaces(data, at, 0)  # whole in data: raises or is done
+            self._line_at = ~at  # checked; a request pipelined behind it starts after it
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported by a reverse proxy")
         if self._host_count > 1 or (self._host_count == 0 and not http10):
@@ -345,8 +335,6 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
                 raise Reject(417, "only 'Expect: 100-continue' is supported")
             expect_continue = body_expected and not http10
         upgrade = self._upgrade is not None and bool(parser.should_upgrade())
-        if upgrade and body_expected:
-            raise Reject(400, "an Upgrade request must not carry a body")
 
         head = [method, b" ", url, b" HTTP/1.1\r\n", *lines]
         if self._host is None:
@@ -368,7 +356,8 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             b"".join(head),
             is_head=method == b"HEAD",
             method=method,
-            chunked=self._chunked,
+            # An Upgrade request's body goes as the client framed it (see _upgrade_requested).
+            chunked=self._chunked and not upgrade,
             body_expected=body_expected,
             # After an Upgrade request the parser is spent: one exchange, then close.
             keep_alive=bool(parser.should_keep_alive()) and not upgrade and not ctx.stopping,
@@ -382,6 +371,7 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             body_expected
             and exchange.idempotent
             and not self._chunked
+            and not upgrade
             and self._content_length <= limits.retry_max_body
         ):
             exchange.kept_body = []  # small enough to keep for a retry
@@ -391,18 +381,22 @@ class ClientConnection(ExchangeDriver, asyncio.Protocol):
             exchange.route = router.decide(
                 self._host, url, self._cookie, self._captured, self._sticky, self.peer_ip
             )
-        self.receiving = exchange
+        if upgrade and body_expected:
+            # httptools ends the message here and calls the rest a tunnel: the body is
+            # found in it by an UpgradeBody, and the exchange receives it from there.
+            self._upgrade_body = UpgradeBody(
+                chunked=self._chunked,
+                length=self._content_length,
+                limit=limits.max_body_bytes,
+            )
+        else:
+            self.receiving = exchange
         if self.active is None:
-            self._start(exchange)
+            self.active = self._unsent = exchange  # dispatched when the read is parsed
         else:
             self.queue.append(exchange)
             if len(self.queue) >= MAX_PIPELINE:
                 self.gate.pause(PIPELINE_FULL)
-
-    def _check_host(self, value: bytes) -> None:
-        if not valid_host(value):
-            raise Reject(400, "invalid Host: a host name or an IP literal, then an optional :port")
-        self._valid_host = value
 
     def _capture(self, kind: int, value: bytes) -> None:
         captured = self._captured

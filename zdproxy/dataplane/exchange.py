@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from zdproxy.dataplane.body import last_chunk
 from zdproxy.dataplane.flow import ReadGate
 from zdproxy.dataplane.http import CRLF, IDEMPOTENT_METHODS, LAST_CHUNK
 from zdproxy.dataplane.route import SPLIT, Route
@@ -89,6 +90,7 @@ class Exchange:
         "client",
         "client_keep_alive",
         "connecting",
+        "declined",
         "expect_continue",
         "head",
         "http10",
@@ -104,6 +106,7 @@ class Exchange:
         "reused",
         "route",
         "started",
+        "trailers",
         "upgrade",
         "upstream",
     )
@@ -145,9 +148,15 @@ class Exchange:
         # A copy of a small body of an idempotent request, so that it can be sent again.
         self.kept_body: list[bytes] | None = None
         self.pending_bytes = 0
+        self.trailers: list[bytes] | None = None  # a chunked body's trailer fields, flat
+        # The upstream refused the request before its body was whole: the rest of the
+        # body is not forwarded (RFC 9110 15.5, RFC 9112 9.6).
+        self.declined = False
 
     def send_body(self, data: bytes) -> None:
         """Forward request body bytes (already de-chunked by the parser) to the upstream."""
+        if self.declined:
+            return
         framed = [b"%x\r\n" % len(data), data, CRLF] if self.chunked else [data]
         if self.kept_body is not None:
             self.kept_body.extend(framed)
@@ -163,13 +172,23 @@ class Exchange:
     def finish_body(self) -> None:
         """The client's request message is complete."""
         self.request_complete = True
-        if self.chunked:
+        if self.chunked and not self.declined:
+            last = last_chunk(self.trailers) if self.trailers else LAST_CHUNK
             if self.upstream is not None:
-                self.upstream.transport.write(LAST_CHUNK)
+                self.upstream.transport.write(last)
             else:
                 if self.pending is None:
                     self.pending = []
-                self.pending.append(LAST_CHUNK)
+                self.pending.append(last)
+
+    def decline(self) -> None:
+        """The upstream's final answer came before the whole request body and refuses
+        the request: what is left of the body stays here, and the request cannot be
+        sent again."""
+        self.declined = True
+        self.kept_body = None
+        self.pending = None
+        self.pending_bytes = 0
 
     @property
     def idempotent(self) -> bool:

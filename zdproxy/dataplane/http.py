@@ -9,7 +9,7 @@ CRLF = b"\r\n"
 # Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
 # Each maps to a code so that on_header does one dict lookup per header.
 H_CONNECTION = 1
-H_DROP = 2  # keep-alive, proxy-connection, te, trailer
+H_DROP = 2  # keep-alive, proxy-connection, te
 H_TRANSFER_ENCODING = 3
 H_UPGRADE = 4
 H_CONTENT_LENGTH = 5
@@ -34,7 +34,6 @@ RESPONSE_HEADERS: dict[bytes, int] = {
     b"keep-alive": H_DROP,
     b"proxy-connection": H_DROP,
     b"te": H_DROP,
-    b"trailer": H_DROP,
     b"transfer-encoding": H_TRANSFER_ENCODING,
     b"upgrade": H_UPGRADE,
     b"content-length": H_CONTENT_LENGTH,

@@ -188,8 +188,9 @@ class ExchangeDriver:
         """A request we refuse to forward: reply after the responses already owed, then close."""
         reply = error_response(status, detail, close=True)
         self.in_head = False
-        self.queue.clear()
         receiving, self.receiving = self.receiving, None
+        if receiving is not None and self.queue and self.queue[-1] is receiving:
+            self.queue.pop()  # its body broke: the requests queued before it are owed
         active = self.active
         if active is None:
             self.transport.write(reply)
@@ -415,9 +416,6 @@ class ExchangeDriver:
             upstream.transport.resume_reading()
 
     # -- Upgrade: a byte tunnel after 101 ----------------------------------------------
-
-    def _upgrade_requested(self, rest: bytes) -> None:
-        self.upgrade_buffer = [rest] if rest else []
 
     def start_tunnel(self, upstream: UpstreamSide, initial: bytes) -> None:
         exchange = self.active

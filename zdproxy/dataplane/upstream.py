@@ -9,6 +9,7 @@ from functools import partial
 
 import httptools
 
+from zdproxy.dataplane.body import last_chunk
 from zdproxy.dataplane.context import Context
 from zdproxy.dataplane.exchange import Exchange
 from zdproxy.dataplane.flow import UPSTREAM_BUSY
@@ -297,6 +298,11 @@ class UpstreamConnection(asyncio.Protocol):
                 self._until_close = True
             return
         exchange.response_started = True
+        if status >= 300 and not exchange.request_complete:
+            # An early refusal (RFC 9110 15.5): the rest of the body is not forwarded, and
+            # the client, which may wait for its upload to drain, is read (and discarded).
+            exchange.decline()
+            exchange.client.gate.resume(UPSTREAM_BUSY)
         head = [status_line(status, self._reason), *lines]
         if status == 101:
             head.append(self._upgrade_line)
@@ -327,6 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
                 head.append(b"Connection: keep-alive\r\n")
         head.append(CRLF)
         self._out.append(b"".join(head))
+        self._lines.clear()  # from here on, the trailer fields of a chunked body
 
     def on_body(self, body: bytes) -> None:
         if self._complete:  # a body after a HEAD/204/304 head: ignore it, never reuse
@@ -347,7 +354,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:
             return
         if self._client_chunked:
-            self._out.append(LAST_CHUNK)
+            self._out.append(last_chunk(self._lines) if self._lines else LAST_CHUNK)
         self._complete = True
 
     # -- ending the exchange -----------------------------------------------------------
@@ -364,6 +371,7 @@ class UpstreamConnection(asyncio.Protocol):
         reusable = (
             self._keep_alive
             and exchange.request_complete
+            and not exchange.declined  # the app waits for body bytes that never come
             and not self._garbage
             and not exchange.is_head
         )

@@ -10,8 +10,10 @@ Which request lines are checked: httptools tells no byte offsets, so zdproxy fin
 request line where a read begins with one (after any empty lines): every request of a
 client that waits for each answer, the first of a pipelined batch, and a line that
 spans reads (its SPs are counted across them). A request pipelined behind another in
-the same read is parsed as llhttp parses it, and reaches the app with zdproxy's own
-single-spaced line: finding its line would cost every request a search.
+the same read starts after that one's head and Content-Length body (framing.py finds
+it, at the cost of a search only when one follows). Behind a chunked body, or one
+that began in an earlier read, its start is not known: such a request is parsed as
+llhttp parses it, and reaches the app with zdproxy's own single-spaced line.
 """
 
 from __future__ import annotations
