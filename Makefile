@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck contracts pytest tools bench lock clean
+.PHONY: demo test lint typecheck contracts pytest tools bench lock clean \
+	dist wheel wheelhouse deb deb-tools package-test
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,28 +33,83 @@ contracts: $(STAMP)
 pytest: $(STAMP) tools
 	$(BIN)/pytest -q
 
-# The tests run systemd's own tools (systemd-socket-activate, systemd-analyze); a
-# machine without them gets Debian's systemd package (root, or sudo).
+# The tests run systemd's own tools (systemd-socket-activate, systemd-analyze), and
+# man and groff to render the man page; a machine without them gets Debian's packages
+# (root, or sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 tools:
 	@command -v systemd-socket-activate >/dev/null && command -v systemd-analyze >/dev/null || { \
 		echo "installing systemd for systemd-socket-activate and systemd-analyze"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq systemd >/dev/null; }
+	@command -v man >/dev/null && command -v groff >/dev/null || { \
+		echo "installing man-db and groff-base for man and groff"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq man-db groff-base >/dev/null; }
+
+# The man page and the bash and zsh completion, made from the CLI's parser
+# (zdproxy/manual.py): $(MANUAL_DIR)/man/zdproxy.1, $(MANUAL_DIR)/completion/bash/zdproxy
+# and $(MANUAL_DIR)/completion/zsh/_zdproxy, named as they are installed.
+MANUAL_DIR ?= dist
+.PHONY: man completion
+man completion: $(STAMP)
+	$(BIN)/python -m zdproxy.manual $@ $(MANUAL_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Regenerates the lock from pyproject.toml with a throw-away pip-tools venv, upgrading
+# Regenerates the locks from pyproject.toml with a throw-away pip-tools venv, upgrading
 # every pin; `make lock LOCK_FLAGS=` only adds what pyproject.toml gained.
+# requirements.lock: all a developer and CI install (runtime, tests, build backend).
+# requirements-runtime.lock: only what zdproxy runs on, at the same versions (compiled
+# within the first), for the packages (`make dist`).
 LOCK_FLAGS ?= --upgrade
+PIP_COMPILE := .lock-venv/bin/pip-compile --quiet --allow-unsafe --generate-hashes \
+	--strip-extras --no-emit-index-url --no-emit-find-links
 lock:
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet pip-tools
-	.lock-venv/bin/pip-compile --quiet $(LOCK_FLAGS) --extra test --all-build-deps --allow-unsafe \
-		--generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links \
+	$(PIP_COMPILE) $(LOCK_FLAGS) --extra test --all-build-deps \
 		--output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --upgrade --constraint requirements.lock \
+		--output-file requirements-runtime.lock pyproject.toml
 	rm -rf .lock-venv
 
+# Release artifacts, in dist/: the sdist and the wheel (version from the git tag, see
+# pyproject.toml), the wheelhouse (every runtime dependency as a wheel, checked against
+# the runtime lock's hashes), the man page and shell completions, and the Debian package
+# built from all of them. DIST_PARTS is what `make dist` builds.
+DIST_PARTS := wheel wheelhouse man completion deb
+dist: $(DIST_PARTS)
+
+# --no-isolation: the build backend comes from the lock (hashed), not from the network.
+wheel: $(STAMP)
+	rm -f dist/zdproxy-*.whl dist/zdproxy-*.tar.gz
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
+wheelhouse: $(STAMP) requirements-runtime.lock
+	$(BIN)/python -m pip download --quiet --require-hashes --only-binary=:all: \
+		--dest dist/wheelhouse -r requirements-runtime.lock
+
+# dist/zdproxy_VERSION_ARCH.deb: zdproxy in its own venv on the system's python3, under
+# /usr/lib/zdproxy (packaging/build-deb says how). No network: it installs from dist/.
+deb: wheel wheelhouse man completion deb-tools
+	packaging/build-deb dist
+	lintian --fail-on error,warning dist/zdproxy_*.deb
+
+# Debian's tools to build and check the package, installed when missing (root, or sudo).
+DEB_TOOLS := debhelper dpkg-dev fakeroot lintian python3-venv
+deb-tools:
+	@missing="$$(for p in $(DEB_TOOLS); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p \
+		2>/dev/null | grep -q '^ii' || echo $$p; done)"; \
+	[ -z "$$missing" ] || { echo "installing" $$missing; $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+		$$missing >/dev/null; }
+
+# The packages as users get them: slow (builds, fresh venvs, installs the .deb with dpkg
+# and purges it: root, or sudo), so apart from `make test`.
+package-test: $(STAMP) wheelhouse deb-tools tools
+	$(BIN)/pytest -q -m packaging tests/test_packaging.py
+
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache dist

@@ -74,7 +74,7 @@ def tick_us(daemon: Daemon, upstreams: int, per_tick: int) -> float:
 
 def scrape_us(daemon: Daemon, service: ServiceState) -> tuple[float, int]:
     exporter = Exporter(daemon.control, service)
-    body = exporter.render()
+    body, _ = exporter.render()
     return best_us("render()", 50, {"render": exporter.render}), len(body)
 
 

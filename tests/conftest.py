@@ -136,8 +136,10 @@ def start_zdproxy(
     config: dict[str, Any],
     env: dict[str, str] | None = None,
     wrap: tuple[str, ...] = (),
+    command: tuple[str, ...] = (sys.executable, "-m", "zdproxy"),
 ) -> ZdProxy:
-    """`wrap`: a command that runs zdproxy's command line (e.g. in a mount namespace)."""
+    """`wrap`: a command that runs zdproxy's command line (e.g. in a mount namespace);
+    `command`: the zdproxy to run (an installed one, for the packages' tests)."""
     index = len(list(tmp_path.glob("zdproxy-*.toml")))
     # Merged, not replaced: a test that sets other proxy options (TLS, limits) still
     # gets an ephemeral port, never the default 8080 another test or user may hold.
@@ -149,7 +151,7 @@ def start_zdproxy(
     path = tmp_path / f"zdproxy-{index}.toml"
     path.write_text(to_toml(config))
     process = subprocess.Popen(
-        [*wrap, sys.executable, "-m", "zdproxy", "run", "--config", str(path)],
+        [*wrap, *command, "run", "--config", str(path)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,

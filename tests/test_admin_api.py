@@ -34,7 +34,7 @@ from tests.conftest import (
     wait_healthy,
     wait_until,
 )
-from zdproxy import __version__
+from zdproxy import __commit__, __version__
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -262,10 +262,12 @@ async def test_reads_show_the_configured_pools_split_and_rules(quiet: Admin) -> 
             "health_reason": "",
             "ejected_for": None,
             "drained": False,
+            "state": "unchecked",
             "in_flight": 0,
             "tunnels": 0,
         }
     ]
+    assert blue["effective_share"] == 100.0
     assert blue["window"]["requests"] == 0 and blue["window"]["errors"] == 0
     green = status["pools"]["green"]
     assert (green["version"], green["share"], green["upstreams"]) == ("g-0", 0.0, [])
@@ -275,6 +277,7 @@ async def test_reads_show_the_configured_pools_split_and_rules(quiet: Admin) -> 
     assert split == status["split"]
     assert split["live"] == "blue" and split["candidate"] == "green"
     assert split["candidate_weight"] == 0 and split["shares"] == {"blue": 100.0, "green": 0.0}
+    assert split["effective_shares"] == split["shares"]
     assert split["sticky_key"] == "bucket-cookie"
     salt = quiet.journal_items()["salt"]["value"]
     assert split["salt_id"] == hashlib.sha256(salt.encode()).hexdigest()[:12]
@@ -285,7 +288,7 @@ async def test_reads_show_the_configured_pools_split_and_rules(quiet: Admin) -> 
     assert await quiet.get("/v1/pools/green") == {"upstreams": [], "version": "g-0"}
     assert await quiet.get("/v1/rules") == {"rules": [BETA_VIEW]} == {"rules": status["rules"]}
     [started] = await quiet.events()
-    assert started["kind"] == "started" and started["actor"] == "auto"
+    assert started["kind"] == "started" and (started["actor"], started["by"]) == ("auto", "zdproxy")
     assert started["data"]["pid"] == quiet.proxy.pid
     assert quiet.proxy.address in started["reason"]
 
@@ -299,7 +302,8 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
     assert metrics.status == 200
     assert metrics.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     lines = set(metrics.body.splitlines())
-    assert f'zdproxy_info{{version="{__version__}"}} 1.0' in lines
+    commit = __commit__ or "unknown"
+    assert f'zdproxy_info{{commit="{commit}",version="{__version__}"}} 1.0' in lines
     assert f'zdproxy_upstream_up{{color="blue",upstream="blue/{UNUSED}"}} 1.0' in lines
     assert f'zdproxy_upstream_drained{{color="blue",upstream="blue/{UNUSED}"}} 0.0' in lines
     assert 'zdproxy_split_weight{color="blue"} 1.0' in lines
@@ -832,7 +836,8 @@ async def test_events_history_filters_by_since_kind_and_limit(
     assert kinds == ["started", "rules_changed", "pool_changed", "rules_changed", "pool_changed"]
     ids = [e["id"] for e in events]
     assert ids == list(range(ids[0], ids[0] + 5))
-    assert all(set(e) == {"id", "time", "kind", "reason", "actor", "data"} for e in events)
+    keys = {"id", "time", "timestamp", "kind", "reason", "actor", "by", "data"}
+    assert all(set(e) == keys for e in events)
     assert events[0]["time"] <= events[-1]["time"]
 
     assert await admin.events(f"?since={ids[2]}") == events[3:]

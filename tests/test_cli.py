@@ -1,6 +1,6 @@
 """The `zdproxy` CLI end to end: real processes against a running zdproxy's admin API.
 
-The CLI finds the admin API through ZDPROXY_ADMIN and ZDPROXY_TOKEN here (the test
+The CLI finds the admin API through ZDPROXY_ADMIN_URL and ZDPROXY_TOKEN here (the test
 proxies bind an ephemeral admin port); the demo test covers `--config`.
 """
 
@@ -28,7 +28,7 @@ StartUpstream = Callable[..., Awaitable[Upstream]]
 
 
 def admin_env(proxy: ZdProxy) -> dict[str, str]:
-    return {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    return {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
 
 
 async def cli(proxy: ZdProxy, *args: str) -> CliResult:
@@ -123,15 +123,15 @@ async def test_refusals_and_bad_input_exit_codes(
     assert missing.code == 2 and "cannot read the file" in missing.err
 
     wrong_token = await run_cli(
-        "status", env={"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": "x" * 20}
+        "status", env={"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": "x" * 20}
     )
     assert wrong_token.code == 1 and "wrong bearer token" in wrong_token.err
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         closed = f"127.0.0.1:{sock.getsockname()[1]}"
-        unreachable = await run_cli("status", env={"ZDPROXY_ADMIN": closed})
-    assert unreachable.code == 3 and "no answer from zdproxy's admin API" in unreachable.err
+        unreachable = await run_cli("status", env={"ZDPROXY_ADMIN_URL": closed})
+    assert unreachable.code == 3 and "cannot reach zdproxy's admin API" in unreachable.err
 
 
 async def test_wait_exit_codes_and_drained_only_after_requests_finish(
@@ -173,10 +173,10 @@ async def test_wait_keeps_trying_while_zdproxy_is_away(tmp_path: Path) -> None:
         closed = f"127.0.0.1:{sock.getsockname()[1]}"
         result = await run_cli(
             "wait", "--until", "healthy:blue", "--timeout", "400ms", "--interval", "100ms",
-            env={"ZDPROXY_ADMIN": closed},
+            env={"ZDPROXY_ADMIN_URL": closed},
         )  # fmt: skip
     assert result.code == 4
-    assert "no answer from zdproxy's admin API" in result.err
+    assert "cannot reach zdproxy's admin API" in result.err
 
 
 async def test_events_follow_streams_new_events(
@@ -212,7 +212,7 @@ async def test_admin_api_on_a_unix_socket(zdproxy: StartProxy, upstream: StartUp
         assert proxy.admin_address == f"unix:{path}"
         mode = path.stat().st_mode
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
-        env = {"ZDPROXY_ADMIN": f"unix:{path}", "ZDPROXY_TOKEN": ADMIN_TOKEN}
+        env = {"ZDPROXY_ADMIN_URL": f"unix:{path}", "ZDPROXY_TOKEN": ADMIN_TOKEN}
         status = await run_cli("status", "--json", env=env)
         assert status.code == 0, status.err
         assert (

@@ -136,7 +136,7 @@ def test_json_expectations(body: Any, expected: dict[str, Any], why: str | None)
 
 async def cli(proxy: ZdProxy, *args: str) -> tuple[int, str]:
     """`zdproxy ARGS` against this proxy, as an operator runs it: (exit code, output)."""
-    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
     result = await run_cli(*args, env=env)
     return result.code, result.out + result.err
 

@@ -29,7 +29,7 @@ StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
 StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
 
-EVENT_KEYS = {"id", "time", "kind", "reason", "actor", "data"}
+EVENT_KEYS = {"id", "time", "timestamp", "kind", "reason", "actor", "by", "data"}
 
 
 class Metrics:

@@ -63,7 +63,7 @@ async def test_never_more_than_the_allowed_share_is_ejected(
     config["pools"]["blue"]["outlier"] = {"consecutive_failures": 2, "max_ejected_percent": 50}
     proxy = zdproxy(config)
     await answers(proxy.url, 30)
-    await wait_until(lambda: bool(lines(proxy, "is already out")))
+    await wait_until(lambda: bool(lines(proxy, "are ejected already")))
     assert len(lines(proxy, "ejected for")) == 1  # one of two: 50%
     # The other still serves (failing, but never both out).
     assert sum((await answers(proxy.url, 10)).values()) == 10

@@ -65,7 +65,7 @@ async def test_a_tenant_pinned_to_the_candidate_goes_back_to_live_when_it_rolls_
         "staying": ["initech"],
         "reason": reason,
     }
-    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
     shown = await run_cli("status", env=env)
     assert shown.code == 0 and reason in shown.out, shown
 

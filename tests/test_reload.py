@@ -140,7 +140,7 @@ async def test_the_reload_command_reports_the_outcome_for_scripts(
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
     proxy = zdproxy({"pools": pools([blue.address], [green.address]), "reload": {"watch": False}})
-    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
 
     proxy.config_path.write_text(file_of(proxy, split={"live": "green"}))
     applied = await run_cli("reload", env=env)

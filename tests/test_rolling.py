@@ -78,7 +78,7 @@ async def test_rolling_update_of_three_instances_under_load_fails_no_request(
     actor = asyncio.ensure_future(restart_on_request(log, states))
     try:
         async with load(proxy.url) as running:
-            env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+            env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
             result = await run_cli(
                 "rolling", "blue", "--hook", "deploy", "--wait", env=env, within=60
             )

@@ -377,7 +377,7 @@ async def test_deploy_and_wait_until_done_from_the_cli(
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
     proxy = zdproxy(rollout_config(blue, green, tmp_path, steps=[]))
-    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
     async with load(proxy.url):
         deployed = await run_cli("deploy", "green", env=env)
         assert deployed.code == 0, deployed.err

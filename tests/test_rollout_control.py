@@ -26,7 +26,7 @@ ENDS = (
 
 
 async def cli(proxy: ZdProxy, *args: str) -> CliResult:
-    env = {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
     return await run_cli(*args, env=env, within=60)
 
 
@@ -119,9 +119,10 @@ async def test_while_a_rollout_holds_the_split_a_shift_is_refused_even_forced(
     await until_rollout(proxy, lambda r: r["state"] == "step")
     body = {"candidate_weight": 10000, "force": True}
     refused = await admin_api(proxy, "PUT", "/v1/split", body, status=409)
-    assert "rollout 1 (green, step 1) holds the split" in refused["detail"], refused
+    assert "rollout 1 (green, step 1 of 2) holds the split" in refused["detail"], refused
     again = await cli(proxy, "deploy", "green")
-    assert again.code == 1 and "rollout 1" in again.err and "abort it first" in again.err
+    running = "rollout 1 (green, step 1 of 2) is running: abort it or wait for it to end"
+    assert again.code == 1 and running in again.err, again
     assert (await admin_api(proxy, "GET", "/v1/split"))["candidate_weight"] == 1000
 
 

@@ -52,7 +52,7 @@ def one_step(
 
 
 def env(proxy: ZdProxy) -> dict[str, str]:
-    return {"ZDPROXY_ADMIN": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    return {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
 
 
 def clean_env(proxy: ZdProxy) -> dict[str, str]:

@@ -80,9 +80,9 @@ def problem(status: int, detail: str, errors: list[FieldError] | None = None) ->
     return response
 
 
-def _field_errors(exc: ValidationError, where: str) -> ApiError:
+def _field_errors(exc: ValidationError, where: str, model: type[BaseModel]) -> ApiError:
     errors = []
-    for line in format_validation_error(exc):
+    for line in format_validation_error(exc, model):
         field, _, reason = line.partition(": ")
         errors.append(FieldError(field=field if field != "(top level)" else where, reason=reason))
     detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
@@ -146,7 +146,7 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
         try:
             query = route.query.model_validate(params)
         except ValidationError as exc:
-            raise _field_errors(exc, "query") from None
+            raise _field_errors(exc, "query", route.query) from None
     if route.body is not None:
         try:
             raw = await request.read()
@@ -159,7 +159,7 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
             # Strict: a JSON number only where a number is expected (not true, not "5").
             body = route.body.model_validate(data, strict=True)
         except ValidationError as exc:
-            raise _field_errors(exc, "body") from None
+            raise _field_errors(exc, "body", route.body) from None
     return body, query
 
 
@@ -209,5 +209,10 @@ def build_app(routes: list[Route], tokens: Tokens, stopping: Callable[[], bool])
     app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
     for route in routes:
         path = route.path.replace("{color}", "{color:blue|green}")
-        app.router.add_route(route.method, path, _endpoint(route, tokens, stopping))
+        endpoint = _endpoint(route, tokens, stopping)
+        app.router.add_route(route.method, path, endpoint)
+        if route.method == "GET" and not route.auth and not route.streams:
+            # The open endpoints (probes, /metrics) also answer HEAD, as load balancers'
+            # and monitors' checks send it: the same status and headers, no body.
+            app.router.add_route("HEAD", path, endpoint)
     return app

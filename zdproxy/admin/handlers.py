@@ -18,6 +18,8 @@ from zdproxy.admin.app import ApiError, Call, Route
 from zdproxy.admin.stream import stream_events
 from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
+from zdproxy.config.spelling import did_you_mean
+from zdproxy.control.availability import effective_shares
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.phases import RolloutRecord
@@ -219,11 +221,13 @@ class AdminAPI:
 
     def _split(self) -> m.Split:
         split = self.control.settings.split
+        effective = effective_shares(self.control.routing)
         return m.Split(
             live=split.live,
             candidate="green" if split.live == "blue" else "blue",
             candidate_weight=split.candidate_weight,
             shares={color: self.control.share(color) / 100 for color in COLORS},
+            effective_shares={color: effective[color] / 100 for color in COLORS},
             sticky_key=split.sticky_key,
             salt_id=hashlib.sha256(split.salt.encode()).hexdigest()[:12],
         )
@@ -249,6 +253,7 @@ class AdminAPI:
                     health_reason="" if health is None else health.reason,
                     ejected_for=None if ejection is None else max(0.0, ejection.until - now),
                     drained=target.id in control.drained,
+                    state=control.upstream_state(target.id),
                     in_flight=requests,
                     tunnels=tunnels,
                 )
@@ -258,10 +263,12 @@ class AdminAPI:
     async def status(self, call: Call) -> BaseModel:
         control = self.control
         now = asyncio.get_running_loop().time()
+        effective = effective_shares(control.routing)
         pools = {
             color: m.PoolStatus(
                 version=control.settings.pool(color).version,
                 share=control.share(color) / 100,
+                effective_share=effective[color] / 100,
                 upstreams=self._upstreams(color),
                 window=m.Window.model_validate(control.telemetry.view(color, now).to_dict()),
             )
@@ -403,7 +410,13 @@ class AdminAPI:
             self.control.resolve(target.color, target.upstream)
         except ValueError as exc:
             field = "upstream" if target.upstream is not None else "color"
-            raise ApiError(404, str(exc), [m.FieldError(field=field, reason=str(exc))]) from None
+            reason = str(exc)
+            if target.upstream is not None:
+                known = self.control.configured()
+                reason += did_you_mean(target.upstream, known) or (
+                    " (an upstream is COLOR/ADDRESS, as `zdproxy status` lists them)"
+                )
+            raise ApiError(404, reason, [m.FieldError(field=field, reason=reason)]) from None
 
     async def drain(self, call: Call) -> BaseModel:
         body: m.DrainRequest = call.body

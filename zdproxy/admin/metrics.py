@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -19,17 +19,18 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from zdproxy import __version__
+from zdproxy import __commit__, __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
+from zdproxy.control.event_kinds import KINDS
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.histogram import COARSE
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
@@ -41,8 +42,8 @@ class ZdproxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         control = self.control
-        info = InfoMetricFamily("zdproxy", "zdproxy's version")
-        info.add_metric([], {"version": __version__})
+        info = InfoMetricFamily("zdproxy", "zdproxy's version and the commit it was built from")
+        info.add_metric([], {"version": __version__, "commit": __commit__ or "unknown"})
         yield info
         yield GaugeMetricFamily(
             "zdproxy_start_time_seconds", "When zdproxy started (Unix time)", value=self.started
@@ -84,6 +85,7 @@ class ZdproxyCollector(Collector):
         for result, n in self.service.reloads.items():
             family.add_metric([result], n)
         yield family
+        yield self._events()
 
     def _traffic(self) -> Iterator[Metric]:
         telemetry = self.control.telemetry
@@ -117,6 +119,18 @@ class ZdproxyCollector(Collector):
                 buckets.append((_bound(bound), cumulative))
             duration.add_metric([color], buckets, latency.total)
         yield duration
+
+    def _events(self) -> Metric:
+        """Every kind, zeros included: a first journal error is then an increase."""
+        counts = self.control.events.counts
+        family = CounterMetricFamily(
+            "zdproxy_events",
+            "Events emitted since start, by kind (GET /v1/events)",
+            labels=["kind"],
+        )
+        for kind in sorted(KINDS | counts.keys()):
+            family.add_metric([kind], counts[kind])
+        return family
 
     def _local_errors(self) -> Metric:
         """Every kind at every site, zeros included: a first error is then an increase."""
@@ -237,11 +251,19 @@ def _bound(value: float) -> str:
 
 
 class Exporter:
-    """The /metrics body: a registry holding only zdproxy's collector."""
+    """The /metrics body: zdproxy's collector, and the process_* (CPU, memory, file
+    descriptors, start time) and python_info metrics that the Prometheus client's default
+    registry would have, in a registry of its own."""
 
     def __init__(self, control: ControlPlane, service: ServiceState) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ZdproxyCollector(control, service))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and its Content-Type in the format the scraper's Accept header asks
+        for: OpenMetrics, which Prometheus asks for first and where zdproxy_info is typed
+        `info`; else the classic text format, which has no info type (a gauge there)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import Color, PoolMembers, UpstreamEntry
-from zdproxy.control.events import EventRecord
+from zdproxy.control.availability import UpstreamState
+from zdproxy.control.events import EventRecord, rfc3339
 
 
 class Body(BaseModel):
@@ -121,7 +122,14 @@ class Split(BaseModel):
     live: Color
     candidate: Color
     candidate_weight: int = Field(description="Basis points.")
-    shares: dict[Color, float] = Field(description="Percent of the traffic per color.")
+    shares: dict[Color, float] = Field(
+        description="Percent of the traffic per color, as the split sets it."
+    )
+    effective_shares: dict[Color, float] = Field(
+        description="Percent of the split's traffic the data plane routes to each color now: "
+        "`shares`, unless a color has no routable upstream (its share then goes to the "
+        "other; with neither, both are 0 and requests get 503). Pins and previews aside."
+    )
     sticky_key: str
     salt_id: str = Field(description="A digest of the sticky salt (the salt is not shown).")
 
@@ -156,6 +164,12 @@ class Upstream(BaseModel):
     health_reason: str
     ejected_for: float | None = Field(description="Seconds left of an outlier ejection.")
     drained: bool
+    state: UpstreamState = Field(
+        description="Why it is routable or not, the first that applies: drained (an "
+        "operator drained it), ejected (outlier ejection), then its health: down, unknown "
+        "(checked, no verdict yet), up, unchecked (health.enabled = false). Routable: up "
+        "and unchecked."
+    )
     in_flight: int
     tunnels: int
 
@@ -180,7 +194,15 @@ class Window(BaseModel):
 
 class PoolStatus(BaseModel):
     version: str
-    share: float = Field(description="Percent of the traffic the split gives this color.")
+    share: float = Field(
+        description="Percent of the traffic the split gives this color, as configured (the "
+        "config file or the API); see effective_share."
+    )
+    effective_share: float = Field(
+        description="Percent of the split's traffic the data plane routes to this color "
+        "now: `share`, unless a color has no routable upstream (its share then goes to the "
+        "other; with neither, 0). Pins and previews aside."
+    )
     upstreams: list[Upstream]
     window: Window
 
@@ -201,11 +223,16 @@ RolloutStateName = Literal[
 
 
 class RolloutEntry(BaseModel):
-    time: float
+    time: float = Field(description="Seconds since the epoch.")
     state: RolloutStateName
     step: int
     reason: str
     actor: Literal["api", "cli", "auto", "config"]
+
+    @computed_field(description="`time` in RFC 3339, UTC, to the millisecond.")  # type: ignore[prop-decorator]
+    @property
+    def timestamp(self) -> str:
+        return rfc3339(self.time)
 
 
 # The share of the evidence needed to fail: 0 none, 1 or more failed (shown up to 1000:

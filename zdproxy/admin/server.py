@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from zdproxy.admin.app import Call, Route, Tokens, build_app
 from zdproxy.admin.handlers import AdminAPI, ServiceState
 from zdproxy.admin.listener import AdminListener, ListenerLimits, reachable_from_other_hosts
-from zdproxy.admin.metrics import CONTENT_TYPE, Exporter
+from zdproxy.admin.metrics import Exporter
 from zdproxy.admin.openapi import openapi_document
 from zdproxy.config.service import AdminSettings
 from zdproxy.control.plane import ControlPlane
@@ -54,7 +54,8 @@ class AdminServer:
         self._listener = AdminListener(app, limits)
 
     async def _metrics(self, call: Call) -> BaseModel | web.StreamResponse:
-        return web.Response(body=self._exporter.render(), headers={"Content-Type": CONTENT_TYPE})
+        body, content_type = self._exporter.render(call.request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _openapi(self, call: Call) -> BaseModel | web.StreamResponse:
         return web.json_response(self._openapi_body)

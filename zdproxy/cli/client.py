@@ -1,9 +1,15 @@
 """The CLI's client of the admin API: where it is, the token, and one call.
 
-The address and token come from `--config` (only its [admin] section is read,
-so a deploy user needs no access to the rest), else from ZDPROXY_ADMIN and
-ZDPROXY_TOKEN, else from /etc/zdproxy/zdproxy.toml when it exists, else the
-default 127.0.0.1:9901 without a token.
+Each of the two is taken from the first of these that gives it:
+
+- address: `--admin`, ZDPROXY_ADMIN_URL, the config file's `admin.listen`,
+  127.0.0.1:9901;
+- token: ZDPROXY_ADMIN__TOKEN (the daemon's own variable), ZDPROXY_TOKEN (its older
+  name), the config file's `admin.token_file`, none.
+
+The config file is `--config`, else /etc/zdproxy/zdproxy.toml when it exists, and is
+read only when a flag or variable leaves something to find; only its [admin] section
+is read, so a deploy user needs no access to the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +29,17 @@ from zdproxy import __version__
 from zdproxy.config.loader import format_validation_error
 from zdproxy.config.service import AdminSettings
 from zdproxy.config.units import Address
+from zdproxy.control.probe import failure_text, os_error_text
 
 DEFAULT_CONFIG = Path("/etc/zdproxy/zdproxy.toml")
+DEFAULT_ADDRESS = "127.0.0.1:9901"
 USER_AGENT = f"zdproxy-cli/{__version__}"  # the admin API records such changes as actor "cli"
+ADDRESS_VARIABLE = "ZDPROXY_ADMIN_URL"
+TOKEN_VARIABLES = ("ZDPROXY_ADMIN__TOKEN", "ZDPROXY_TOKEN")
+# The admin address's variable before ZDPROXY_ADMIN_URL: pydantic-settings reads it as
+# the daemon's whole [admin] section, so `zdproxy run` and `check` failed with it set.
+RETIRED_ADDRESS_VARIABLE = "ZDPROXY_ADMIN"
+HINT = "is zdproxy running? see `systemctl status zdproxy`"
 
 
 class UsageError(Exception):
@@ -50,43 +64,73 @@ class Endpoint:
     token: str
 
     @classmethod
-    def find(cls, config: str | None) -> Endpoint:
-        if config is not None:
-            return cls.from_config(Path(config))
-        if "ZDPROXY_ADMIN" in os.environ or "ZDPROXY_TOKEN" in os.environ:
-            try:
-                address = Address.parse(os.environ.get("ZDPROXY_ADMIN", "127.0.0.1:9901"))
-            except ValueError as exc:
-                raise UsageError(f"ZDPROXY_ADMIN: {exc}") from None
-            return cls(address, os.environ.get("ZDPROXY_TOKEN", ""))
-        if DEFAULT_CONFIG.exists():
-            return cls.from_config(DEFAULT_CONFIG)
-        return cls(Address.parse("127.0.0.1:9901"), "")
+    def find(cls, config: str | None, admin: str | None) -> Endpoint:
+        """The admin API's address and token, by the rules of the module docstring."""
+        if RETIRED_ADDRESS_VARIABLE in os.environ:
+            raise UsageError(
+                f"{RETIRED_ADDRESS_VARIABLE} is no longer read (zdproxy run and check take "
+                f"it for their whole [admin] section): set {ADDRESS_VARIABLE} instead"
+            )
+        address_text, source = admin, "--admin"
+        if address_text is None and ADDRESS_VARIABLE in os.environ:
+            address_text, source = os.environ[ADDRESS_VARIABLE], ADDRESS_VARIABLE
+        token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
+        if address_text is not None and token is not None:
+            return cls(_address(address_text, source), token)
+        path = Path(config) if config is not None else DEFAULT_CONFIG
+        if config is None and not path.exists():
+            section = AdminSettings()
+        else:
+            section = _admin_section(path, token)
+        return cls(
+            section.listen if address_text is None else _address(address_text, source),
+            section.bearer_token.decode() if token is None else token,
+        )
 
-    @classmethod
-    def from_config(cls, path: Path) -> Endpoint:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read the file: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"{path}: not valid TOML: {exc}") from None
-        section = data.get("admin", {})
-        env_token = os.environ.get("ZDPROXY_ADMIN__TOKEN")
-        if env_token:
-            section = {**section, "token": env_token}
-        try:
-            admin = AdminSettings.model_validate(section)
-        except ValidationError as exc:
-            errors = "; ".join(f"admin.{e}" for e in format_validation_error(exc))
-            raise UsageError(f"{path}: {errors}") from None
-        token = admin.bearer_token.decode() or os.environ.get("ZDPROXY_TOKEN", "")
-        return cls(admin.listen, token)
+    @property
+    def url(self) -> str:
+        return f"unix:{self.address.path}" if self.address.path else f"http://{self.address}"
+
+
+def _address(text: str, source: str) -> Address:
+    """`http://HOST:PORT`, `HOST:PORT` or `unix:/PATH`: the admin API speaks plain HTTP."""
+    bare = text.strip().removeprefix("http://").rstrip("/")
+    if "://" in bare:
+        raise UsageError(f"{source}: {text!r}: the admin API speaks plain HTTP (http://...)")
+    try:
+        return Address.parse(bare)
+    except ValueError as exc:
+        raise UsageError(
+            f"{source}: {exc} (expected http://HOST:PORT, HOST:PORT or unix:/PATH)"
+        ) from None
+
+
+def _admin_section(path: Path, token: str | None) -> AdminSettings:
+    """The file's [admin] section; `token` (from the environment) replaces its token_file,
+    which the deploy user then need not be able to read."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(
+            f"{path}: cannot read the file: {exc.strerror} (or set {ADDRESS_VARIABLE} "
+            f"and {TOKEN_VARIABLES[0]})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    section = data.get("admin", {})
+    if token is not None and isinstance(section, dict):
+        section = {**section, "token": token, "token_file": ""}
+    try:
+        return AdminSettings.model_validate(section)
+    except ValidationError as exc:
+        errors = "; ".join(f"admin.{e}" for e in format_validation_error(exc))
+        raise UsageError(f"{path}: {errors}") from None
 
 
 class AdminClient:
     def __init__(self, endpoint: Endpoint, timeout: float = 30.0) -> None:
         self.endpoint = endpoint
+        self.timeout = timeout
         address = endpoint.address
         if address.path is not None:
             connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=address.path)
@@ -142,9 +186,14 @@ class AdminClient:
             raise self._unreachable(exc) from exc
 
     def _unreachable(self, exc: Exception) -> Unreachable:
-        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            reason = os_error_text(exc.os_error)  # "connection refused"
+        elif isinstance(exc, TimeoutError):
+            reason = f"no answer within {self.timeout:g}s"
+        else:
+            reason = failure_text(exc)
         return Unreachable(
-            f"no answer from zdproxy's admin API at {self.endpoint.address}: {reason}"
+            f"cannot reach zdproxy's admin API at {self.endpoint.url}: {reason} ({HINT})"
         )
 
 

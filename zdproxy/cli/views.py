@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
+from datetime import datetime
 from typing import Any
 
 # The states of a rollout that runs: the judge's hold and ETA mean something.
@@ -54,14 +54,14 @@ def status_table(status: dict[str, Any]) -> str:
         "",
     ]
     pools = [["COLOR", "SHARE", "VERSION", "UPSTREAMS", "REQ/S", "ERRORS", "P50 MS", "P99 MS"]]
-    upstreams = [["UPSTREAM", "HEALTH", "ROUTABLE", "IN FLIGHT", "NOTE"]]
+    upstreams = [["UPSTREAM", "HEALTH", "STATE", "IN FLIGHT", "NOTE"]]
     for color, pool in status["pools"].items():
         window = pool["window"]
         routable = sum(u["routable"] for u in pool["upstreams"])
         pools.append(
             [
                 color,
-                f"{pool['share']:g}%",
+                _share(pool),
                 pool["version"] or "-",
                 f"{routable}/{len(pool['upstreams'])} routable",
                 f"{window['requests_per_second']:.1f}",
@@ -84,7 +84,7 @@ def status_table(status: dict[str, Any]) -> str:
                 [
                     u["id"],
                     u["health"],
-                    "yes" if u["routable"] else "no",
+                    u.get("state", u["health"]),  # a zdproxy older than the CLI: no state
                     str(u["in_flight"]),
                     "; ".join(notes),
                 ]
@@ -106,6 +106,15 @@ def status_table(status: dict[str, Any]) -> str:
     if status["journal"]:
         lines.append("runtime changes (journal): " + ", ".join(status["journal"]))
     return "\n".join(lines)
+
+
+def _share(pool: dict[str, Any]) -> str:
+    """What the color really gets, and the split's share when the fallback moved it."""
+    configured = pool["share"]
+    effective = pool.get("effective_share", configured)
+    if effective == configured:
+        return f"{effective:g}%"
+    return f"{effective:g}% (split {configured:g}%)"
 
 
 def describe(rollout: dict[str, Any]) -> str:
@@ -234,5 +243,7 @@ def _percent(share: float | None, digits: int = 2) -> str:
 
 
 def event_line(event: dict[str, Any]) -> str:
-    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(event["time"]))
-    return f"{when} #{event['id']} {event['kind']} [{event['actor']}] {event['reason']}"
+    """One event: its local time with the offset (RFC 3339), and who acted."""
+    when = datetime.fromtimestamp(event["time"]).astimezone().isoformat(timespec="seconds")
+    by = event.get("by", event["actor"])  # a zdproxy older than the CLI: no `by`
+    return f"{when} #{event['id']} {event['kind']} [{by}] {event['reason']}"

@@ -1,11 +1,15 @@
-"""`zdproxy wait`: the conditions a deploy script waits for, read from the admin API."""
+"""The conditions a deploy script waits for, read from the admin API, and the loop that
+waits for them: `zdproxy wait`, `deploy --wait`, `pool set --wait-healthy`."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from zdproxy.cli.client import AdminClient, UsageError
+from zdproxy.cli.client import AdminClient, Unreachable, UsageError
 
 CONDITIONS = """conditions (repeat --until to require several):
   healthy:COLOR       the color has upstreams, every one up by its health checks and not
@@ -49,17 +53,43 @@ def why_not_done(rollout: dict[str, Any]) -> str | None:
     return f"rollout {rollout['id']} is {state}{step}: {rollout['reason']}"
 
 
-def conditions(texts: list[str]) -> tuple[list[Check], list[int]]:
-    """The checks of `--until` texts, and the rollout ids of their done:ID conditions."""
-    ids = [int(text[5:]) for text in texts if text.startswith("done:") and text[5:].isdigit()]
-    return [_condition(text) for text in texts], ids
+@dataclass(frozen=True)
+class Conditions:
+    """The checks of `--until` texts, and the rollout ids their done:ID conditions name."""
+
+    checks: list[Check]
+    ids: list[int]
+
+    @classmethod
+    def parse(cls, texts: list[str]) -> Conditions:
+        """UsageError for a text that is no condition (before any call)."""
+        ids = [int(t[5:]) for t in texts if t.startswith("done:") and t[5:].isdigit()]
+        return cls([_condition(text) for text in texts], ids)
+
+    async def unmet(self, client: AdminClient) -> list[str]:
+        """Why each unmet condition does not hold yet; RolloutFailed when one never can."""
+        status = await client.call("GET", "/v1/status")
+        status["by_id"] = {n: await client.call("GET", f"/v1/rollouts/{n}") for n in self.ids}
+        return [reason for check in self.checks if (reason := check(status))]
 
 
-async def unmet_conditions(client: AdminClient, checks: list[Check], ids: list[int]) -> list[str]:
-    """Why each unmet condition does not hold yet; RolloutFailed when one never can."""
-    status = await client.call("GET", "/v1/status")
-    status["by_id"] = {n: await client.call("GET", f"/v1/rollouts/{n}") for n in ids}
-    return [reason for check in checks if (reason := check(status))]
+async def wait_for(
+    client: AdminClient, conditions: Conditions, within: float, interval: float
+) -> str | None:
+    """Poll every `interval` until every condition holds: None; or why not, once
+    `within` seconds have passed. RolloutFailed at once when one never can hold. An admin API
+    that does not answer (zdproxy restarting) is asked again until the deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            unmet = await conditions.unmet(client)
+        except Unreachable as exc:
+            unmet = [str(exc)]
+        if not unmet:
+            return None
+        if time.monotonic() + interval > deadline:
+            return "; ".join(unmet)
+        await asyncio.sleep(interval)
 
 
 def _condition(text: str) -> Check:

@@ -1,15 +1,25 @@
-"""Load a config file into Settings, turning every failure into one readable message."""
+"""Load a config file into Settings, turning every failure into one readable message
+per problem (config/problems.py says how)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import SettingsError
 
+from zdproxy.config.problems import (
+    ENV_PREFIX,
+    json_kind,
+    overrides,
+    validation_problems,
+    variable_of,
+)
 from zdproxy.config.settings import COLORS, Settings
 
 # Arrays and inline tables nested deeper than this are a mistake or an attack: no option
@@ -18,51 +28,68 @@ MAX_DEPTH = 32
 
 
 class ConfigError(Exception):
-    """The config cannot be used; `errors` holds one line per problem, each naming its field."""
+    """The config cannot be used; `errors` holds one line per problem, each naming its field
+    (or, for a value from the environment, its variable: `from_environment` of them)."""
 
-    def __init__(self, source: str, errors: list[str]) -> None:
+    def __init__(self, source: str, errors: list[str], from_environment: int = 0) -> None:
         self.source = source
         self.errors = errors
-        super().__init__(f"{source}: invalid configuration\n" + "\n".join(f"  {e}" for e in errors))
-
-
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item.startswith("function-") or item in ("str", "dict[str,any]"):
-            continue  # pydantic's names for union branches and validators, not fields
+        # Blame the file only for what it holds: the environment overrides it.
+        if from_environment and from_environment == len(errors):
+            self.origin = "the environment (ZDPROXY_* variables)"
+        elif from_environment:
+            self.origin = f"{source} and the environment (ZDPROXY_* variables)"
         else:
-            parts.append(("." if parts else "") + item)
-    return "".join(parts) or "(top level)"
+            self.origin = source
+        super().__init__(
+            f"{self.origin}: invalid configuration\n" + "\n".join(f"  {e}" for e in errors)
+        )
 
 
-# A check that spans fields names the one at fault first: "listen: 0.0.0.0:9901 is ...".
-_NAMED = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.+)$", re.DOTALL)
-
-
-def format_validation_error(exc: ValidationError) -> list[str]:
-    lines = []
-    for error in exc.errors(include_url=False):
-        path = _field_path(error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown option (check the spelling)"
-        elif named := _NAMED.match(message):
-            path = named[1] if path == "(top level)" else f"{path}.{named[1]}"
-            message = named[2]
-        lines.append(f"{path}: {message}")
-    return lines
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel] | None = None
+) -> list[str]:
+    """One "field: reason" line per error; with the `model` validated, an unknown key is
+    offered the name it was probably meant to be."""
+    return [str(problem) for problem in validation_problems(exc, model)]
 
 
 def settings_from_mapping(data: dict[str, Any], source: str = "config") -> Settings:
+    """Settings from a file's data, the environment's ZDPROXY_* overrides applied. A
+    problem with a value from the environment names its variable."""
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc)) from None
-    except SettingsError as exc:  # an environment override that is not valid JSON where needed
-        raise ConfigError(source, [f"environment: {exc}"]) from None
+        variables = overrides(os.environ)
+        lines, blamed = [], 0
+        for problem in validation_problems(exc, Settings):
+            variable = variable_of(problem.loc, variables)
+            lines.append(str(problem) if variable is None else problem.from_variable(variable))
+            blamed += variable is not None
+        raise ConfigError(source, lines, blamed) from None
+    except SettingsError as exc:  # a section, list or table from the environment, not JSON
+        lines = [
+            f"{v.name}: not valid JSON: it sets {'.'.join(v.path)}, a {kind}, which the "
+            f"environment gives as JSON (e.g. {_EXAMPLES[kind]})"
+            for v in overrides(os.environ)
+            if (kind := json_kind(Settings, v.path)) is not None and not _is_json(v.value)
+        ] or [f"{ENV_PREFIX}*: {exc}"]
+        raise ConfigError(source, lines, len(lines)) from None
+
+
+_EXAMPLES = {
+    "section": """'{"option": "value"}'""",
+    "list": """'["a", "b"]'""",
+    "table": """'{"key": "value"}'""",
+}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_settings(path: str | Path | None) -> Settings:

@@ -1,21 +1,25 @@
 """Rollout plans (`[plans.NAME]`), the judge that guards them, and hooks (`[hooks.NAME]`).
 
 A plan is a list of steps (the candidate's share and how long it holds), a bake
-period after promotion, and what to do when the judge fails it. Hooks are commands
-from this file only: nothing in the API can run a command.
+period after promotion, and what to do when the judge fails it. Two plans are built
+in, `canary` and `blue-green` (BUILTIN_PLANS), so a config without [plans] can
+deploy; a [plans.NAME] of the same name replaces one. Hooks are commands from this
+file only: nothing in the API can run a command.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from types import MappingProxyType
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.section import Section as _Section
-from zdproxy.config.units import DAY, HOUR, Duration
+from zdproxy.config.spelling import did_you_mean
+from zdproxy.config.units import DAY, HOUR, Duration, format_duration
 
 
 class JudgeSettings(_Section):
@@ -220,6 +224,15 @@ class PlanSettings(_Section):
                 )
         return steps
 
+    def describe(self) -> str:
+        """The plan in one line: "5% for 1m, 25% for 2m, 100% for 1m, then a 5m bake"."""
+        steps = ", ".join(
+            f"{step.weight:g}%{' and pins ' + ', '.join(step.pins) if step.pins else ''} "
+            f"for {format_duration(step.hold)}"
+            for step in self.steps
+        )
+        return f"{steps}, then a {format_duration(self.bake)} bake"
+
     def step_pins(self) -> set[str]:
         """The names of the rollout pins its steps name."""
         return {name for step in self.steps for name in step.pins}
@@ -238,10 +251,57 @@ class HookSettings(_Section):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
 
 
+# What `zdproxy deploy` can use with no [plans] at all. The judge has its defaults; a
+# step passes after its hold only with the evidence (min_requests) for a pass.
+BUILTIN_PLANS: Mapping[str, PlanSettings] = MappingProxyType(
+    {
+        # 5%, 25%, 50%, 100%: about 11 minutes with enough traffic, the bake included.
+        "canary": PlanSettings(
+            steps=[
+                StepSettings(weight=5, hold=60),
+                StepSettings(weight=25, hold=120),
+                StepSettings(weight=50, hold=120),
+                StepSettings(weight=100, hold=60),
+            ],
+            bake=300,
+        ),
+        # All traffic at once, judged; the old color stays warm for the bake.
+        "blue-green": PlanSettings(steps=[StepSettings(weight=100, hold=30)], bake=600),
+    }
+)
+DEFAULT_PLAN = "canary"
+
+
+def with_builtin_plans(plans: dict[str, PlanSettings]) -> dict[str, PlanSettings]:
+    """The file's own plans in its order, then the built-in ones it does not replace."""
+    return {**plans, **{n: p for n, p in BUILTIN_PLANS.items() if n not in plans}}
+
+
+def is_builtin(name: str, plan: PlanSettings) -> bool:
+    """The plan is a built-in one, not replaced by the file (nor by an identical twin)."""
+    return BUILTIN_PLANS.get(name) == plan
+
+
+# `Settings.plans`: what the file declares, the built-in plans added (validate_default
+# makes that hold for a file without [plans] too).
+Plans = Annotated[dict[str, PlanSettings], AfterValidator(with_builtin_plans)]
+
+
 class RolloutSettings(_Section):
     """Which plan `zdproxy deploy` uses without --plan."""
 
-    default_plan: str = Field(default="", description="A name of [plans]; default: the first.")
+    default_plan: str = Field(
+        default=DEFAULT_PLAN,
+        max_length=200,
+        description='A plan name: a [plans.NAME], or a built-in one ("canary", '
+        '"blue-green"). "" (configs from before the built-in plans): the first '
+        '[plans.NAME] of the file, or "canary" when it declares none.',
+    )
+
+    def plan_in(self, plans: Mapping[str, PlanSettings]) -> str:
+        """The name of the plan `zdproxy deploy` uses without --plan (`plans` as
+        Settings.plans has them: the file's first)."""
+        return self.default_plan or next(iter(plans))
 
 
 def check_plans(
@@ -276,4 +336,7 @@ def check_plans(
                 "rollout ends, whatever the end"
             )
     if default and default not in plans:
-        raise ValueError(f"rollout.default_plan: no [plans.{default}]")
+        raise ValueError(
+            f"rollout.default_plan: no plan {default!r} (known: {', '.join(plans)})"
+            + did_you_mean(default, plans)
+        )

@@ -86,7 +86,10 @@ class AdminSettings(_Section):
         if self.token_file:
             self._file_token = read_secret(self.token_file)
         if 0 < len(self.token.get_secret_value().encode()) < MIN_SECRET_BYTES:
-            raise ValueError(f"token: must be at least {MIN_SECRET_BYTES} bytes")
+            raise ValueError(
+                f"token: must be at least {MIN_SECRET_BYTES} bytes (make one with "
+                "`head -c 32 /dev/urandom | base64`)"
+            )
         if self.max_pending_heads >= self.max_connections:
             raise ValueError(
                 f"max_pending_heads: {self.max_pending_heads} must be below max_connections "

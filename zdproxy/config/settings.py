@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from zdproxy.config.limits import ProxySettings, UpstreamSettings
 from zdproxy.config.overrides import TOKEN, PinSettings, PreviewSettings
-from zdproxy.config.plans import HookSettings, PlanSettings, RolloutSettings, check_plans
+from zdproxy.config.plans import HookSettings, Plans, RolloutSettings, check_plans
 from zdproxy.config.section import Section
 from zdproxy.config.service import AdminSettings, ReloadSettings, StateSettings
 from zdproxy.config.units import DAY, HOUR, AddressField, Duration, MiB, Size
@@ -52,7 +52,6 @@ class HealthSettings(Section):
     )
     path: str = Field(
         default="",
-        pattern=r"^(/[^\s]*)?$",
         max_length=2048,
         description='Path of an HTTP check, e.g. "/readyz"; empty: a TCP connect check.',
     )
@@ -85,6 +84,16 @@ class HealthSettings(Section):
     host: str = Field(
         default="", max_length=255, description="Host header of the probes; default the address."
     )
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if value and (not value.startswith("/") or any(c.isspace() for c in value)):
+            raise ValueError(
+                "must start with '/' and hold no spaces (e.g. \"/readyz\"), or be empty for a "
+                "TCP connect check"
+            )
+        return value
 
     @field_validator("expect_status")
     @classmethod
@@ -125,7 +134,11 @@ class OutlierSettings(Section):
         "At most 1h.",
     )
     max_ejected_percent: int = Field(
-        default=50, ge=0, le=100, description="Never more than this share of the pool ejected."
+        default=50,
+        ge=0,
+        le=100,
+        description="Never more than this share of the pool ejected, rounded down: at 50, "
+        "one of 2 or 3 upstreams, none of a pool of one.",
     )
 
 
@@ -177,6 +190,9 @@ class Pools(Section):
     green: PoolSettings = PoolSettings()
 
 
+STICKY_KEY = rf"^(bucket-cookie|client-ip|cookie:{TOKEN}|header:{TOKEN})$"
+
+
 class SplitSettings(Section):
     """Which color is live, how much traffic the other one (the candidate) gets, and what
     keeps each user on one color while that share moves."""
@@ -190,7 +206,7 @@ class SplitSettings(Section):
     )
     sticky_key: str = Field(
         default="bucket-cookie",
-        pattern=rf"^(bucket-cookie|client-ip|cookie:{TOKEN}|header:{TOKEN})$",
+        pattern=STICKY_KEY,
         description=(
             "What a user's bucket is hashed from: 'cookie:NAME', 'header:NAME', 'client-ip', "
             "or 'bucket-cookie' (zdproxy's own cookie). A request without the named cookie "
@@ -278,11 +294,19 @@ class RetrySettings(Section):
         return frozenset(codes)
 
 
+LogFormat = Literal["logfmt", "json"]
+
+
 class LogSettings(Section):
-    """Log lines go to stderr (journald under systemd) in logfmt: see ops/logs.py."""
+    """Log lines go to stderr (journald under systemd): see ops/logs.py."""
 
     level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="The lowest level logged; a reload changes it."
+    )
+    format: LogFormat = Field(
+        default="logfmt",
+        description='"logfmt": key=value lines; "json": one JSON object per line, with the '
+        "same fields (ts, level, logger, msg, then the record's own). A reload changes it.",
     )
     access: bool = Field(default=False, description="Log one line per (sampled) response.")
     access_sample: float = Field(
@@ -313,8 +337,11 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     state: StateSettings = StateSettings()
     reload: ReloadSettings = ReloadSettings()
-    plans: dict[str, PlanSettings] = Field(
-        default_factory=dict, description="Rollout plans by name ([plans.NAME])."
+    plans: Plans = Field(
+        default_factory=dict,
+        validate_default=True,  # the built-in plans, for a file without [plans] too
+        description="Rollout plans by name ([plans.NAME]), and the built-in canary and "
+        "blue-green unless the file declares a plan of that name.",
     )
     hooks: dict[str, HookSettings] = Field(
         default_factory=dict, description="Commands plans may run, by name ([hooks.NAME])."

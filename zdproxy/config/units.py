@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +26,18 @@ from pydantic_settings import NoDecode
 # The plain type lives in routing, which must not import config; re-exported here.
 from zdproxy.routing.address import Address as Address
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# A duration is a bare number of seconds, or parts from the largest unit to the smallest,
+# each unit at most once: "250ms", "1.5s", "90s", "2m30s", "1h30m", "7d".
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {
+    "d": Decimal(86400),
+    "h": Decimal(3600),
+    "m": Decimal(60),
+    "s": Decimal(1),
+    "ms": Decimal("0.001"),
+}
+DURATION_FORMS = "a number of seconds, or e.g. '250ms', '1.5s', '90s', '2m30s', '1h30m', '7d'"
+_DURATION_MAX_TEXT = 100  # characters: no duration needs more; a megabyte of digits is junk
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {
@@ -54,20 +65,45 @@ def _shown(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from "500ms", "30s", "2m", "1h", "30d" or a bare number of seconds."""
+    """Seconds from a number, or from a text of DURATION_FORMS ("1h30m", "250ms").
+
+    The parts are summed in decimal, so a text reads back exactly as the float that
+    format_duration wrote it from."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as '500ms' or '30s'")
+        raise ValueError(f"expected a duration: {DURATION_FORMS}")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, str) and (total := _duration_text(value)) is not None:
+        seconds = float(total)
     else:
-        raise ValueError(f"invalid duration {_shown(value)}: expected e.g. '500ms', '30s', '1h'")
+        raise ValueError(f"invalid duration {_shown(value)}: expected {DURATION_FORMS}")
     if not math.isfinite(seconds):  # TOML spells inf and nan; a long digit string overflows
         raise ValueError(f"invalid duration {_shown(value)}: must be a finite number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
+
+
+def _duration_text(text: str) -> Decimal | None:
+    """The seconds a duration text spells, exactly; None when it is no duration."""
+    if len(text) > _DURATION_MAX_TEXT or not text.strip():
+        return None
+    units = list(_DURATION_UNITS)
+    total, position, end = Decimal(0), 0, len(text.rstrip())
+    with localcontext(prec=60):  # exact for every text of at most 100 characters
+        while position < end:
+            part = _DURATION_PART.match(text, position)
+            if part is None or part.end() == position:
+                return None
+            number, unit = part.groups()
+            if unit is None:  # a bare number: seconds, and nothing else in the text
+                return Decimal(number) if position == 0 and part.end() >= end else None
+            if unit not in units:  # a unit again, or after a smaller one: "30m1h"
+                return None
+            units = units[units.index(unit) + 1 :]
+            total += Decimal(number) * _DURATION_UNITS[unit]
+            position = part.end()
+    return total
 
 
 def parse_size(value: object) -> int:
@@ -95,10 +131,24 @@ def check_networks(values: list[str]) -> list[str]:
 
 
 def format_duration(seconds: float) -> str:
-    """The spelling parse_duration reads back: "250ms", "30s", "2592000s" (no exponent)."""
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    """The spelling an operator would write, and parse_duration reads back as the same
+    float: "250ms", "1.5s", "2m30s", "1h30m", "30d"."""
+    exact = Decimal(repr(float(seconds)))  # the shortest decimal that is this float
+    if 0 < exact < 1:
+        return f"{_decimal_text(exact * 1000)}ms"
+    whole = int(exact)
+    minutes, rest = divmod(whole, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    if rest or exact != whole or not parts:
+        parts.append(f"{_decimal_text(rest + (exact - whole))}s")
+    return "".join(parts)
+
+
+def _decimal_text(number: Decimal) -> str:
+    """Positional digits, no exponent, no trailing zeros: 30, 1.5, 0.01."""
+    return format(number.normalize(), "f")
 
 
 Duration = Annotated[

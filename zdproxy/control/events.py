@@ -1,5 +1,11 @@
 """The event log: every decision zdproxy takes or is told to take, with its reason.
 
+Each event says who acted twice: `actor`, the kind of actor (an operator through the
+API or the CLI, a reload of the config file, or zdproxy on its own: "auto"), and
+`by`, which one precisely: for "auto" the part of zdproxy that decided ("judge",
+"health", "outliers", "rollout 4", "zdproxy"). Its time is kept as seconds since the
+epoch (`time`) and shown in RFC 3339, UTC (`timestamp`).
+
 Events live in a bounded ring (GET /v1/events), are appended to a JSON-lines file
 that is rotated by size (events.jsonl, events.jsonl.1, ...), are logged, and are
 pushed to followers (server-sent events). Writing the file never fails a caller:
@@ -16,18 +22,28 @@ import json
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, computed_field, model_validator
 
 log = logging.getLogger("zdproxy.events")
 
+# Who asked: an operator through the admin API or the CLI, a reload of the config file
+# (SIGHUP, a file change), or nobody (zdproxy acted on its own).
 Actor = Literal["api", "cli", "auto", "config"]
+AUTO_BY = "zdproxy"  # `by` of an automatic event whose emitter names no part of zdproxy
 FOLLOWER_BACKLOG = 1000
 TAIL_BYTES = 1024 * 1024  # how much of the file start-up reads back into the ring
+
+
+def rfc3339(seconds: float) -> str:
+    """Seconds since the epoch as an RFC 3339 UTC timestamp, to the millisecond."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,15 +53,22 @@ class Event:
     kind: str
     reason: str
     actor: Actor
+    by: str  # see EventRecord.by
     data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestamp(self) -> str:
+        return rfc3339(self.time)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "time": self.time,
+            "timestamp": self.timestamp,
             "kind": self.kind,
             "reason": self.reason,
             "actor": self.actor,
+            "by": self.by,
             "data": self.data,
         }
 
@@ -54,11 +77,35 @@ class EventRecord(BaseModel):
     """An event as the API serves it and the file keeps it, one per line."""
 
     id: int
-    time: float
+    time: float = Field(description="Seconds since the epoch.")
     kind: str
     reason: str
-    actor: Actor
+    actor: Actor = Field(
+        description='Who asked: "api" or "cli" (an operator), "config" (a reload of the '
+        'config file by SIGHUP or a file change), "auto" (nobody: zdproxy on its own).'
+    )
+    by: str = Field(
+        default="",
+        max_length=100,
+        description='Who acted, precisely: the actor itself for "api", "cli" and "config"; '
+        'for "auto" the part of zdproxy that decided: "judge" (its verdict ended a '
+        'rollout), "rollout N" (the plan\'s own moves: steps, timeouts, hooks, the old '
+        'color\'s drain), "health" (a health check verdict), "outliers" (outlier '
+        'ejection), "zdproxy" (the process itself: start, stop, the journal); an event '
+        "written before zdproxy recorded `by` has its actor.",
+    )
     data: dict[str, Any]
+
+    @computed_field(description="`time` in RFC 3339, UTC, to the millisecond.")  # type: ignore[prop-decorator]
+    @property
+    def timestamp(self) -> str:
+        return rfc3339(self.time)
+
+    @model_validator(mode="after")
+    def _by_the_actor(self) -> EventRecord:
+        if not self.by:  # a line written before `by` existed: who is not known better
+            self.by = self.actor
+        return self
 
 
 class EventLog:
@@ -68,6 +115,7 @@ class EventLog:
         self, path: Path | None, *, in_memory: int = 1000, file_max: int = 0, files_kept: int = 3
     ) -> None:
         self.path = path
+        self.counts: Counter[str] = Counter()  # events emitted since start, by kind (/metrics)
         self._ring: deque[Event] = deque(maxlen=in_memory)
         self._file_max = file_max
         self._files_kept = files_kept
@@ -90,15 +138,21 @@ class EventLog:
         reason: str,
         *,
         actor: Actor = "auto",
+        by: str = "",
         level: int = logging.INFO,
         **data: Any,
     ) -> Event:
-        event = Event(self._next_id, time.time(), kind, reason, actor, data)
+        """Record one decision. `by`: the part of zdproxy that acted on its own (see
+        EventRecord.by); default the actor, or "zdproxy" for "auto"."""
+        by = by or (actor if actor != "auto" else AUTO_BY)
+        event = Event(self._next_id, time.time(), kind, reason, actor, by, data)
         self._next_id += 1
+        self.counts[kind] += 1
         self._ring.append(event)
-        log.log(
-            level, "%s: %s", kind, reason, extra={"fields": {"event": event.id, "actor": actor}}
-        )
+        fields: dict[str, Any] = {"event": event.id, "actor": actor}
+        if by != actor:
+            fields["by"] = by
+        log.log(level, "%s: %s", kind, reason, extra={"fields": fields})
         self._append(event)
         for follower in list(self._followers):
             follower.push(event)
@@ -149,7 +203,7 @@ class EventLog:
                 where = ".".join(str(part) for part in error["loc"])
                 self.skipped.append(f"line {number} of the tail: {where} {error['msg']}"[:300])
                 continue
-            self._ring.append(Event(**record.model_dump()))
+            self._ring.append(Event(**record.model_dump(exclude={"timestamp"})))
             last = max(last, record.id)  # a line out of order must not make ids repeat
         return last
 

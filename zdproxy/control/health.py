@@ -24,7 +24,7 @@ import aiohttp
 
 from zdproxy import __version__
 from zdproxy.config.settings import COLORS, HealthSettings, Settings
-from zdproxy.control.probe import connect_failure
+from zdproxy.control.probe import connect_failure, failure_text
 from zdproxy.routing.local import LocalErrors, LocalErrorSite, local_error_kind
 from zdproxy.routing.snapshot import UpstreamTarget
 
@@ -241,9 +241,7 @@ class HealthChecker:
         except (aiohttp.ClientError, OSError) as exc:  # aiohttp's connect errors are both
             if local_error_kind(exc) is not None:
                 raise
-            if isinstance(exc, aiohttp.ClientError):
-                return False, f"{type(exc).__name__}: {exc}"
-            return False, exc.strerror or str(exc)
+            return False, failure_text(exc)
         try:
             body = json.loads(raw)
         except ValueError:

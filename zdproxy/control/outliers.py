@@ -5,7 +5,11 @@ any other answer); the control plane reads the streaks on its tick. An ejected
 upstream stays out for `base_ejection` times the number of its ejections, and
 comes back only after that time and, if its pool has health checks, a passing
 check newer than the end of its ejection. A pool never has more than
-`max_ejected_percent` of its upstreams ejected.
+`max_ejected_percent` of its upstreams ejected, rounded down: at 50%, none of a pool
+of one. An upstream kept in rotation by that limit starts a new streak, and says so
+in an `ejection_skipped` event at most once per SKIP_REPORT_SECONDS (the next one
+counts those left unsaid): a steadily failing upstream fails a streak every few
+requests.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from zdproxy.control.health import HealthChecker
 from zdproxy.routing.plane import DataPlane
 from zdproxy.routing.snapshot import UpstreamTarget
 
+SKIP_REPORT_SECONDS = 60.0  # at most one ejection_skipped event per upstream this often
+
 
 @dataclass
 class Ejection:
     until: float
     times: int  # how often this upstream has been ejected: the time multiplier
+
+
+@dataclass
+class _Skips:
+    reported: float  # when this upstream's last ejection_skipped event was emitted
+    unreported: int = 0  # skips since then, told by the next event
 
 
 class OutlierDetector:
@@ -34,6 +46,7 @@ class OutlierDetector:
         self._events = events
         self.ejected: dict[str, Ejection] = {}
         self._times: dict[str, int] = {}  # ejections so far, kept after each return
+        self._skips: dict[str, _Skips] = {}
 
     def tick(
         self,
@@ -64,14 +77,8 @@ class OutlierDetector:
                 if target.id in self.ejected or streak < settings.consecutive_failures:
                     continue
                 if ejected >= allowed:
-                    self._events.emit(
-                        "ejection_skipped",
-                        f"{target.id} failed {streak} times in a row, but "
-                        f"{settings.max_ejected_percent}% of its pool is already out",
-                        level=logging.WARNING,
-                        upstream=target.id,
-                        failures=streak,
-                    )
+                    limit = _limit(color, len(targets), ejected, allowed, settings)
+                    self._skipped(now, target.id, streak, limit, ejected)
                     self._dataplane.forget_streak(target.id)
                     continue
                 times = self._times.get(target.id, 0) + 1
@@ -84,6 +91,7 @@ class OutlierDetector:
                 self._events.emit(
                     "upstream_ejected",
                     f"{target.id} ejected for {seconds:g}s after {streak} failures in a row",
+                    by="outliers",
                     level=logging.WARNING,
                     upstream=target.id,
                     failures=streak,
@@ -91,6 +99,31 @@ class OutlierDetector:
                     ejections=times,
                 )
         return changed
+
+    def _skipped(self, now: float, upstream_id: str, streak: int, limit: str, out: int) -> None:
+        """Say that an upstream stays in rotation for the limit, at most once per
+        SKIP_REPORT_SECONDS per upstream."""
+        last = self._skips.get(upstream_id)
+        if last is not None and now - last.reported < SKIP_REPORT_SECONDS:
+            last.unreported += 1
+            return
+        unreported = last.unreported if last is not None else 0
+        self._skips[upstream_id] = _Skips(now)
+        since = (
+            f" ({unreported} more streaks kept it in since the last such event)"
+            if unreported
+            else ""
+        )
+        self._events.emit(
+            "ejection_skipped",
+            f"{upstream_id} failed {streak} times in a row but stays in rotation: {limit}" + since,
+            by="outliers",
+            level=logging.WARNING,
+            upstream=upstream_id,
+            failures=streak,
+            ejected=out,
+            unreported=unreported,
+        )
 
     def _returns(self, now: float) -> bool:
         changed = False
@@ -108,6 +141,7 @@ class OutlierDetector:
             self._events.emit(
                 "upstream_returned",
                 f"{upstream_id} returns after its ejection",
+                by="outliers",
                 upstream=upstream_id,
             )
         return changed
@@ -122,3 +156,19 @@ class OutlierDetector:
             del self.ejected[upstream_id]
         for upstream_id in set(self._times) - known:
             del self._times[upstream_id]
+        for upstream_id in set(self._skips) - known:
+            del self._skips[upstream_id]
+
+
+def _limit(color: str, size: int, out: int, allowed: int, settings: OutlierSettings) -> str:
+    """Why max_ejected_percent keeps an upstream in, in the pool's own numbers."""
+    percent = settings.max_ejected_percent
+    if allowed == 0:
+        return (
+            f"max_ejected_percent = {percent} allows no ejection in {color}'s pool of "
+            f"{size} ({percent}% of {size} is less than one upstream)"
+        )
+    return (
+        f"{out} of {color}'s {size} upstreams are ejected already, the most "
+        f"max_ejected_percent = {percent} allows"
+    )

@@ -28,6 +28,7 @@ from zdproxy.config.settings import (
 )
 from zdproxy.config.units import Address
 from zdproxy.control import snapshots
+from zdproxy.control.availability import UpstreamState, unroutable, upstream_state
 from zdproxy.control.desired import DesiredState, Refused
 from zdproxy.control.drain import DrainResult, wait_drained
 from zdproxy.control.events import Actor, EventLog
@@ -196,9 +197,17 @@ class ControlPlane:
     def routable(self, upstream: str) -> bool:
         """Up by its checks (or in a pool with checks off), not drained, not ejected. An
         upstream whose first check has not passed yet is "unknown", not routable."""
-        if upstream in self.drained or upstream in self.outliers.ejected:
-            return False
-        return self.health.verdict(upstream) in ("up", "unchecked")
+        return self.upstream_state(upstream).routable
+
+    def upstream_state(self, upstream: str) -> UpstreamState:
+        """What keeps an upstream out of rotation, if anything (control/availability.py)."""
+        drained, ejected = upstream in self.drained, upstream in self.outliers.ejected
+        return upstream_state(self.health.verdict(upstream), drained=drained, ejected=ejected)
+
+    @property
+    def routing(self) -> RoutingSnapshot:
+        """The snapshot the data plane routes by right now."""
+        return self._dataplane.snapshot
 
     def resolve(self, color: str | None = None, upstream: str | None = None) -> set[str]:
         """The upstream ids of a color, or the one upstream id given; ValueError if unknown."""
@@ -241,8 +250,7 @@ class ControlPlane:
         if (holder := self.rollouts.active) is not None:
             raise Refused(
                 "candidate_weight",
-                f"{self.rollouts.describe(holder)} holds the split: use zdproxy rollout "
-                "pause|promote|abort",
+                f"{holder.describe()} holds the split: use zdproxy rollout pause|promote|abort",
             )
         live = live or self.settings.split.live
         candidate: Color = "green" if live == "blue" else "blue"
@@ -252,10 +260,12 @@ class ControlPlane:
             (candidate, candidate_weight),
         ):
             if share and not routable[color] and not force:
+                states = [self.upstream_state(t.id) for t in self.targets_of(color)]
                 raise Refused(
                     "candidate_weight" if color == candidate else "live",
                     f"{color} would get {share / 100:g}% of the traffic but has no routable "
-                    "upstream (pass force to do it anyway)",
+                    f"upstream: {unroutable(color, states)} (or pass force: its share then "
+                    "goes to the other color)",
                 )
         changes: dict[str, Any] = {"split": {"live": live, "candidate_weight": candidate_weight}}
         if salt is not None:
@@ -278,8 +288,9 @@ class ControlPlane:
         changes, back = self._rollout_changes(rollout, undrain)
         changes["split"] = {"live": live, "candidate_weight": weight}
         note = f" (rollout {rollout['id']})"
-        self._write_split(changes, actor, durable=durable, note=note, rollout=rollout["id"])
-        self._undrained(back, actor)
+        by = actor if actor != "auto" else f"rollout {rollout['id']}"
+        self._write_split(changes, actor, durable=durable, note=note, by=by, rollout=rollout["id"])
+        self._undrained(back, actor, by)
 
     def save_rollout(
         self, rollout: dict[str, Any], *, durable: bool, undrain: Color | None = None
@@ -288,7 +299,7 @@ class ControlPlane:
         depend on the record: see control/snapshots.py)."""
         changes, back = self._rollout_changes(rollout, undrain)
         self.desired.change(changes, "auto", durable=durable)
-        self._undrained(back, "auto")
+        self._undrained(back, "auto", f"rollout {rollout['id']}")
         self.publish()
 
     def _rollout_changes(
@@ -314,7 +325,7 @@ class ControlPlane:
 
     def active_rollout(self) -> str | None:
         active = self.rollouts.active
-        return self.rollouts.describe(active) if active is not None else None
+        return active.describe() if active is not None else None
 
     def rolling_update(self) -> str | None:
         rolling = self.rolling.current
@@ -323,7 +334,14 @@ class ControlPlane:
         return None
 
     def _write_split(
-        self, changes: dict[str, Any], actor: Actor, *, durable: bool, note: str, **data: Any
+        self,
+        changes: dict[str, Any],
+        actor: Actor,
+        *,
+        durable: bool,
+        note: str,
+        by: str = "",
+        **data: Any,
     ) -> None:
         before = {color: self.share(color) for color in COLORS}
         self.desired.change(changes, actor, durable=durable)
@@ -334,6 +352,7 @@ class ControlPlane:
             "split_changed",
             f"live {live}, candidate {candidate} at {weight / 100:g}%{note}",
             actor=actor,
+            by=by,
             before=before,
             after={color: self.share(color) for color in COLORS},
             salt_changed="salt" in changes,
@@ -409,9 +428,11 @@ class ControlPlane:
         upstream: str | None = None,
         force: bool = False,
         actor: Actor = "api",
+        by: str = "",
     ) -> set[str]:
         """Mark upstreams drained (journaled) and take them out of rotation at once.
-        Refused, unless `force`, when no routable upstream of either color would remain."""
+        Refused, unless `force`, when no routable upstream of either color would remain.
+        `by`: who drains, for an automatic drain (see EventRecord.by)."""
         ids = self.resolve(color, upstream)
         if not force and self._leaves_nothing(ids):
             raise Refused(
@@ -425,13 +446,20 @@ class ControlPlane:
                 "drain_started",
                 f"draining {', '.join(sorted(ids))}",
                 actor=actor,
+                by=by,
                 upstreams=sorted(ids),
             )
             self.publish()
         return ids
 
     async def wait_drained(
-        self, ids: set[str], *, cut_after: float, tunnel_grace: float, actor: Actor = "api"
+        self,
+        ids: set[str],
+        *,
+        cut_after: float,
+        tunnel_grace: float,
+        actor: Actor = "api",
+        by: str = "",
     ) -> DrainResult:
         result = await wait_drained(
             self._dataplane, ids, cut_after=cut_after, tunnel_grace=tunnel_grace
@@ -443,6 +471,7 @@ class ControlPlane:
                 + ("drained" if result.drained else f"timed out: {result.cut} cut")
                 + f" in {result.seconds:.2f}s",
                 actor=actor,
+                by=by,
                 level=logging.INFO if result.drained else logging.WARNING,
                 **result.to_dict(),
             )
@@ -463,10 +492,10 @@ class ControlPlane:
             self.publish()
         return ids
 
-    def _undrained(self, ids: set[str], actor: Actor) -> None:
+    def _undrained(self, ids: set[str], actor: Actor, by: str = "") -> None:
         if ids:
             self.events.emit(
-                "undrained", f"back in rotation: {', '.join(sorted(ids))}", actor=actor
+                "undrained", f"back in rotation: {', '.join(sorted(ids))}", actor=actor, by=by
             )
 
     # -- snapshots ----------------------------------------------------------------------
@@ -480,6 +509,7 @@ class ControlPlane:
                 if health.up
                 else f"down after {health.failures} failed checks: {health.reason}"
             ),
+            by="health",
             level=logging.INFO if health.up else logging.WARNING,
             upstream=target.id,
         )

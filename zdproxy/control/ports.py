@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from zdproxy.config.settings import Color, HealthSettings, Settings
 from zdproxy.config.units import Address
+from zdproxy.control.availability import UpstreamState
 from zdproxy.control.drain import DrainResult
 from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.health import HealthChecker
@@ -36,6 +37,10 @@ class ControlHost(Protocol):
     def configured(self) -> dict[str, tuple[UpstreamTarget, HealthSettings]]: ...
 
     def routable(self, upstream: str) -> bool: ...
+
+    def upstream_state(self, upstream: str) -> UpstreamState:
+        """What keeps an upstream out of rotation, if anything."""
+        ...
 
     def steer(
         self,
@@ -76,10 +81,17 @@ class ControlHost(Protocol):
         upstream: str | None = None,
         force: bool = False,
         actor: Actor = "api",
+        by: str = "",
     ) -> set[str]: ...
 
     async def wait_drained(
-        self, ids: set[str], *, cut_after: float, tunnel_grace: float, actor: Actor = "api"
+        self,
+        ids: set[str],
+        *,
+        cut_after: float,
+        tunnel_grace: float,
+        actor: Actor = "api",
+        by: str = "",
     ) -> DrainResult: ...
 
     def preview_secret(self) -> bytes:

@@ -1,9 +1,14 @@
-"""Does anything answer at all? A bare connect, for refusing a deploy to nothing."""
+"""Does anything answer at all? A bare connect, for refusing a deploy to nothing; and
+why a connection or an exchange failed, in words (health checks, the CLI)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+
+import aiohttp
 
 from zdproxy.config.units import Address
 from zdproxy.routing.local import local_error_kind
@@ -33,8 +38,35 @@ async def connect_failure(address: Address, within: float) -> str | None:
     except OSError as exc:
         if local_error_kind(exc) is not None:
             raise
-        return f"cannot connect: {exc.strerror or exc}"
+        return f"cannot connect: {os_error_text(exc)}"
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return None
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as a person reads it: "connection refused", not asyncio's
+    "[Errno 111] Connect call failed ('127.0.0.1', 9001)"."""
+    if isinstance(exc, socket.gaierror):  # its errno is no errno: EAI_NONAME is -2
+        return f"cannot resolve the host: {exc.strerror}"
+    if exc.errno and exc.errno > 0:
+        text = os.strerror(exc.errno)
+        return text[:1].lower() + text[1:]
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def failure_text(exc: Exception) -> str:
+    """Why an HTTP exchange failed, in words (the health checks' reasons, the CLI's
+    errors): "cannot connect: connection refused", never a library's class name."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {os_error_text(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection closed before the answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer broke off"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status}"
+    if isinstance(exc, OSError):
+        return os_error_text(exc)
+    return str(exc) or type(exc).__name__

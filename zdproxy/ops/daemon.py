@@ -34,7 +34,8 @@ from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.ops.limits import dataplane_limits
-from zdproxy.ops.logs import set_level
+from zdproxy.ops.listen_errors import CannotListen, cannot_listen
+from zdproxy.ops.logs import reconfigure_logging
 from zdproxy.ops.sockets import bind, describe, hand_on, own_sockets, park
 from zdproxy.ops.systemd import Notifier, listen_fds
 from zdproxy.ops.watch import start_watch
@@ -42,6 +43,7 @@ from zdproxy.ops.watch import start_watch
 log = logging.getLogger("zdproxy")
 
 ADMIN_BACKLOG = 128
+EXIT_CONFIG = 2  # `zdproxy run` cannot start with this config on this host
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 # Settings read once at start; a reload that changes them says so.
 RESTART_ONLY = (
@@ -111,12 +113,12 @@ class Daemon:
         # Bound before anything is written: a second zdproxy on the same ports stops
         # here, before it could touch the running one's journal and events.
         if (sock := passed.pop("admin", None)) is None:
-            sock = bind(admin.listen, ADMIN_BACKLOG, mode=0o660)
+            sock = _bind("admin.listen", admin.listen, ADMIN_BACKLOG, mode=0o660)
             self.own.add("admin")
         self.sockets["admin"] = sock
         self.admin.check_reach(sock)  # a passed socket is where systemd put it
         if (sock := passed.pop("proxy", None)) is None:
-            sock = bind(proxy.listen, proxy.backlog)
+            sock = _bind("proxy.listen", proxy.listen, proxy.backlog)
             self.own.add("proxy")
         self.sockets["proxy"] = sock
         for name, unused in passed.items():
@@ -265,7 +267,7 @@ class Daemon:
         self.settings = new
         self.dataplane.configure(dataplane_limits(new))
         self.admin.tokens.token = new.admin.bearer_token
-        set_level(new.log.level)
+        reconfigure_logging(new.log.level, new.log.format)
         self._reload_tls()
         if (new.proxy.tls, new.reload) != watched:
             self._watch_files()
@@ -305,7 +307,7 @@ class Daemon:
             except ConfigError as exc:
                 self.events.emit(
                     "restart_refused",
-                    f"{exc.source} is invalid, zdproxy keeps running: " + "; ".join(exc.errors),
+                    f"{exc.origin} is invalid, zdproxy keeps running: " + "; ".join(exc.errors),
                     actor="config",
                     level=logging.ERROR,
                     errors=exc.errors,
@@ -336,6 +338,13 @@ class Daemon:
         return parked
 
 
+def _bind(setting: str, address: Address, backlog: int, mode: int | None = None) -> socket.socket:
+    try:
+        return bind(address, backlog, mode)
+    except OSError as exc:
+        raise cannot_listen(setting, address, exc) from None
+
+
 def _same_place(bound: str, address: Address) -> bool:
     """Is a socket bound at `bound` where `address` asks? (A host name matches any host.)"""
     if address.path is not None:
@@ -363,10 +372,17 @@ def run(settings: Settings, config_path: Path) -> int:
 
     try:
         parked = uvloop.run(serve())
-    except (OSError, Unprotected) as exc:
+    except CannotListen as exc:  # the config's, or the host's: exit 2
+        log.error("%s", exc)
+        notifier.send(f"STATUS={exc}", f"ERRNO={exc.errno}")
+        return EXIT_CONFIG
+    except Unprotected as exc:
         log.error("cannot start: %s", exc)
-        code = exc.errno if isinstance(exc, OSError) else 0
-        notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={code or 0}")
+        notifier.send(f"STATUS=cannot start: {exc}", "ERRNO=0")
+        return EXIT_CONFIG
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={exc.errno or 0}")
         return 1
     if parked is None:
         notifier.close()

@@ -25,13 +25,14 @@ from typing import Any
 
 from zdproxy.config.plans import PlanSettings, StepSettings
 from zdproxy.config.settings import Color
+from zdproxy.config.spelling import did_you_mean
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.judge import Verdict
 from zdproxy.control.phases import FAILED, HistoryEntry, Phase, RolloutRecord
 from zdproxy.control.ports import ControlHost
 from zdproxy.control.probe import answering
-from zdproxy.control.rollout.run import Rollout
+from zdproxy.control.rollout.run import STATE_WORDS, Rollout
 
 log = logging.getLogger("zdproxy.rollout")
 
@@ -97,12 +98,16 @@ class Rollouts:
     def _check_start(self, color: Color, plan_name: str | None) -> str:
         settings = self.host.settings
         if self.active is not None:
-            raise Refused("color", f"{self.describe(self.active)} is active: abort it first")
-        if not settings.plans:
-            raise Refused("plan", "the config file declares no [plans]", 400)
-        name = plan_name or settings.rollout.default_plan or next(iter(settings.plans))
+            active = self.active
+            raise Refused(
+                "color",
+                f"{active.describe()} is running: abort it or wait for it to end (`zdproxy "
+                f"rollout abort`, `zdproxy wait --until done:{active.id}`)",
+            )
+        name = plan_name or settings.rollout.plan_in(settings.plans)
         if name not in settings.plans:
-            raise Refused("plan", f"no plan {name!r} (known: {', '.join(settings.plans)})", 400)
+            known = f"no plan {name!r} (known: {', '.join(settings.plans)})"
+            raise Refused("plan", known + did_you_mean(name, settings.plans), 400)
         if color == settings.split.live:
             raise Refused("color", f"{color} is already live: deploy to the other color")
         if (rolling := self.host.rolling_update()) is not None:
@@ -257,16 +262,6 @@ class Rollouts:
     def _running(self, verb: str) -> Rollout:
         if self.active is None:
             last = self.last
-            now = "no rollout" if last is None else f"rollout {last.id} is {last.state}"
-            raise Refused("state", f"cannot {verb}: {now}")
+            ended = f" (rollout {last.id} has ended: {STATE_WORDS[last.state]})" if last else ""
+            raise Refused("state", f"cannot {verb}: no rollout is running{ended}")
         return self.active
-
-    @staticmethod
-    def describe(rollout: Rollout) -> str:
-        record = rollout.record
-        where = str(record.state)
-        if record.state is Phase.STEP:
-            where = f"step {record.step}"
-        elif record.state is Phase.PAUSED:
-            where = f"paused at step {record.step}"
-        return f"rollout {record.id} ({record.candidate}, {where})"

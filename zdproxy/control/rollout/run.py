@@ -21,6 +21,7 @@ from typing import Any
 
 from zdproxy.config.plans import PlanSettings
 from zdproxy.config.settings import Color
+from zdproxy.control.availability import unroutable
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor
 from zdproxy.control.hooks import HookResult, run_hook
@@ -38,6 +39,19 @@ from zdproxy.routing.preview import mint_token
 log = logging.getLogger("zdproxy.rollout")
 
 PREVIEW_TTL = 3600  # seconds a verify hook's signed preview token is valid
+# A phase in the words of a message ("cannot pause rollout 4 (...): it is not at a step").
+STATE_WORDS = {
+    Phase.PREFLIGHT: "in preflight",
+    Phase.STEP: "at a step",
+    Phase.PAUSED: "paused",
+    Phase.BAKING: "baking",
+    Phase.FINISHING: "finishing",
+    Phase.DONE: "done",
+    Phase.ROLLED_BACK: "rolled back",
+    Phase.ABORTED: "aborted",
+    Phase.FROZEN: "frozen",
+    Phase.FAILED: "failed",
+}
 DRAIN_CUT_AFTER = 30.0  # seconds the old color's requests get to finish after promotion
 DRAIN_TUNNEL_GRACE = 5.0
 # After a rollback, requests in flight on the failed color that cannot be replayed
@@ -228,16 +242,23 @@ class Rollout:
         reason = f"judge failed {self.record.candidate}: {verdict.reason}"
         if self.plan.on_failure == "freeze":
             reason += "; frozen (no rollback: its migrations are not backward compatible)"
-            self.end(Phase.FROZEN, reason, "auto", verdict.numbers)
+            self.end(Phase.FROZEN, reason, "auto", verdict.numbers, by="judge")
         else:
-            self.end(Phase.ROLLED_BACK, reason, "auto", verdict.numbers)
+            self.end(Phase.ROLLED_BACK, reason, "auto", verdict.numbers, by="judge")
 
     def end(
-        self, phase: Phase, reason: str, actor: Actor, numbers: dict[str, Any] | None = None
+        self,
+        phase: Phase,
+        reason: str,
+        actor: Actor,
+        numbers: dict[str, Any] | None = None,
+        *,
+        by: str = "",
     ) -> None:
         """End the rollout. Unless frozen, the traffic goes back to the old live color in
         one snapshot swap, in memory first: a disk that cannot take the journal write
-        does not stop a rollback (an event says the journal is stale)."""
+        does not stop a rollback (an event says the journal is stale). `by`: see
+        `emit`."""
         record = self.record
         if self.ended:
             return
@@ -259,6 +280,7 @@ class Rollout:
             numbers=numbers,
             split=split,
             undrain=undrain,
+            by=by,
         )
         if shifted:  # the swap is applied: what the failed color still holds moves too
             replayed, left = host.evacuate(record.candidate, EVACUATE_GRACE)
@@ -268,6 +290,7 @@ class Rollout:
                     f"requests in flight on {record.candidate}: {replayed} replayed on "
                     f"{record.previous}, {left} given {EVACUATE_GRACE:g}s to finish",
                     actor,
+                    by=by,
                     replayed=replayed,
                     left=left,
                 )
@@ -287,6 +310,7 @@ class Rollout:
         numbers: dict[str, Any] | None = None,
         split: tuple[int, Color] | None = None,
         undrain: Color | None = None,
+        by: str = "",
     ) -> None:
         """One transition, journaled with the split it brings, all or nothing: a refused
         journal write leaves the record as it was (an end is kept in memory anyway)."""
@@ -310,7 +334,7 @@ class Rollout:
         self.record = moved
         if numbers is None:  # every rollout event carries the judge's latest numbers
             numbers = self.verdict.numbers if self.verdict is not None else {}
-        self.emit(f"rollout_{phase}", reason, actor, level=level, numbers=numbers)
+        self.emit(f"rollout_{phase}", reason, actor, by=by, level=level, numbers=numbers)
 
     # -- jobs: slow work of this rollout, fenced after every await ------------------------
 
@@ -337,9 +361,10 @@ class Rollout:
 
     async def _finish(self) -> str | None:
         host = self.host
-        ids = host.start_drain(color=self.record.previous, actor="auto")
+        by = f"rollout {self.id}"
+        ids = host.start_drain(color=self.record.previous, actor="auto", by=by)
         await host.wait_drained(
-            ids, cut_after=DRAIN_CUT_AFTER, tunnel_grace=DRAIN_TUNNEL_GRACE, actor="auto"
+            ids, cut_after=DRAIN_CUT_AFTER, tunnel_grace=DRAIN_TUNNEL_GRACE, actor="auto", by=by
         )
         if self.ended:
             return None
@@ -388,7 +413,9 @@ class Rollout:
         that failed it. No new records: the last verdict stands."""
         record, host = self.record, self.host
         if self._healthy() == 0:
-            reason = f"{record.candidate} has no routable upstream (health checks or drain)"
+            states = [host.upstream_state(t.id) for t in host.targets_of(record.candidate)]
+            why = unroutable(record.candidate, states)
+            reason = f"{record.candidate} has no routable upstream: {why}"
             self._fail(Verdict("fail", reason, self.verdict.numbers if self.verdict else {}))
             return None
         telemetry = host.telemetry
@@ -425,17 +452,37 @@ class Rollout:
 
     def _expect(self, verb: str, *states: Phase) -> None:
         if self.record.state not in states:
-            raise Refused("state", f"cannot {verb}: rollout {self.id} is {self.record.state}")
+            allowed = " or ".join(STATE_WORDS[state] for state in states)
+            raise Refused("state", f"cannot {verb} {self.describe()}: it is not {allowed}")
+
+    def describe(self) -> str:
+        """The rollout in a few words, for messages: "rollout 4 (green, step 2 of 4)"."""
+        record = self.record
+        of = f"step {record.step} of {len(self.plan.steps)}"
+        where = {Phase.STEP: of, Phase.PAUSED: f"paused at {of}"}.get(
+            record.state, STATE_WORDS[record.state]
+        )
+        return f"rollout {record.id} ({record.candidate}, {where})"
 
     def _healthy(self) -> int:
         host = self.host
         return sum(host.routable(t.id) for t in host.targets_of(self.record.candidate))
 
     def emit(
-        self, kind: str, reason: str, actor: Actor, level: int = logging.INFO, **data: Any
+        self,
+        kind: str,
+        reason: str,
+        actor: Actor,
+        level: int = logging.INFO,
+        *,
+        by: str = "",
+        **data: Any,
     ) -> None:
+        """An event of this rollout. `by`, for an automatic one: "judge" when its verdict
+        decided, else the rollout itself ("rollout 4": its plan's steps and timeouts)."""
+        by = by or (actor if actor != "auto" else f"rollout {self.id}")
         ids = {"rollout": self.id, "candidate": self.record.candidate}
-        self.host.events.emit(kind, reason, actor=actor, level=level, **ids, **data)
+        self.host.events.emit(kind, reason, actor=actor, by=by, level=level, **ids, **data)
 
     def _hook_env(self) -> dict[str, str]:
         """What a hook needs to reach the candidate: its addresses and a preview."""
