@@ -21,6 +21,7 @@ from tests.conftest import (
     pools,
     raw_exchange,
     unchecked,
+    wait_until,
 )
 from tests.test_http_basic import header, read_response
 from tests.test_http_errors import recording_upstream
@@ -262,3 +263,55 @@ def test_host_syntax() -> None:
     bad += [b"[::1]x", b"[1::2::3]", b"[v1.x]", b"[fe80::1%25eth0]", b"\xc3\xa9.example"]
     assert [host for host in good if not valid_host(host)] == []
     assert [host for host in bad if valid_host(host)] == []
+
+
+# -- request ids ------------------------------------------------------------------------
+
+
+async def test_request_ids_are_kept_or_made_forwarded_logged_and_in_our_errors(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue = await upstream("blue")
+    config = {"pools": pools([blue.address]), "proxy": {"request_id": True}}
+    proxy = zdproxy({**config, "log": {"level": "info", "access": True}})
+    sent = {
+        "kept": "abc-123_x.y",
+        "too long": "a" * 129,
+        "a space": "two words",
+        "a list": "one, two",
+    }
+    seen: dict[str, list[str]] = {}
+    async with aiohttp.ClientSession() as session:
+        for name, value in sent.items():
+            headers = {"X-Request-Id": value}
+            async with session.get(f"{proxy.url}/{name}", headers=headers) as response:
+                assert response.status == 200
+            seen[name] = header(blue.seen[-1]["headers"], "X-Request-Id")
+        async with session.get(f"{proxy.url}/none") as response:
+            assert response.status == 200
+        seen["none"] = header(blue.seen[-1]["headers"], "X-Request-Id")
+    assert seen["kept"] == ["abc-123_x.y"]
+    made = [ids[0] for name, ids in seen.items() if name != "kept"]
+    assert all(len(ids) == 1 for ids in seen.values()), seen  # exactly one, always
+    assert len(set(made)) == len(made) and all(
+        re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", i) for i in made
+    )
+    # The access log names each request's id.
+    await wait_until(lambda: sum("logger=zdproxy.access" in line for line in proxy.log_lines) == 5)
+    logged = [line for line in proxy.log_lines if "logger=zdproxy.access" in line]
+    assert "request_id=abc-123_x.y" in logged[0]
+    assert all(f"request_id={i}" in "".join(logged) for i in made)
+    # zdproxy's own error reply carries it too, so that a client can report it.
+    down = zdproxy({"pools": unchecked(pools(["127.0.0.1:9"])), "proxy": {"request_id": True}})
+    raw = await raw_exchange(
+        down, b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-1\r\n\r\n", until_close=False
+    )
+    assert raw.startswith(b"HTTP/1.1 502") and b"\r\nX-Request-Id: r-1\r\n" in raw, raw
+    # Off (the default), the client's id passes untouched and none is made.
+    plain = zdproxy({"pools": pools([blue.address])})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(plain.url, headers={"X-Request-Id": "a b"}) as response,
+    ):
+        assert response.status == 200
+    assert header(blue.seen[-1]["headers"], "X-Request-Id") == ["a b"]

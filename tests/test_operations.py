@@ -216,10 +216,11 @@ async def test_log_lines_are_logfmt_and_the_access_log_samples(
 ) -> None:
     blue = await upstream("blue")
     proxy = zdproxy({"pools": pools([blue.address]), "log": {"level": "info", "access": True}})
+    sizes = []
     async with aiohttp.ClientSession() as session:
         for path in ("/a", "/status/503"):
             async with session.get(proxy.url + path) as resp:
-                await resp.read()
+                sizes.append(len(await resp.read()))
     await wait_until(lambda: sum("logger=zdproxy.access" in line for line in proxy.log_lines) == 2)
     access = [logfmt(line) for line in proxy.log_lines if "logger=zdproxy.access" in line]
     assert [(a["method"], a["target"], a["status"]) for a in access] == [
@@ -227,7 +228,9 @@ async def test_log_lines_are_logfmt_and_the_access_log_samples(
         ("GET", "/status/503", "503"),
     ]
     assert access[0]["upstream"] == f"blue/{blue.address}" and access[0]["client"] == "127.0.0.1"
-    assert float(access[0]["ms"]) > 0
+    assert int(access[0]["us"]) > 0
+    assert [int(a["bytes"]) for a in access] == sizes
+    assert access[0]["ua"].startswith("Python/") and "request_id" not in access[0]
     for line in proxy.log_lines:
         fields = logfmt(line)
         assert list(fields)[:4] == ["ts", "level", "logger", "msg"], line

@@ -91,6 +91,13 @@ class ProxySettings(Section):
         description="Forward the Proxy-Authorization request header to the app servers. "
         "Off: it is removed, as credentials meant for a proxy (RFC 9110 11.7.4).",
     )
+    request_id: bool = Field(
+        default=False,
+        description="Give every request an X-Request-Id: the client's own if it sent one "
+        "(visible ASCII, at most 128 bytes), else a new one. Forwarded to the app, written "
+        "in the access log and in zdproxy's own error replies. Off by default: it costs "
+        "about 1% more CPU per small request.",
+    )
 
 
 class UpstreamSettings(Section):

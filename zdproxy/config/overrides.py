@@ -28,9 +28,9 @@ TOKEN = r"[!#-'*+.0-9A-Z^-z|~-]+"
 # a test keeps the two equal): a rule could never see them as the client sent them.
 INTERPRETED_HEADERS = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-        "upgrade", "content-length", "host", "expect", "x-forwarded-for", "x-forwarded-proto",
-        "x-forwarded-host", "cookie", "idempotency-key", "proxy-authorization",
+        "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
+        "content-length", "host", "expect", "x-forwarded-for", "x-forwarded-proto",
+        "x-forwarded-host", "cookie", "idempotency-key", "proxy-authorization", "x-request-id",
     }
 )  # fmt: skip
 

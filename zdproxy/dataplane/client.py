@@ -32,6 +32,7 @@ from zdproxy.dataplane.http import (
     H_IDEMPOTENCY_KEY,
     H_PREVIEW,
     H_PROXY_AUTHORIZATION,
+    H_REQUEST_ID,
     H_STICKY,
     H_TRANSFER_ENCODING,
     H_UPGRADE,
@@ -277,6 +278,11 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
         elif kind == H_PROXY_AUTHORIZATION:
             if ctx.limits.forward_proxy_authorization:
                 self._lines.extend((name, SEP, value, CRLF))
+        elif kind == H_REQUEST_ID:
+            if ctx.limits.request_ids is None:
+                self._lines.extend((name, SEP, value, CRLF))
+            else:
+                self._capture(kind, value)  # a repeated one becomes a list: not usable
         elif kind >= H_PREVIEW:  # only configured pins and preview register these kinds
             self._capture(kind, value)
             if kind != H_PREVIEW:  # the preview header is ours; the app never sees it
@@ -326,6 +332,9 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             named = {t for t in self._conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
                 lines = strip_named_headers(lines, named)
+        request_id = None
+        if (ids := limits.request_ids) is not None:
+            request_id = ids.take(self._captured)
         body_expected = self._chunked or self._content_length > 0
         if limits.max_body_bytes and self._content_length > limits.max_body_bytes:
             raise Reject(413, f"request body larger than {limits.max_body_bytes} bytes")
@@ -349,6 +358,8 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             head.append(self.forwarded)
             if self._host is not None:
                 head += (b"X-Forwarded-Host: ", self._host, CRLF)
+        if request_id is not None:
+            head += (b"X-Request-Id: ", request_id, CRLF)
         head.append(limits.head_end)
 
         exchange = Exchange(
@@ -365,6 +376,8 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
+        if request_id is not None:
+            exchange.request_id = request_id
         if self._idempotency_key:
             exchange.idempotency_key = True
         if (

@@ -23,10 +23,13 @@ H_IDEMPOTENCY_KEY = 12  # makes any method safe to retry (draft-ietf-httpapi-ide
 H_STICKY = 13  # the header the sticky policy hashes (configured, so added per snapshot)
 # Credentials for a proxy, not the app (RFC 9110 11.7.4): forwarded only if configured.
 H_PROXY_AUTHORIZATION = 14
+# With proxy.request_id, captured and replaced by zdproxy's own line (request_id.py);
+# else forwarded as it came.
+H_REQUEST_ID = 15
 # Configured per snapshot too: the preview header (captured, never forwarded), then the
 # headers pin rules read (captured and forwarded), H_PIN + i for the i-th such header.
-H_PREVIEW = 15
-H_PIN = 16
+H_PREVIEW = 16
+H_PIN = 17
 
 # Framing and hop-by-hop fields: what both directions interpret.
 RESPONSE_HEADERS: dict[bytes, int] = {
@@ -49,6 +52,7 @@ REQUEST_HEADERS: dict[bytes, int] = {
     b"cookie": H_COOKIE,
     b"idempotency-key": H_IDEMPOTENCY_KEY,
     b"proxy-authorization": H_PROXY_AUTHORIZATION,
+    b"x-request-id": H_REQUEST_ID,
 }
 
 # Connection options that are about this hop only and name no header to strip.
@@ -128,7 +132,7 @@ def status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-def error_response(status: int, detail: str, *, close: bool) -> bytes:
+def error_response(status: int, detail: str, *, close: bool, request_id: bytes = b"") -> bytes:
     """A short plain-text reply zdproxy writes itself, saying which failure happened."""
     phrase = HTTPStatus(status).phrase
     body = f"{status} {phrase}: {detail}\n".encode()
@@ -138,6 +142,7 @@ def error_response(status: int, detail: str, *, close: bool) -> bytes:
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Cache-Control: no-store\r\n",
+            b"X-Request-Id: %s\r\n" % request_id if request_id else b"",
             b"Connection: close\r\n" if close else b"",
             b"\r\n",
             body,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from zdproxy.dataplane.access import AccessLog
 from zdproxy.dataplane.peers import IPNetwork, in_networks, networks
+from zdproxy.dataplane.request_id import RequestIds
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Limits:
     trusted_proxies: tuple[str, ...]  # CIDR; only their X-Forwarded-* are kept
     via: str  # the Via header's pseudonym; "" sends none
     forward_proxy_authorization: bool  # else Proxy-Authorization is removed from requests
+    request_id: bool  # every request gets an X-Request-Id
     # The upstream side (config [upstream]).
     connect_timeout: float
     upstream_timeout: float
@@ -42,6 +44,7 @@ class Limits:
     head_end: bytes = field(init=False, repr=False)  # the last bytes of every upstream head
     trusted: tuple[IPNetwork, ...] = field(init=False, repr=False)
     access: AccessLog | None = field(init=False, repr=False)
+    request_ids: RequestIds | None = field(init=False, repr=False)
     retry_share: float = field(init=False, repr=False)
     tick: float = field(init=False, repr=False)  # how often the timeout sweep runs
 
@@ -59,6 +62,7 @@ class Limits:
             "head_end": via_line + b"\r\n",
             "trusted": networks(self.trusted_proxies),
             "access": AccessLog(self.access_sample) if self.access_log else None,
+            "request_ids": RequestIds() if self.request_id else None,
             "retry_share": self.retry_budget_percent / 100,
             # Timeouts fire within a quarter of the shortest one; never spin faster than 5 ms.
             "tick": min(max(shortest / 4, 0.005), 0.5),

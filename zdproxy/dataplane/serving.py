@@ -173,15 +173,17 @@ class ExchangeDriver:
         exchange.response_started = True
         # Unread body bytes would be parsed as the next request: close instead.
         exchange.client_keep_alive = exchange.client_keep_alive and exchange.request_complete
+        reply = error_response(
+            status, detail, close=not exchange.client_keep_alive, request_id=exchange.request_id
+        )
         if not self.transport.is_closing():
-            self.transport.write(
-                error_response(status, detail, close=not exchange.client_keep_alive)
-            )
+            self.transport.write(reply)
         ctx = self.ctx
         now = ctx.loop.time()
         if (access := ctx.limits.access) is not None:
             upstream = exchange.pool.target.id if exchange.pool is not None else "-"
-            access.response(exchange, status, upstream, now - (exchange.started or now))
+            elapsed = now - (exchange.started or now)
+            access.response(exchange, status, upstream, elapsed, len(reply))
         self.exchange_done(exchange, now)
 
     def _reject(self, status: int, detail: str) -> None:

@@ -110,6 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_lines",
         "_out",
         "_reason",
+        "_sent",
         "_status",
         "_until_close",
         "_upgrade_line",
@@ -146,6 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._client_chunked = False
         self._until_close = False
+        self._sent = 0  # response body bytes relayed, for the access log
 
     # -- attaching to an exchange ------------------------------------------------------
 
@@ -339,6 +341,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:  # a body after a HEAD/204/304 head: ignore it, never reuse
             self._garbage = True
             return
+        self._sent += len(body)
         if self._client_chunked:
             self._out.extend((b"%x\r\n" % len(body), body, CRLF))
         else:
@@ -367,7 +370,8 @@ class UpstreamConnection(asyncio.Protocol):
         client = exchange.client
         pool.stats.observe(self._status, now - exchange.started, exchange.route.via)
         if (access := pool.ctx.limits.access) is not None:
-            access.response(exchange, self._status, pool.target.id, now - exchange.started)
+            elapsed = now - exchange.started
+            access.response(exchange, self._status, pool.target.id, elapsed, self._sent)
         reusable = (
             self._keep_alive
             and exchange.request_complete

@@ -17,6 +17,7 @@ def dataplane_limits(settings: Settings) -> Limits:
         trusted_proxies=tuple(proxy.trusted_proxies),
         via=proxy.via,
         forward_proxy_authorization=proxy.forward_proxy_authorization,
+        request_id=proxy.request_id,
         connect_timeout=upstream.connect_timeout,
         upstream_timeout=upstream.timeout,
         upstream_idle_timeout=upstream.idle_timeout,
