@@ -132,6 +132,20 @@ async def test_slow_and_silent_heads_get_408_at_the_header_timeout(
     await wait_until(lambda: any("by admin.header_timeout" in x for x in proxy.log_lines))
 
 
+async def test_a_slow_body_with_a_valid_token_gets_408_at_the_body_timeout(
+    zdproxy: StartProxy, raws: list[Raw]
+) -> None:
+    proxy = zdproxy(admin_config(body_timeout="500ms", header_timeout="1h"))
+    head = b"PUT /v1/split HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n"
+    slow = await Raw.open(proxy, head + TOKEN_LINE + b"Content-Length: 100\r\n\r\n{")
+    raws.append(slow)
+    answer = problem(await slow.until_closed(), 408)
+    assert "admin.body_timeout (0.5s)" in answer["detail"], answer
+    # The split is unchanged, and the listener answers the next call.
+    status = await admin_api(proxy, "GET", "/v1/status")
+    assert status["split"]["candidate_weight"] == 0
+
+
 async def test_an_idle_connection_closes_at_the_idle_timeout(
     zdproxy: StartProxy, raws: list[Raw]
 ) -> None:

@@ -9,6 +9,7 @@ drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -137,7 +138,7 @@ def _decode(raw: bytes) -> Any:
     return data
 
 
-async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
+async def _parse(route: Route, request: web.Request, body_timeout: float) -> tuple[Any, Any]:
     query = body = None
     if route.query is not None:
         params = dict(request.query)
@@ -149,7 +150,12 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
             raise _field_errors(exc, "query", route.query) from None
     if route.body is not None:
         try:
-            raw = await request.read()
+            async with asyncio.timeout(body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            # Checked after the token: a valid one must not hold a handler open either.
+            detail = f"request body not complete within admin.body_timeout ({body_timeout:g}s)"
+            raise ApiError(408, detail) from None
         except (web.RequestPayloadError, ConnectionResetError) as exc:
             # A broken chunked framing, or the client left before its body was complete.
             reason = f"could not be read: {exc}"
@@ -164,7 +170,7 @@ async def _parse(route: Route, request: web.Request) -> tuple[Any, Any]:
 
 
 def _endpoint(
-    route: Route, tokens: Tokens, stopping: Callable[[], bool]
+    route: Route, tokens: Tokens, stopping: Callable[[], bool], body_timeout: float
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         try:
@@ -173,10 +179,13 @@ def _endpoint(
             if route.method != "GET" and stopping():
                 # Health checks and the tick are closing: a change now would not be acted on.
                 raise ApiError(503, "zdproxy is stopping: try again when it is back")
-            body, query = await _parse(route, request)
+            body, query = await _parse(route, request, body_timeout)
             result = await route.handler(Call(request, body, query, _actor(request)))
         except ApiError as exc:
-            return problem(exc.status, exc.detail, exc.errors)
+            answer = problem(exc.status, exc.detail, exc.errors)
+            if exc.status == HTTPStatus.REQUEST_TIMEOUT:
+                answer.force_close()  # the rest of the body may still come: not a request
+            return answer
         except Refused as exc:
             return problem(exc.status, str(exc), [FieldError(field=exc.field, reason=exc.reason)])
         if isinstance(result, web.StreamResponse):
@@ -205,11 +214,13 @@ async def _problems(
         return problem(500, "internal error; see zdproxy's log")
 
 
-def build_app(routes: list[Route], tokens: Tokens, stopping: Callable[[], bool]) -> web.Application:
+def build_app(
+    routes: list[Route], tokens: Tokens, stopping: Callable[[], bool], body_timeout: float
+) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
     for route in routes:
         path = route.path.replace("{color}", "{color:blue|green}")
-        endpoint = _endpoint(route, tokens, stopping)
+        endpoint = _endpoint(route, tokens, stopping, body_timeout)
         app.router.add_route(route.method, path, endpoint)
         if route.method == "GET" and not route.auth and not route.streams:
             # The open endpoints (probes, /metrics) also answer HEAD, as load balancers'

@@ -55,6 +55,13 @@ class AdminSettings(_Section):
         "accept for a connection's first request and from the first byte for a later one; "
         "past it: 408 and close. At most 1h.",
     )
+    body_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        le=HOUR,
+        description="A request body must arrive in full within this time after its head, "
+        "token or not; past it: 408 and close. At most 1h.",
+    )
     idle_timeout: Duration = Field(
         default=60.0,
         gt=0,

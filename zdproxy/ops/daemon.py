@@ -51,6 +51,7 @@ RESTART_ONLY = (
     ("proxy", "backlog"),
     ("admin", "listen"),
     ("admin", "header_timeout"),
+    ("admin", "body_timeout"),
     ("admin", "idle_timeout"),
     ("admin", "max_connections"),
     ("admin", "max_pending_heads"),
