@@ -69,6 +69,8 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
     assert any(WHEELHOUSE.glob("*.whl")), "no dist/wheelhouse: `make wheelhouse` fills it"
     dist = tmp_path_factory.mktemp("dist")
     run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, REPO, timeout=300)
+    for part in ("man", "completion"):  # as `make dist` makes them, for the .deb
+        run(sys.executable, "-m", "zdproxy.manual", part, dist)
     (dist / "wheelhouse").symlink_to(WHEELHOUSE)
     (wheel,) = dist.glob("zdproxy-*-py3-none-any.whl")
     assert len(list(dist.glob("zdproxy-*.tar.gz"))) == 1
@@ -219,6 +221,14 @@ def check_installation(release: Release) -> None:
     run("systemd-analyze", "verify", "--man=no", *units, timeout=60)
     # Installed, not enabled (the config must name the pools first), so not started.
     assert not list(Path("/etc/systemd/system").glob("*.wants/zdproxy*"))
+
+    # The man page and the completions made from the CLI's parser.
+    assert "zdproxy deploy" in run("man", "-P", "cat", "zdproxy").stdout
+    for completion in (
+        "/usr/share/bash-completion/completions/zdproxy",
+        "/usr/share/zsh/vendor-completions/_zdproxy",
+    ):
+        assert "rollout" in Path(completion).read_text()
 
     check_version(Path("/usr/bin/zdproxy"), release)
     run("/usr/bin/zdproxy", "check", "--config", CONFIG_DIR / "zdproxy.toml")
