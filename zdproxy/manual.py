@@ -5,7 +5,7 @@ change with it.
     python -m zdproxy.manual man DIR          # DIR/man/zdproxy.1
     python -m zdproxy.manual completion DIR   # DIR/completion/bash/zdproxy, .../zsh/_zdproxy
 
-`make man completion` runs both into build/. The files are named as they are
+`make man completion` runs both into dist/ (MANUAL_DIR). The files are named as they are
 installed: /usr/share/man/man1/zdproxy.1, /usr/share/bash-completion/completions/zdproxy,
 /usr/share/zsh/vendor-completions/_zdproxy. shtab writes the completion and
 argparse-manpage the man page (both from the test extra, not runtime dependencies:
