@@ -3,7 +3,7 @@
 Off, it costs one attribute test per response. On, a sampled response becomes a
 line on the `zdproxy.access` logger (logfmt or JSON, as `log.format` says): method,
 target, status, upstream, duration in microseconds, response body bytes, client,
-user agent, and the request id when `proxy.request_id` is on.
+user agent, and the request's X-Request-Id as forwarded, if it has one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import random
 import re
 from typing import TYPE_CHECKING
+
+from zdproxy.dataplane.request_id import request_id_in
 
 if TYPE_CHECKING:
     from zdproxy.dataplane.exchange import Exchange
@@ -28,9 +30,9 @@ class AccessLog:
         self.sample = sample
 
     def response(
-        self, exchange: Exchange, status: int, upstream: str, seconds: float, sent: int
+        self, exchange: Exchange, status: int, upstream: str, seconds: float, sent: int | None
     ) -> None:
-        """`sent`: the response body bytes relayed (or zdproxy's own reply's bytes)."""
+        """`sent`: the response body's bytes (zdproxy's own reply's), None if not counted."""
         if self.sample < 1.0 and random.random() >= self.sample:
             return
         head = exchange.head
@@ -43,10 +45,10 @@ class AccessLog:
             "status": status,
             "upstream": upstream,
             "us": round(seconds * 1_000_000),
-            "bytes": sent,
+            "bytes": "-" if sent is None else sent,
             "client": exchange.client.peer_ip.decode(),
             "ua": agent[1].decode("latin-1") if agent else "",
         }
-        if exchange.request_id:
-            fields["request_id"] = exchange.request_id.decode("latin-1")
+        if request_id := request_id_in(head):
+            fields["request_id"] = request_id.decode("latin-1")
         log.info("%s %s %d", fields["method"], target, status, extra={"fields": fields})

@@ -332,9 +332,6 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             named = {t for t in self._conn_tokens if t not in CONNECTION_OPTIONS}
             if named:
                 lines = strip_named_headers(lines, named)
-        request_id = None
-        if (ids := limits.request_ids) is not None:
-            request_id = ids.take(self._captured)
         body_expected = self._chunked or self._content_length > 0
         if limits.max_body_bytes and self._content_length > limits.max_body_bytes:
             raise Reject(413, f"request body larger than {limits.max_body_bytes} bytes")
@@ -358,8 +355,8 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             head.append(self.forwarded)
             if self._host is not None:
                 head += (b"X-Forwarded-Host: ", self._host, CRLF)
-        if request_id is not None:
-            head += (b"X-Request-Id: ", request_id, CRLF)
+        if (ids := limits.request_ids) is not None:
+            head += (b"X-Request-Id: ", ids.take(self._captured), CRLF)
         head.append(limits.head_end)
 
         exchange = Exchange(
@@ -376,8 +373,6 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             upgrade=upgrade,
         )
         exchange.expect_continue = expect_continue
-        if request_id is not None:
-            exchange.request_id = request_id
         if self._idempotency_key:
             exchange.idempotency_key = True
         if (

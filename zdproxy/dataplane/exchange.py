@@ -102,7 +102,6 @@ class Exchange:
         "pending_bytes",
         "pool",
         "request_complete",
-        "request_id",
         "response_started",
         "reused",
         "route",
@@ -153,7 +152,6 @@ class Exchange:
         # The upstream refused the request before its body was whole: the rest of the
         # body is not forwarded (RFC 9110 15.5, RFC 9112 9.6).
         self.declined = False
-        self.request_id = b""  # with proxy.request_id: its X-Request-Id
 
     def send_body(self, data: bytes) -> None:
         """Forward request body bytes (already de-chunked by the parser) to the upstream."""

@@ -14,6 +14,9 @@ import re
 
 from zdproxy.dataplane.http import H_REQUEST_ID
 
+# The id in a request head as forwarded: zdproxy's own line with proxy.request_id, or
+# else the client's, whatever its case.
+_IN_HEAD = re.compile(rb"\r\nx-request-id:[ \t]*([^\r]*)", re.IGNORECASE)
 # What a client's id may be: visible ASCII without spaces or commas (one id, not a
 # list), at most 128 bytes; anything else is replaced, never forwarded or logged.
 _USABLE = re.compile(rb"[!-+\--~]{1,128}")
@@ -35,3 +38,10 @@ class RequestIds:
                 return sent
         self._made += 1
         return self._prefix + b"%x" % self._made
+
+
+def request_id_in(head: bytes) -> bytes:
+    """The X-Request-Id of a request head as forwarded, b"" if none: read back only where
+    one is written (zdproxy's own error replies, the access log), never per request."""
+    found = _IN_HEAD.search(head)
+    return found[1] if found else b""

@@ -18,6 +18,7 @@ from zdproxy.dataplane.context import Context, RetryKind
 from zdproxy.dataplane.exchange import Exchange, PoolSide, UpstreamSide
 from zdproxy.dataplane.flow import BODY_WAITING, PIPELINE_FULL, ReadGate
 from zdproxy.dataplane.http import CONTINUE_100, error_response
+from zdproxy.dataplane.request_id import request_id_in
 from zdproxy.routing.local import LocalErrorSite, describe
 from zdproxy.routing.records import FailureKind
 
@@ -173,17 +174,19 @@ class ExchangeDriver:
         exchange.response_started = True
         # Unread body bytes would be parsed as the next request: close instead.
         exchange.client_keep_alive = exchange.client_keep_alive and exchange.request_complete
+        ctx = self.ctx
+        request_id = request_id_in(exchange.head) if ctx.limits.request_ids else b""
         reply = error_response(
-            status, detail, close=not exchange.client_keep_alive, request_id=exchange.request_id
+            status, detail, close=not exchange.client_keep_alive, request_id=request_id
         )
         if not self.transport.is_closing():
             self.transport.write(reply)
-        ctx = self.ctx
         now = ctx.loop.time()
         if (access := ctx.limits.access) is not None:
             upstream = exchange.pool.target.id if exchange.pool is not None else "-"
             elapsed = now - (exchange.started or now)
-            access.response(exchange, status, upstream, elapsed, len(reply))
+            body = len(reply) - reply.index(b"\r\n\r\n") - 4
+            access.response(exchange, status, upstream, elapsed, body)
         self.exchange_done(exchange, now)
 
     def _reject(self, status: int, detail: str) -> None:

@@ -104,9 +104,9 @@ class UpstreamConnection(asyncio.Protocol):
         "_conn_tokens",
         "_discard",
         "_garbage",
-        "_has_length",
         "_info",
         "_keep_alive",
+        "_length",
         "_lines",
         "_out",
         "_reason",
@@ -137,7 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._status = 0
         self._conn_tokens: list[bytes] | None = None
-        self._has_length = False
+        self._length: bytes | None = None  # the Content-Length value
         self._chunked = False
         self._upgrade_line = b""
         self._info = False
@@ -147,7 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._client_chunked = False
         self._until_close = False
-        self._sent = 0  # response body bytes relayed, for the access log
+        self._sent = 0  # chunked body bytes relayed, for the access log
 
     # -- attaching to an exchange ------------------------------------------------------
 
@@ -255,7 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
         kind = RESPONSE_HEADERS.get(name.lower())
         if kind is None or kind == H_CONTENT_LENGTH:
             if kind is not None:
-                self._has_length = True
+                self._length = value
             self._lines.extend((name, SEP, value, CRLF))
         elif kind == H_CONNECTION:
             if value.lower() in PLAIN_CONNECTION_VALUES:
@@ -296,7 +296,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._discard = True  # read this answer to its end, then ask the live pool
             if exchange.is_head or status in _NO_BODY_STATUSES:
                 self._complete = True
-            elif not self._has_length and not self._chunked:
+            elif self._length is None and not self._chunked:
                 self._until_close = True
             return
         exchange.response_started = True
@@ -318,7 +318,7 @@ class UpstreamConnection(asyncio.Protocol):
         )
         if exchange.is_head or status in _NO_BODY_STATUSES or status == 101:
             self._complete = status != 101
-        elif not self._has_length:
+        elif self._length is None:
             # Chunked, or delimited by the upstream closing: HTTP/1.1 clients get chunks,
             # HTTP/1.0 clients get the raw body and a closed connection at its end.
             self._until_close = not self._chunked
@@ -341,8 +341,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:  # a body after a HEAD/204/304 head: ignore it, never reuse
             self._garbage = True
             return
-        self._sent += len(body)
         if self._client_chunked:
+            self._sent += len(body)  # else the Content-Length says it, or nothing does
             self._out.extend((b"%x\r\n" % len(body), body, CRLF))
         else:
             self._out.append(body)
@@ -370,8 +370,9 @@ class UpstreamConnection(asyncio.Protocol):
         client = exchange.client
         pool.stats.observe(self._status, now - exchange.started, exchange.route.via)
         if (access := pool.ctx.limits.access) is not None:
-            elapsed = now - exchange.started
-            access.response(exchange, self._status, pool.target.id, elapsed, self._sent)
+            access.response(
+                exchange, self._status, pool.target.id, now - exchange.started, self._body_sent()
+            )
         reusable = (
             self._keep_alive
             and exchange.request_complete
@@ -395,6 +396,15 @@ class UpstreamConnection(asyncio.Protocol):
             client.retry_on_live(exchange, pool)
         else:
             client.exchange_done(exchange, now)
+
+    def _body_sent(self) -> int | None:
+        """The response body's bytes, for the access log: None for a raw body without a
+        length (an HTTP/1.0 client's), whose bytes are not counted."""
+        if self._status in _NO_BODY_STATUSES or self.exchange is None or self.exchange.is_head:
+            return 0
+        if self._length is not None:
+            return int(self._length)
+        return self._sent if self._client_chunked else None
 
     def _fail(self, kind: FailureKind, detail: str) -> None:
         exchange = self.exchange
