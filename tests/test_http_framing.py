@@ -11,7 +11,15 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.conftest import RawHandler, RawUpstream, ZdProxy, pools, raw_exchange, unchecked
+from tests.conftest import (
+    RawHandler,
+    RawUpstream,
+    ZdProxy,
+    pools,
+    raw_exchange,
+    unchecked,
+    wait_until,
+)
 from tests.test_http_basic import read_response
 from tests.test_http_strict import answers
 from zdproxy.dataplane.body import declared_chunk, last_chunk
@@ -285,6 +293,27 @@ async def test_an_upgrade_request_whose_body_breaks_its_framing_gets_400() -> No
     head = b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
     chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
     assert await answers([chunked + b"zz\r\n"]) == [b"400"]  # nothing was sent
+
+
+async def test_an_upgrade_body_broken_in_a_later_read_gets_400_and_no_tunnel(
+    zdproxy: StartProxy, raw_upstream: StartRaw
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # reads whatever comes, never answers
+            pass
+
+    up = await raw_upstream(handler)
+    proxy = zdproxy({"pools": unchecked(pools([up.address]))})
+    head = b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+    await wait_until(lambda: up.received.endswith(b"2\r\nab\r\n"))  # head and chunk sent on
+    writer.write(b"zz\r\nNEW-PROTOCOL")
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # until zdproxy closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400") and b"Connection: close" in answer, answer
+    assert b"zz" not in up.received and b"NEW-PROTOCOL" not in up.received
 
 
 async def test_a_request_pipelined_in_the_same_read_gets_its_line_checked() -> None:

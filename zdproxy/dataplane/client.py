@@ -131,6 +131,8 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             ctx = self.ctx
             self.deadline = ctx.loop.time() + ctx.limits.tunnel_idle_timeout
             return
+        if self.owed_reply is not None:
+            return  # the request stream is broken or answered for good: discarded
         if self.upgrade_buffer is not None:  # after an Upgrade request's head
             if self._upgrade_body is None:  # bytes for the tunnel, before the 101 arrived
                 self.upgrade_buffer.append(data)
@@ -138,8 +140,6 @@ class ClientConnection(RequestFraming, asyncio.Protocol):
             else:
                 self._upgrade_body_received(data)
             return
-        if self.owed_reply is not None:
-            return  # the request stream is broken; what follows is discarded
         head_continues = self.in_head
         if head_continues:
             if not self._head_goes_on(data):

@@ -145,6 +145,8 @@ class RequestFraming(ExchangeDriver):
         try:
             end = reader.split(data)
         except httptools.HttpParserError as exc:
+            # What follows is discarded, as after any refusal: no body, no tunnel.
+            self._upgrade_body = self.upgrade_buffer = None
             self._malformed(exc)
             return
         if end:
