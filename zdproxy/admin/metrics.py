@@ -25,11 +25,13 @@ from prometheus_client.registry import Collector
 from zdproxy import __commit__, __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.config.settings import COLORS
+from zdproxy.control.availability import effective_shares
 from zdproxy.control.event_kinds import KINDS
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.telemetry import color_of
 from zdproxy.routing.histogram import COARSE
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
+from zdproxy.routing.snapshot import BASIS_POINTS
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
@@ -78,6 +80,16 @@ class ZdproxyCollector(Collector):
         for color in COLORS:
             weights.add_metric([color], control.share(color) / 10000)
         yield weights
+        effective = GaugeMetricFamily(
+            "zdproxy_effective_share",
+            "Share of the traffic per color as routed now: a color with nothing routable "
+            "gives its share to the other (0-1)",
+            labels=["color"],
+        )
+        shares = effective_shares(control.routing)
+        for color in COLORS:
+            effective.add_metric([color], shares.get(color, 0) / BASIS_POINTS)
+        yield effective
         yield from self._rollouts()
         family = CounterMetricFamily(
             "zdproxy_config_reloads", "Config reloads by result", labels=["result"]
