@@ -22,8 +22,14 @@ from tests.conftest import (
 )
 from tests.test_http_basic import read_response
 from tests.test_http_strict import answers
+from zdproxy.config.loader import settings_from_mapping
 from zdproxy.dataplane.body import declared_chunk, last_chunk
 from zdproxy.dataplane.exchange import Exchange
+from zdproxy.dataplane.server import ProxyServer
+from zdproxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from zdproxy.ops.limits import dataplane_limits
+from zdproxy.routing.address import Address
+from zdproxy.routing.snapshot import UpstreamTarget, upstream_id
 
 StartProxy = Callable[..., ZdProxy]
 StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
@@ -324,3 +330,76 @@ async def test_a_request_pipelined_in_the_same_read_gets_its_line_checked() -> N
     assert await answers([post + bad]) == [b"/p", b"400"]
     assert await answers([get + b"\r\n" + bad]) == [b"/a", b"400"]  # an empty line first
     assert await answers([post + get + post]) == [b"/p", b"/a", b"/p"]
+
+
+# -- a pooled connection comes back reading ---------------------------------------------
+
+
+class Paused(Recording):
+    """An upstream transport that also says whether it is reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        raise AssertionError("a reusable connection is kept, not closed")
+
+
+class SlowReader:
+    """A client whose write buffer is full for the whole response (ClientSide)."""
+
+    def __init__(self) -> None:
+        self.transport = Recording()
+        self.writing_paused = False
+        self.deadline = 0.0
+        self.peer_ip = b"192.0.2.1"
+        self.done: list[Exchange] = []
+
+    def exchange_done(self, exchange: Exchange, now: float) -> None:
+        self.done.append(exchange)
+
+    def retry_status(self, *args: object) -> bool:
+        return False
+
+
+async def test_a_connection_paused_for_a_slow_client_is_pooled_reading_again() -> None:
+    limits = dataplane_limits(settings_from_mapping({"pools": pools(["127.0.0.1:9"])}))
+    ctx = ProxyServer(limits).ctx
+    address = Address.parse("127.0.0.1:9")
+    pool = UpstreamPool(UpstreamTarget(upstream_id("blue", address), "blue", address), ctx)
+    conn = UpstreamConnection(pool)
+    transport = Paused()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    client = SlowReader()
+    exchange = Exchange(
+        client,  # type: ignore[arg-type]
+        b"GET / HTTP/1.1\r\n\r\n",
+        is_head=False,
+        method=b"GET",
+        chunked=False,
+        body_expected=False,
+        keep_alive=True,
+        http10=False,
+        upgrade=False,
+    )
+    exchange.request_complete = True
+    exchange.started = ctx.loop.time()
+    pool.outstanding = 1
+    conn.attach(exchange)
+    # The client's buffer fills as the response is relayed, and holds the upstream: the
+    # same read that paused it ends the response.
+    client.writing_paused = True
+    transport.pause_reading()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.done == [exchange]
+    assert pool.idle == [conn] and transport.reading

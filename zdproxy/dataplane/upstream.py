@@ -389,6 +389,11 @@ class UpstreamConnection(asyncio.Protocol):
         exchange.upstream = None
         self._reset_response()
         if reusable:
+            if client.writing_paused:
+                # The client's full buffer paused this connection's reading, and its
+                # resume_writing will look only at the exchange it serves then: read again
+                # now, or the next request on it would never see its answer.
+                self.transport.resume_reading()
             pool.release(self, now)
         else:
             self.transport.close()
