@@ -29,6 +29,7 @@ import pytest
 from aiohttp import web
 
 from tests.apps import upstream_app
+from tests.test_rollout_model import RolloutMachine
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.settings import Settings
 
@@ -405,3 +406,11 @@ async def raw_exchange(
     finally:
         writer.close()
     return b"".join(chunks)
+
+
+@pytest.fixture
+def machine() -> Iterator[RolloutMachine]:
+    """The control plane and its rollouts over a fake data plane and a fake clock."""
+    harness = RolloutMachine()
+    yield harness
+    harness.teardown()

@@ -33,6 +33,7 @@ from tests.conftest import (
 )
 from tests.test_rollout import load
 from tests.test_rollout_watch import judged, one_step
+from tests.test_systemd import verify_units
 from zdproxy import __commit__, __version__
 from zdproxy.cli import build_parser
 from zdproxy.manual import subcommands
@@ -480,22 +481,7 @@ TEMPLATES = ("zdproxy@.service", "zdproxy@.socket", "zdproxy-admin@.socket")
 
 
 def test_the_templated_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    """As test_systemd.py does for the single units: zdproxy@shop and its sockets."""
-    zdproxy_bin = str(Path(sys.executable).with_name("zdproxy"))
-    for unit in TEMPLATES:
-        text = (REPO / "systemd" / unit).read_text()
-        (tmp_path / unit).write_text(text.replace("/opt/zdproxy/.venv/bin/zdproxy", zdproxy_bin))
-    instances = [unit.replace("@.", "@shop.") for unit in TEMPLATES]
-    result = subprocess.run(
-        [tool("systemd-analyze"), "verify", "--man=no", *(f"./{u}" for u in instances)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == "", result.stderr
+    verify_units(tmp_path, TEMPLATES, instance="shop")
 
 
 def directives(unit: str) -> list[str]:

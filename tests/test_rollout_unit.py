@@ -4,7 +4,6 @@ in-memory data plane and a fake clock (the harness of tests/test_rollout_model.p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +16,6 @@ from zdproxy.control.phases import (
     check_transition,
 )
 from zdproxy.control.rollout.run import Rollout
-
-
-@pytest.fixture
-def machine() -> Iterator[RolloutMachine]:
-    harness = RolloutMachine()
-    yield harness
-    harness.teardown()
 
 
 def stepping(machine: RolloutMachine) -> None:

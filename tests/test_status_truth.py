@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -30,13 +30,13 @@ from tests.conftest import (
 )
 from tests.fakes import FakeClock, FakeDataPlane, FakeHealth
 from tests.test_rollout_model import RolloutMachine
+from tests.test_rollout_unit import stepping
 from zdproxy.config.settings import OutlierSettings
 from zdproxy.config.units import Address
 from zdproxy.control.availability import UpstreamState, effective_shares, upstream_state
 from zdproxy.control.events import EventLog, EventRecord
 from zdproxy.control.health import HealthChecker
 from zdproxy.control.outliers import SKIP_REPORT_SECONDS, OutlierDetector
-from zdproxy.control.phases import Phase
 from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget
 
 StartProxy = Callable[..., ZdProxy]
@@ -82,21 +82,6 @@ def test_an_upstream_state_names_the_operator_first_then_the_ejection_then_healt
 
 
 # -- who acted -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def machine() -> Iterator[RolloutMachine]:
-    harness = RolloutMachine()
-    yield harness
-    harness.teardown()
-
-
-def stepping(machine: RolloutMachine) -> None:
-    machine.deploy("green")
-    for _ in range(3):  # the preflight's job, then step 1
-        machine.tick(0.1)
-    last = machine.control.rollouts.last
-    assert last is not None and last.state is Phase.STEP
 
 
 def by_kind(machine: RolloutMachine) -> list[tuple[str, str, str]]:

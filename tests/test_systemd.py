@@ -45,15 +45,17 @@ def tool(name: str) -> str:
     return found
 
 
-def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
-    # The units name /opt/zdproxy/.venv/bin/zdproxy; verify insists that it exists, so
-    # the copies name the zdproxy of this checkout instead. Nothing else changes.
+def verify_units(tmp_path: Path, units: tuple[str, ...], instance: str = "") -> None:
+    """systemd-analyze verify on copies of these units (templates as `instance`), with
+    not even a warning. The units name /opt/zdproxy/.venv/bin/zdproxy; verify insists
+    that it exists, so the copies name the zdproxy of this checkout instead."""
     zdproxy_bin = str(Path(sys.executable).with_name("zdproxy"))
-    for unit in UNITS:
+    for unit in units:
         text = (REPO / "systemd" / unit).read_text()
         (tmp_path / unit).write_text(text.replace("/opt/zdproxy/.venv/bin/zdproxy", zdproxy_bin))
+    names = [unit.replace("@.", f"@{instance}.") for unit in units]
     result = subprocess.run(
-        [tool("systemd-analyze"), "verify", "--man=no", *(f"./{u}" for u in UNITS)],
+        [tool("systemd-analyze"), "verify", "--man=no", *(f"./{u}" for u in names)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -61,7 +63,11 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "", result.stderr  # not even a warning
+    assert result.stderr == "", result.stderr
+
+
+def test_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    verify_units(tmp_path, UNITS)
     service = (REPO / "systemd" / "zdproxy.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in service
