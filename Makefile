@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck contracts pytest tools bench lock clean \
-	dist wheel wheelhouse deb deb-tools package-test
+.PHONY: demo test lint typecheck contracts pytest tools browser bench lock clean \
+	dist wheel wheelhouse deb deb-tools package-test screenshots
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
-pytest: $(STAMP) tools
+pytest: $(STAMP) tools browser
 	$(BIN)/pytest -q
 
 # The tests run systemd's own tools (systemd-socket-activate, systemd-analyze), and
@@ -47,6 +47,16 @@ tools:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq man-db groff-base >/dev/null; }
 
+# The dashboard's tests (tests/test_dashboard.py) and `make screenshots` drive Debian's
+# Chromium through its own chromedriver, /usr/bin/chromedriver: selenium is pointed at
+# it, so nothing is downloaded at test time. Installed when missing (root, or sudo).
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@missing="$$(for p in $(BROWSER_PACKAGES); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p \
+		2>/dev/null | grep -q '^ii' || echo $$p; done)"; \
+	[ -z "$$missing" ] || { echo "installing" $$missing; $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; }
+
 # The man page and the bash and zsh completion, made from the CLI's parser
 # (zdproxy/manual.py): $(MANUAL_DIR)/man/zdproxy.1, $(MANUAL_DIR)/completion/bash/zdproxy
 # and $(MANUAL_DIR)/completion/zsh/_zdproxy, named as they are installed.
@@ -57,6 +67,11 @@ man completion: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# docs/img/dashboard-rollout.png and dashboard-rollback.png, from a real `zdproxy demo`
+# with a rollout and a rollback in headless Chromium: run by hand when the page changes.
+screenshots: $(STAMP) browser
+	$(BIN)/python benchmarks/screenshots.py docs/img
 
 # Regenerates the locks from pyproject.toml with a throw-away pip-tools venv, upgrading
 # every pin; `make lock LOCK_FLAGS=` only adds what pyproject.toml gained.

@@ -375,6 +375,7 @@ def _refs(node: Any) -> Iterator[str]:
 # check would show up as a change.
 GUARDED = [
     ("GET", "/v1/status", None),
+    ("GET", "/v1/status?follow=1", None),
     ("GET", "/v1/pools/blue", None),
     ("PUT", "/v1/pools/green", {"upstreams": ["127.0.0.1:10"], "version": "g-1"}),
     ("GET", "/v1/split", None),

@@ -74,12 +74,14 @@ def test_admin_api_conforms_to_its_openapi_document(zdproxy: StartProxy, tmp_pat
     assert len(operations) == 25, operations  # rollouts and rolling: none can run here
     assert "POST /v1/reload" in operations  # fuzzed too: it re-reads the unchanged file
 
-    # GET /v1/events?follow=1 is a server-sent event stream that never ends: the
-    # parameter is taken out of the document the fuzzer reads, so it can never send it
-    # (the history form of GET /v1/events is fuzzed). The contract tests cover follow.
-    events = document["paths"]["/v1/events"]["get"]
-    assert "follow" in [p["name"] for p in events["parameters"]]
-    events["parameters"] = [p for p in events["parameters"] if p["name"] != "follow"]
+    # GET /v1/events?follow=1 and GET /v1/status?follow=1 are server-sent event streams
+    # that never end: the parameter is taken out of the document the fuzzer reads, so it
+    # can never send it (their other forms are fuzzed). The contract tests and
+    # tests/test_dashboard.py cover follow.
+    for path in ("/v1/events", "/v1/status"):
+        streams = document["paths"][path]["get"]
+        assert "follow" in [p["name"] for p in streams["parameters"]]
+        streams["parameters"] = [p for p in streams["parameters"] if p["name"] != "follow"]
     schema = tmp_path / "openapi.json"
     schema.write_text(json.dumps(document))
 

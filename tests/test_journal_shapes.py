@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from tests.conftest import in_process_settings, pools
 from tests.fakes import FakeDataPlane
-from zdproxy.admin.app import Call
 from zdproxy.admin.handlers import AdminAPI, ServiceState
 from zdproxy.config.settings import Settings
 from zdproxy.control import state
@@ -200,7 +199,7 @@ async def start(settings: Settings, state_dir: Path) -> Started:
     try:
         control.restore()
         api = AdminAPI(control, ServiceState())
-        status = (await api.status(cast(Call, None))).model_dump(mode="json")
+        status = api.current_status().model_dump(mode="json")
     finally:
         await control.close()
     return Started(control, events, dataplane, status)

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from zdproxy.admin.dashboard import add_dashboard, load_assets
 from zdproxy.admin.inputs import json_problem, printable, too_deep
 from zdproxy.admin.models import FieldError, Problem
 from zdproxy.config.loader import format_validation_error
@@ -101,7 +102,8 @@ class Tokens:
             raise ApiError(
                 401,
                 "no admin token is configured: set admin.token_file or ZDPROXY_ADMIN__TOKEN "
-                "(only /healthz, /readyz, /metrics and /v1/openapi.json answer without one)",
+                "(only /healthz, /readyz, /metrics, /v1/openapi.json and the dashboard's page, "
+                "/ui/, answer without one)",
             )
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # aiohttp keeps undecodable header bytes as surrogate escapes: give them back.
@@ -226,4 +228,6 @@ def build_app(
             # The open endpoints (probes, /metrics) also answer HEAD, as load balancers'
             # and monitors' checks send it: the same status and headers, no body.
             app.router.add_route("HEAD", path, endpoint)
+    # The dashboard's page and assets: no data, no token; its calls are the routes above.
+    add_dashboard(app, load_assets())
     return app

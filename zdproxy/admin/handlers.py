@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from zdproxy import __version__
 from zdproxy.admin import models as m
 from zdproxy.admin.app import ApiError, Call, Route
+from zdproxy.admin.feed import LiveFeed
 from zdproxy.admin.stream import stream_events
 from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
@@ -50,6 +51,7 @@ class AdminAPI:
     def __init__(self, control: ControlPlane, service: ServiceState) -> None:
         self.control = control
         self.service = service
+        self.feed = LiveFeed(control, self.current_status)  # AdminServer starts and closes it
 
     def routes(self) -> list[Route]:
         return [
@@ -70,6 +72,11 @@ class AdminAPI:
                 "Pools, health, split, rules and windows",
                 self.status,
                 m.Status,
+                query=m.StatusQuery,
+                streams=True,
+                description="With follow, a text/event-stream (the dashboard's): each "
+                "second the status and each color's traffic over that second, after the "
+                "last 15 minutes of it.",
             ),
             Route(
                 "GET", "/v1/pools/{color}", "A pool's upstreams and version", self.get_pool, m.Pool
@@ -260,7 +267,13 @@ class AdminAPI:
             )
         return views
 
-    async def status(self, call: Call) -> BaseModel:
+    async def status(self, call: Call) -> BaseModel | web.StreamResponse:
+        query: m.StatusQuery = call.query
+        if query.follow:
+            return await self.feed.stream(call.request)
+        return self.current_status()
+
+    def current_status(self) -> m.Status:
         control = self.control
         now = asyncio.get_running_loop().time()
         effective = effective_shares(control.routing)
@@ -308,6 +321,10 @@ class AdminAPI:
                 **record.model_dump(mode="json", exclude={"hooks_done"}),
                 "step": record.step or None,
                 "steps": len(plan.steps) if plan else None,
+                "plan_steps": [{"weight": s.weight, "hold": s.hold} for s in plan.steps]
+                if plan
+                else [],
+                "bake": plan.bake if plan else None,
                 # Today's split says nothing of an older rollout's share.
                 "share": self.control.share(record.candidate) / 100
                 if record is rollouts.last

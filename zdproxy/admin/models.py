@@ -85,6 +85,14 @@ class RulesChange(Body):
     rules: list[PinSettings] = Field(max_length=1000)
 
 
+class StatusQuery(Body):
+    follow: bool = Field(
+        default=False,
+        description="Stream server-sent events, one a second: `samples` (each color's "
+        "traffic per second, the last 15 minutes first) and `status` (this body).",
+    )
+
+
 class EventsQuery(Body):
     since: int = Field(default=0, ge=0, description="Only events with a larger id.")
     kind: str | None = Field(default=None, max_length=100, description="Only this kind.")
@@ -205,6 +213,11 @@ class PoolStatus(BaseModel):
     )
     upstreams: list[Upstream]
     window: Window
+
+
+class PlanStep(BaseModel):
+    weight: float = Field(description="The candidate's share in this step, percent.")
+    hold: float = Field(description="Seconds the step holds.")
 
 
 RolloutStateName = Literal[
@@ -365,6 +378,11 @@ class Rollout(BaseModel):
     plan: str | None = None
     step: int | None = Field(default=None, description="1-based, while stepping.")
     steps: int | None = None
+    plan_steps: list[PlanStep] = Field(
+        default_factory=list,
+        description="The plan's steps as the config has them now; empty when it has no such plan.",
+    )
+    bake: float | None = Field(default=None, description="Seconds of the plan's bake.")
     share: float | None = Field(
         default=None,
         description="The candidate's share now, percent; none for an older rollout than the last.",

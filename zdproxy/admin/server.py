@@ -31,7 +31,9 @@ class AdminServer:
     def __init__(self, control: ControlPlane, service: ServiceState, admin: AdminSettings) -> None:
         self.tokens = Tokens(admin.bearer_token)
         self._exporter = Exporter(control, service)
-        routes = AdminAPI(control, service).routes()
+        api = AdminAPI(control, service)
+        self._feed = api.feed
+        routes = api.routes()
         routes += [
             Route(
                 "GET",
@@ -70,6 +72,8 @@ class AdminServer:
     async def start(self, sock: socket.socket) -> None:
         self.check_reach(sock)
         await self._listener.start(sock)
+        self._feed.start()
 
     async def close(self) -> None:
+        await self._feed.close()  # ends the dashboards' streams before the listener waits
         await self._listener.close()

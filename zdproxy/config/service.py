@@ -22,10 +22,12 @@ from zdproxy.config.units import (
 
 
 class AdminSettings(_Section):
-    """The admin API (JSON under /v1, /metrics, /healthz, /readyz) that the CLI drives.
+    """The admin API (JSON under /v1, /metrics, /healthz, /readyz, the dashboard at /ui/)
+    that the CLI drives.
 
     Every /v1 call needs `Authorization: Bearer <token>`; without a configured token
-    only /healthz, /readyz, /metrics and /v1/openapi.json answer. zdproxy refuses to
+    only /healthz, /readyz, /metrics, /v1/openapi.json and the dashboard's page and
+    assets (which hold no data) answer. zdproxy refuses to
     listen on a non-loopback address without a token.
     """
 

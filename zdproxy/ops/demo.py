@@ -200,6 +200,7 @@ zdproxy demo is running.
 {pools}
   {"zdproxy":<32}http://127.0.0.1:{port}
   {"admin API":<32}http://{settings.admin.listen} (token in {files["token"]})
+  {"dashboard":<32}http://{settings.admin.listen}/ui/ (the same token)
   {"config":<32}{config}
   {"state":<32}{state}
 
