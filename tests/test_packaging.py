@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ADMIN_TOKEN, Upstream, pools, start_zdproxy, wait_healthy
+from tests.test_rollout import load, rollout_config
 
 pytestmark = pytest.mark.packaging
 
@@ -89,12 +90,14 @@ def check_version(zdproxy: Path, release: Release) -> None:
 
 
 async def serve_and_shift(
-    zdproxy: Path, version: str, tmp_path: Path, upstream: StartUpstream
+    zdproxy: Path, version: str, tmp_path: Path, upstream: StartUpstream, *, deploy: bool = False
 ) -> None:
     """A short real run of this zdproxy: a request through it reaches blue; its CLI
-    shifts everyone to green; the next request reaches green."""
+    takes green live (a judged rollout of short steps with `deploy`, else a shift of
+    everyone); the next request reaches green."""
     blue, green = await upstream("blue"), await upstream("green")
-    config = {"pools": pools([blue.address], [green.address])}
+    config = rollout_config(blue, green, tmp_path) if deploy else {}
+    config["pools"] = pools([blue.address], [green.address])
     loop = asyncio.get_running_loop()
     proxy = await loop.run_in_executor(
         None, lambda: start_zdproxy(tmp_path, config, command=(str(zdproxy),))
@@ -108,11 +111,17 @@ async def serve_and_shift(
                 assert response.status == 200
                 assert (await response.json())["name"] == "blue"
             cli = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_ADMIN__TOKEN": ADMIN_TOKEN}
-            shift = await asyncio.create_subprocess_exec(
-                zdproxy, "shift", "100", env={**os.environ, **cli}, stdout=subprocess.DEVNULL
-            )
-            async with asyncio.timeout(30):
-                assert await shift.wait() == 0
+            # deploy --wait ends 0 once the rollout is done: steps of 1 s, judged on the
+            # traffic of a few users (without any, the judge holds).
+            command = ["shift", "100"]
+            if deploy:
+                command = ["deploy", "green", "--wait", "--timeout", "60s"]
+            async with load(proxy.url):
+                taken = await asyncio.create_subprocess_exec(
+                    zdproxy, *command, env={**os.environ, **cli}, stdout=subprocess.DEVNULL
+                )
+                async with asyncio.timeout(90):
+                    assert await taken.wait() == 0
             async with session.get(f"{proxy.url}/") as response:
                 assert response.status == 200
                 assert (await response.json())["name"] == "green"
@@ -137,7 +146,12 @@ async def test_wheel_runs_in_a_fresh_venv_with_the_wheelhouse_alone(
     check_version(zdproxy, release)
     checked = run(zdproxy, "check", "--config", REPO / "config" / "zdproxy.toml")
     assert checked.stdout.strip().endswith(": ok"), checked.stdout
-    await serve_and_shift(zdproxy, release.version, tmp_path, upstream)
+    # A config for one app, written by the installed zdproxy, checks as written.
+    written = tmp_path / "init" / "zdproxy.toml"
+    written.parent.mkdir()
+    run(zdproxy, "init", "--app", "127.0.0.1:9001", "--health", "/readyz", "--output", written)
+    assert run(zdproxy, "check", "--config", written).stdout.strip().endswith(": ok")
+    await serve_and_shift(zdproxy, release.version, tmp_path, upstream, deploy=True)
 
 
 def files_naming(paths: list[Path], under: Path) -> list[str]:
