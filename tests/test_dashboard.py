@@ -87,6 +87,11 @@ class Page:
         await self.run(self.driver.get, self.url)
         await self.until(lambda d: d.find_element(By.ID, "token").is_displayed())
 
+    async def sign_in(self, token: str = ADMIN_TOKEN) -> None:
+        """Open the page and enter the token."""
+        await self.open()
+        await self.connect(token)
+
     async def connect(self, token: str = ADMIN_TOKEN) -> None:
         def enter() -> None:
             self.driver.find_element(By.ID, "token").send_keys(token)
@@ -150,8 +155,7 @@ async def test_the_page_loads_with_its_security_headers_and_no_console_error(
             assert response.status == 404
 
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect()
+    await dashboard.sign_in()
     await dashboard.until_text("split", "live blue, candidate green at 0%")
     await dashboard.until_text("feed-state", "live")
     await dashboard.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".chart canvas"))
@@ -174,8 +178,7 @@ async def test_a_wrong_token_is_refused_and_shows_no_data(
 ) -> None:
     proxy = await two_colors(zdproxy, upstream)
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect("wrong-token-0123456789")
+    await dashboard.sign_in("wrong-token-0123456789")
     await dashboard.until_text("login-problem", "refused this token")
     assert not await dashboard.run(
         lambda: dashboard.driver.find_element(By.ID, "dashboard").is_displayed()
@@ -189,8 +192,7 @@ async def test_the_token_shows_the_split_and_a_cli_shift_appears_without_a_reloa
 ) -> None:
     proxy = await two_colors(zdproxy, upstream)
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect()
+    await dashboard.sign_in()
     await dashboard.until_text("split", "live blue, candidate green at 0%")
     # Kept in this tab's session storage only, and the page is the same one throughout.
     assert await dashboard.script("return sessionStorage.getItem('zdproxy.admin-token')") == (
@@ -212,16 +214,14 @@ async def test_a_second_tab_follows_the_first_tabs_stream(
     """A browser opens 6 connections to a host at most: the tabs share one stream."""
     proxy = await two_colors(zdproxy, upstream)
     first = page(proxy)
-    await first.open()
-    await first.connect()
+    await first.sign_in()
     await first.until_text("feed-state", "live")
     driver = first.driver
     home = driver.current_window_handle
     await first.run(driver.switch_to.new_window, "tab")
     try:
         second = page(proxy)
-        await second.open()
-        await second.connect()  # its own session storage: the token is asked again
+        await second.sign_in()  # its own session storage: the token is asked again
         await second.until_text("feed-state", "through another tab")
         await admin_api(proxy, "PUT", "/v1/split", {"candidate_weight": 1000})
         await second.until_text("split", "candidate green at 10%")
@@ -235,8 +235,7 @@ async def test_a_drain_is_confirmed_first_and_cancel_changes_nothing(
 ) -> None:
     proxy = await two_colors(zdproxy, upstream)
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect()
+    await dashboard.sign_in()
     await dashboard.until(lambda d: d.find_elements(By.CSS_SELECTOR, "[data-action='drain-green']"))
 
     await dashboard.click("[data-action='drain-green']")
@@ -264,8 +263,7 @@ async def test_a_failing_candidate_is_rolled_back_and_the_chart_marks_it(
     proxy = zdproxy(config)
     await wait_healthy(proxy, "green")
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect()
+    await dashboard.sign_in()
     await dashboard.until_text("rollout-state", "No rollout yet")
     async with load(proxy.url):
         await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"})
@@ -286,8 +284,7 @@ async def test_markup_in_an_event_reason_shows_as_text(
 ) -> None:
     proxy = await two_colors(zdproxy, upstream)
     dashboard = page(proxy)
-    await dashboard.open()
-    await dashboard.connect()
+    await dashboard.sign_in()
     await dashboard.until_text("feed-state", "live")
     green = (await admin_api(proxy, "GET", "/v1/pools/green"))["upstreams"]
     await admin_api(proxy, "PUT", "/v1/pools/green", {"upstreams": green, "version": MARKUP})

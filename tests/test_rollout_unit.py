@@ -26,6 +26,15 @@ def stepping(machine: RolloutMachine) -> None:
     assert machine.control.rollouts.last.state is Phase.STEP
 
 
+def judged_failing(machine: RolloutMachine) -> None:
+    """Green fails half of its requests; the judge rolls it back within a minute."""
+    machine.verdict("green", failing=True)
+    for _ in range(60):  # half of a few requests a second fail: evidence within seconds
+        machine.tick(1.0)
+        if machine.control.rollouts.active is None:
+            break
+
+
 def split(machine: RolloutMachine) -> tuple[str, int]:
     settings = machine.control.settings.split
     return settings.live, settings.candidate_weight
@@ -62,11 +71,7 @@ def test_a_failing_candidate_is_rolled_back_and_its_rollout_stays_ended(
     machine: RolloutMachine,
 ) -> None:
     stepping(machine)
-    machine.verdict("green", failing=True)
-    for _ in range(60):  # half of a few requests a second fail: evidence within seconds
-        machine.tick(1.0)
-        if machine.control.rollouts.active is None:
-            break
+    judged_failing(machine)
     last = machine.control.rollouts.last
     assert last is not None and last.state is Phase.ROLLED_BACK, last
     assert "judge failed green" in last.reason

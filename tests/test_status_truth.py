@@ -30,7 +30,7 @@ from tests.conftest import (
 )
 from tests.fakes import FakeClock, FakeDataPlane, FakeHealth
 from tests.test_rollout_model import RolloutMachine
-from tests.test_rollout_unit import stepping
+from tests.test_rollout_unit import judged_failing, stepping
 from zdproxy.config.settings import OutlierSettings
 from zdproxy.config.units import Address
 from zdproxy.control.availability import UpstreamState, effective_shares, upstream_state
@@ -92,11 +92,7 @@ def test_a_judge_rollback_is_the_judges_and_its_split_the_rollouts(
     machine: RolloutMachine,
 ) -> None:
     stepping(machine)
-    machine.verdict("green", failing=True)
-    for _ in range(60):  # half of a few requests a second fail: evidence within seconds
-        machine.tick(1.0)
-        if machine.control.rollouts.active is None:
-            break
+    judged_failing(machine)
     events = by_kind(machine)
     assert ("rollout_preflight", "api", "api") in events  # the operator's deploy
     assert ("rollout_step", "auto", "rollout 1") in events  # the plan moved it on
