@@ -370,9 +370,8 @@ class UpstreamConnection(asyncio.Protocol):
         client = exchange.client
         pool.stats.observe(self._status, now - exchange.started, exchange.route.via)
         if (access := pool.ctx.limits.access) is not None:
-            access.response(
-                exchange, self._status, pool.target.id, now - exchange.started, self._body_sent()
-            )
+            elapsed, sent = now - exchange.started, self._body_sent(exchange)
+            access.response(exchange, self._status, pool.target.id, elapsed, sent)
         reusable = (
             self._keep_alive
             and exchange.request_complete
@@ -402,10 +401,10 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             client.exchange_done(exchange, now)
 
-    def _body_sent(self) -> int | None:
+    def _body_sent(self, exchange: Exchange) -> int | None:
         """The response body's bytes, for the access log: None for a raw body without a
         length (an HTTP/1.0 client's), whose bytes are not counted."""
-        if self._status in _NO_BODY_STATUSES or self.exchange is None or self.exchange.is_head:
+        if self._status in _NO_BODY_STATUSES or exchange.is_head:
             return 0
         if self._length is not None:
             return int(self._length)
