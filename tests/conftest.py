@@ -318,6 +318,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture
+def refused_address() -> Iterator[Callable[[], str]]:
+    """Loopback addresses where connections are refused for the whole test: each is a
+    socket bound but never listening, held open so no other process can take the port
+    (a port merely closed a moment ago can be reused by any server in the meantime)."""
+    held: list[socket.socket] = []
+
+    def factory() -> str:
+        sock = socket.socket()
+        held.append(sock)
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+    yield factory
+    for sock in held:
+        sock.close()
+
+
 async def admin_api(
     proxy: ZdProxy, method: str, path: str, body: dict[str, Any] | None = None, status: int = 200
 ) -> Any:

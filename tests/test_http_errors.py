@@ -196,15 +196,11 @@ async def test_idle_keep_alive_connection_is_closed(
     writer.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def test_upstream_down_gets_502_saying_why(zdproxy: StartProxy) -> None:
+async def test_upstream_down_gets_502_saying_why(
+    zdproxy: StartProxy, refused_address: Callable[[], str]
+) -> None:
     # Unchecked: with checks on, the closed port is never routable (503, not 502).
-    proxy = zdproxy({"pools": unchecked(pools([f"127.0.0.1:{closed_port()}"]))})
+    proxy = zdproxy({"pools": unchecked(pools([refused_address()]))})
     async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
         assert response.status == 502
         text = await response.text()

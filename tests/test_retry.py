@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -29,12 +28,6 @@ from tests.test_metrics import Metrics, classes, metrics_when
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
 StartRaw = Callable[[RawHandler], Awaitable[RawUpstream]]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def statuses(url: str, method: str, count: int) -> Counter[int]:
@@ -63,11 +56,11 @@ def candidate_config(
 
 
 async def test_connect_failure_is_retried_on_another_upstream(
-    zdproxy: StartProxy, upstream: StartUpstream
+    zdproxy: StartProxy, upstream: StartUpstream, refused_address: Callable[[], str]
 ) -> None:
     alive = await upstream("alive")
     # Unchecked: a health check would keep the dead upstream out and nothing would retry.
-    dead = f"127.0.0.1:{closed_port()}"
+    dead = refused_address()
     proxy = zdproxy({"pools": unchecked(pools([dead, alive.address]))})
     # Nothing reached the dead upstream, so even a POST may go elsewhere.
     assert await statuses(proxy.url, "GET", 30) == Counter({200: 30})
@@ -186,12 +179,12 @@ async def test_retry_budget_stops_a_retry_storm(
 
 
 async def test_a_crashed_candidate_costs_no_request_of_any_method(
-    zdproxy: StartProxy, upstream: StartUpstream
+    zdproxy: StartProxy, upstream: StartUpstream, refused_address: Callable[[], str]
 ) -> None:
     blue = await upstream("blue")
     # Both candidate instances are gone: a connect failure must go to live, not to the
     # other dead instance. Unchecked and never ejected, so the split keeps sending there.
-    green = [f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"]
+    green = [refused_address(), refused_address()]
     config: dict[str, Any] = {
         "pools": unchecked(pools([blue.address], green)),
         "split": {"live": "blue", "candidate_weight": 5000},

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ADMIN_TOKEN, CliResult, Upstream, ZdProxy, admin_api, free_port, run_cli
+from tests.conftest import ADMIN_TOKEN, CliResult, Upstream, ZdProxy, admin_api, run_cli
 from tests.test_rollout import load, rollout_config, until_rollout
 
 StartProxy = Callable[..., ZdProxy]
@@ -127,10 +127,10 @@ async def test_while_a_rollout_holds_the_split_a_shift_is_refused_even_forced(
 
 
 async def test_draining_the_only_routable_color_is_refused(
-    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path, refused_address: Callable[[], str]
 ) -> None:
     blue = await upstream("blue")
-    nothing = f"127.0.0.1:{free_port()}"  # green: nothing listens there
+    nothing = refused_address()  # green: connections are refused
     green: Any = SimpleNamespace(address=nothing)
     proxy = zdproxy(rollout_config(blue, green, tmp_path))
     refused = await cli(proxy, "drain", "blue")
@@ -144,10 +144,10 @@ async def test_draining_the_only_routable_color_is_refused(
 
 
 async def test_a_deploy_to_a_color_where_nothing_answers_is_refused(
-    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path, refused_address: Callable[[], str]
 ) -> None:
     blue = await upstream("blue")
-    nothing = f"127.0.0.1:{free_port()}"
+    nothing = refused_address()
     green: Any = SimpleNamespace(address=nothing)
     proxy = zdproxy(rollout_config(blue, green, tmp_path))
     refused = await cli(proxy, "deploy", "green")

@@ -21,7 +21,6 @@ from tests.conftest import (
     RawUpstream,
     Upstream,
     ZdProxy,
-    free_port,
     in_process_settings,
     pools,
     unchecked,
@@ -258,8 +257,10 @@ async def test_empty_candidate_pool_gives_its_share_to_live(
     assert await names(proxy.url, 50) == Counter({"blue": 50})
 
 
-async def test_no_routable_upstream_at_all_is_503(zdproxy: StartProxy) -> None:
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens: its TCP check never passes
+async def test_no_routable_upstream_at_all_is_503(
+    zdproxy: StartProxy, refused_address: Callable[[], str]
+) -> None:
+    dead = refused_address()  # its TCP check never passes
     proxy = zdproxy({"pools": pools([dead], []), "split": split("blue", 5000)})
     async with aiohttp.ClientSession() as session:
         for path in ("/", "/some/page?q=1"):
@@ -323,10 +324,13 @@ async def test_unix_socket_listener(
 
 
 async def test_records_reach_the_control_plane_per_upstream_and_class(
-    upstream: StartUpstream, no_env_overrides: None, tmp_path: Path
+    upstream: StartUpstream,
+    no_env_overrides: None,
+    tmp_path: Path,
+    refused_address: Callable[[], str],
 ) -> None:
     app = await upstream("blue")
-    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    dead = refused_address()
     config: dict[str, Any] = {
         # Green unchecked: a checked one would never be routable, nothing listens there.
         "pools": unchecked(pools([app.address], [dead])),

@@ -23,7 +23,6 @@ from tests.conftest import (
     Upstream,
     ZdProxy,
     admin_api,
-    free_port,
     run_cli,
     wait_healthy,
     wait_until,
@@ -213,11 +212,11 @@ RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 async def test_status_shows_the_effective_share_and_each_upstreams_state(
-    zdproxy: StartProxy, upstream: Callable[..., Any]
+    zdproxy: StartProxy, upstream: Callable[..., Any], refused_address: Callable[[], str]
 ) -> None:
     blue: Upstream = await upstream("blue")
     green: Upstream = await upstream("green")
-    closed = f"127.0.0.1:{free_port()}"  # refuses connections: down by its checks
+    closed = refused_address()  # down by its checks
     fast = {"interval": "100ms", "jitter": "0ms", "rise": 1, "fall": 1}
     proxy = zdproxy(
         {
