@@ -36,8 +36,8 @@ from tests.test_rollout_watch import judged, one_step
 from tests.test_systemd import verify_units
 from zdproxy import __commit__, __version__
 from zdproxy.cli import build_parser
+from zdproxy.logs import JsonFormatter, LogfmtFormatter, reconfigure_logging
 from zdproxy.manual import subcommands
-from zdproxy.ops.logs import JsonFormatter, LogfmtFormatter, reconfigure_logging
 
 REPO = Path(__file__).resolve().parent.parent
 StartProxy = Callable[..., ZdProxy]
@@ -46,7 +46,7 @@ StartUpstream = Callable[..., Awaitable[Upstream]]
 OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 # Labels Prometheus itself adds to every scraped series, and a histogram's bucket bound.
 TARGET_LABELS = {"job", "instance"}
-# Characters the log formats never write raw (ops/logs.py), and lone surrogates.
+# Characters the log formats never write raw (zdproxy/logs.py), and lone surrogates.
 RAW = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Upstream, ZdProxy, admin_api, pools, to_toml, wait_until
-from zdproxy.ops.logs import LogfmtFormatter
+from zdproxy.logs import LogfmtFormatter
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -264,7 +264,7 @@ async def test_under_journald_lines_carry_their_priority(
 
 @pytest.mark.parametrize("text", ["plain", 'say "hi"', "a=b c", ""])
 def test_logfmt_values_round_trip(text: str) -> None:
-    from zdproxy.ops.logs import _value
+    from zdproxy.logs import _value
 
     assert logfmt(f"msg={_value(text)}") == {"msg": text}
 

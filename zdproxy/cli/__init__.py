@@ -24,7 +24,7 @@ from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.plans import is_builtin
 from zdproxy.config.settings import Settings
 from zdproxy.config.units import parse_duration
-from zdproxy.ops.logs import setup_logging
+from zdproxy.logs import setup_logging
 
 NEEDS_CONFIG = ("run", "check", "preview-token")
 

@@ -18,6 +18,7 @@ from zdproxy.config.plans import HookSettings, Plans, RolloutSettings, check_pla
 from zdproxy.config.section import Section
 from zdproxy.config.service import AdminSettings, ReloadSettings, StateSettings
 from zdproxy.config.units import DAY, HOUR, AddressField, Duration, MiB, Size
+from zdproxy.logs import LogFormat
 from zdproxy.routing.vocabulary import COLORS as COLORS
 from zdproxy.routing.vocabulary import Color as Color
 
@@ -294,11 +295,8 @@ class RetrySettings(Section):
         return frozenset(codes)
 
 
-LogFormat = Literal["logfmt", "json"]
-
-
 class LogSettings(Section):
-    """Log lines go to stderr (journald under systemd): see ops/logs.py."""
+    """Log lines go to stderr (journald under systemd): see zdproxy/logs.py."""
 
     level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="The lowest level logged; a reload changes it."

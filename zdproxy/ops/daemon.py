@@ -26,19 +26,19 @@ from zdproxy.admin.server import AdminServer, Unprotected
 from zdproxy.config.changes import FieldProblem, ReloadOutcome, changed_fields, reload_conflicts
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
-from zdproxy.config.tls import load_chain, server_context
 from zdproxy.config.units import Address
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
 from zdproxy.dataplane.server import ProxyServer
+from zdproxy.logs import reconfigure_logging
 from zdproxy.ops.limits import dataplane_limits
 from zdproxy.ops.listen_errors import CannotListen, cannot_listen
-from zdproxy.ops.logs import reconfigure_logging
 from zdproxy.ops.sockets import bind, describe, hand_on, own_sockets, park
 from zdproxy.ops.systemd import Notifier, listen_fds
 from zdproxy.ops.watch import start_watch
+from zdproxy.tls import load_chain, server_context
 
 log = logging.getLogger("zdproxy")
 

@@ -29,9 +29,9 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Literal
 
-from zdproxy.config.settings import LogFormat
+LogFormat = Literal["logfmt", "json"]  # the values of `log.format`
 
 # syslog priorities (sd-daemon.h) by logging level
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}

@@ -1,0 +1,28 @@
+"""The proxy listener's TLS context, built from a certificate and key file. Apart from
+the config and the data plane, which both use it: the config validates the files, and
+a data-plane worker builds its own context from their names (an SSLContext cannot
+cross a process boundary) without importing the settings machinery."""
+
+from __future__ import annotations
+
+import ssl
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context for HTTP/1.1: TLS 1.2 or newer, the system's default ciphers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    load_chain(context, cert_file, key_file)
+    return context
+
+
+def load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """(Re)load the certificate chain: new handshakes use it, open connections keep theirs.
+    ValueError says why a pair cannot be used."""
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise ValueError(f"not a usable certificate and key: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the certificate or key: {exc.strerror or exc}") from None
