@@ -25,6 +25,9 @@ from pathlib import Path
 import watchfiles
 
 log = logging.getLogger("zdproxy.watch")
+# watchfiles logs every batch of changes at info: with a log file in the config's
+# directory, each of those lines would be a change that makes the next line.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 RETRY_SECONDS = 1.0  # before watching again after the watch itself failed
 # With no event for this long the files are compared anyway: a change made while the
