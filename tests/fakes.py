@@ -16,6 +16,7 @@ from pathlib import Path
 from zdproxy.control.health import UpstreamHealth
 from zdproxy.control.journal import RESERVE_BYTES, Journal
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
+from zdproxy.routing.plane import Done, WorkerState
 from zdproxy.routing.records import IntervalRecord, OverrideCounters, UpstreamStats
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -64,15 +65,15 @@ class FakeDataPlane:
             sum(self.tunnels.get(uid, 0) for uid in ids),
         )
 
-    def close_tunnels(self, ids: set[str]) -> int:
-        return sum(self.tunnels.pop(uid, 0) for uid in ids)
+    def close_tunnels(self, ids: set[str]) -> Done[int]:
+        return Done(sum(self.tunnels.pop(uid, 0) for uid in ids))
 
-    def cut(self, ids: set[str]) -> int:
+    def cut(self, ids: set[str]) -> Done[int]:
         cut = sum(self.requests.pop(uid, 0) for uid in ids)
         self.cuts += cut
-        return cut
+        return Done(cut)
 
-    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+    def evacuate(self, ids: set[str], grace: float) -> Done[tuple[int, int]]:
         """The replayable requests leave `requests`; the rest stay in flight until the
         test says they finished or the control plane cuts them. `pending_ages` is the
         test's to change (the fake cannot know which ages were replayed)."""
@@ -86,13 +87,19 @@ class FakeDataPlane:
             replayed += moved
             left += in_flight - moved
         self.retries["evacuate"] += replayed
-        return replayed, left
+        return Done((replayed, left))
 
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         return self.retries, self.override_counts
 
     def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
         return {}
+
+    def workers(self) -> list[WorkerState]:
+        return []
+
+    def settled(self) -> Done[None]:
+        return Done(None)
 
 
 class FakeClock:

@@ -220,7 +220,7 @@ async def test_evacuate_replays_a_get_on_live_and_cuts_a_post_after_the_grace(
     for _ in range(3):  # the window's retries are spent: a budget of 0% allows 3
         server.ctx.budget.spend(RetryKind.RESET)
     server.apply(snapshot(4, 0, blue, green))  # the rollback, then the evacuation
-    assert server.evacuate({green.id}, grace=0.2) == (1, 1)
+    assert await server.evacuate({green.id}, grace=0.2) == (1, 1)
     assert server.in_flight({green.id}) == (1, 0)  # the POST may still finish
 
     # The GET is answered by live at once; the POST waits out its grace, then gets a
@@ -248,7 +248,7 @@ async def test_evacuate_with_no_live_pool_left_replays_nothing(
     await wait_until(lambda: len(green.requests) == 1)
     # Green is the only color left: the GET has nowhere to go and gets the grace.
     server.apply(RoutingSnapshot(2, "green", 0, pools=snapshot(2, 0, blue, green).pools))
-    assert server.evacuate({green.id}, grace=0.05) == (0, 1)
+    assert await server.evacuate({green.id}, grace=0.05) == (0, 1)
     assert (await get.answer())[0] == 504
     assert len(green.requests) == 1 and blue.requests == []
 
@@ -268,11 +268,11 @@ def test_the_fake_reports_pending_ages_in_every_collect_until_the_test_changes_t
     assert plane.collect() == []
 
 
-def test_the_fake_evacuates_the_replayable_requests_and_leaves_the_rest() -> None:
+async def test_the_fake_evacuates_the_replayable_requests_and_leaves_the_rest() -> None:
     plane = FakeDataPlane()
     plane.requests = {"green/a": 3, "green/b": 1, "blue/c": 4}
     plane.replayable = {"green/a": 2}
-    assert plane.evacuate({"green/a", "green/b"}, 5.0) == (2, 2)
+    assert await plane.evacuate({"green/a", "green/b"}, 5.0) == (2, 2)
     assert plane.in_flight({"green/a", "green/b"}) == (2, 0)
     assert plane.requests["blue/c"] == 4
     assert plane.evacuations == [({"green/a", "green/b"}, 5.0)]

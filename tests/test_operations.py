@@ -49,11 +49,13 @@ def count_events(proxy: ZdProxy, kind: str) -> int:
     return sum(f'msg="{kind}:' in line for line in proxy.log_lines)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_twenty_reloads_from_file_changes_under_load_fail_nothing(
-    zdproxy: StartProxy, upstream: StartUpstream
+    zdproxy: StartProxy, upstream: StartUpstream, workers: int
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
     config: dict[str, Any] = {
+        "proxy": {"workers": workers},
         "pools": pools([blue.address], [green.address]),
         "split": {"candidate_weight": 0},
         "reload": {"debounce": "100ms"},
@@ -152,15 +154,17 @@ async def served_certificate(proxy: ZdProxy) -> bytes:
     return bytes(der)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_tls_listener_and_certificate_reload(
-    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path, workers: int
 ) -> None:
     blue = await upstream("blue")
     cert, key = make_certificate(tmp_path, "first")
+    tls = {"cert_file": str(cert), "key_file": str(key)}
     proxy = zdproxy(
         {
             "pools": pools([blue.address]),
-            "proxy": {"tls": {"cert_file": str(cert), "key_file": str(key)}},
+            "proxy": {"tls": tls, "workers": workers},
             "reload": {"debounce": "100ms"},
         }
     )

@@ -188,12 +188,13 @@ async def activated(
     async def start(config: dict[str, Any], names: str = "proxy:admin") -> Activated:
         port, admin_port = free_port(), free_port()
         # The file names other ports: the passed sockets must win over it.
+        proxy = {"listen": f"127.0.0.1:{free_port()}", "shutdown_timeout": "5s"}
         config = {
-            "proxy": {"listen": f"127.0.0.1:{free_port()}", "shutdown_timeout": "5s"},
             "admin": {"listen": f"127.0.0.1:{free_port()}"},
             "state": {"dir": str(tmp_path / "state")},
             "log": {"level": "info"},
             **config,
+            "proxy": {**proxy, **config.get("proxy", {})},  # the test's own options win
         }
         path = tmp_path / "zdproxy.toml"
         path.write_text(to_toml(config))
@@ -241,11 +242,13 @@ async def test_listeners_come_from_socket_activation(
     assert proc.count(f"listening on {proc.url.removeprefix('http://')}") == 1
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_restart_in_place_under_load_fails_no_request(
-    activated: Callable[..., Awaitable[Activated]], upstream: StartUpstream
+    activated: Callable[..., Awaitable[Activated]], upstream: StartUpstream, workers: int
 ) -> None:
     blue, green = await upstream("blue"), await upstream("green")
-    proc = await activated({"pools": pools([blue.address], [green.address])})
+    config = {"pools": pools([blue.address], [green.address]), "proxy": {"workers": workers}}
+    proc = await activated(config)
     split = await proc.admin("PUT", "/v1/split", {"candidate_weight": 3000})
     restarts = 10
     done = asyncio.Event()

@@ -10,6 +10,7 @@ drift apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -32,6 +33,7 @@ log = logging.getLogger("zdproxy.admin")
 
 CLI_AGENT = "zdproxy-cli/"  # the CLI's User-Agent prefix: its changes are actor "cli"
 PROBLEM_JSON = "application/problem+json"
+SETTLE_SECONDS = 1.0  # at most this long an answer waits for the workers to apply a change
 
 Handler = Callable[["Call"], Awaitable[BaseModel | web.StreamResponse]]
 
@@ -172,7 +174,11 @@ async def _parse(route: Route, request: web.Request, body_timeout: float) -> tup
 
 
 def _endpoint(
-    route: Route, tokens: Tokens, stopping: Callable[[], bool], body_timeout: float
+    route: Route,
+    tokens: Tokens,
+    stopping: Callable[[], bool],
+    body_timeout: float,
+    settled: Callable[[], Awaitable[None]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         try:
@@ -192,6 +198,12 @@ def _endpoint(
             return problem(exc.status, str(exc), [FieldError(field=exc.field, reason=exc.reason)])
         if isinstance(result, web.StreamResponse):
             return result
+        # An answer describes what every data-plane worker does: with proxy.workers,
+        # it waits (a few ms, SETTLE_SECONDS at most) until all route by the latest
+        # snapshot. A worker being replaced gets it at its start.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await settled()
         return web.json_response(result.model_dump(mode="json"))
 
     return endpoint
@@ -217,12 +229,16 @@ async def _problems(
 
 
 def build_app(
-    routes: list[Route], tokens: Tokens, stopping: Callable[[], bool], body_timeout: float
+    routes: list[Route],
+    tokens: Tokens,
+    stopping: Callable[[], bool],
+    body_timeout: float,
+    settled: Callable[[], Awaitable[None]],
 ) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
     for route in routes:
         path = route.path.replace("{color}", "{color:blue|green}")
-        endpoint = _endpoint(route, tokens, stopping, body_timeout)
+        endpoint = _endpoint(route, tokens, stopping, body_timeout, settled)
         app.router.add_route(route.method, path, endpoint)
         if route.method == "GET" and not route.auth and not route.streams:
             # The open endpoints (probes, /metrics) also answer HEAD, as load balancers'

@@ -296,7 +296,25 @@ class AdminAPI:
             pin_fallback=self._pin_fallback(),
             rollout=self._rollout(),
             journal=sorted(control.desired.items),
+            workers=self._workers(),
         )
+
+    def _workers(self) -> list[m.Worker]:
+        current = self.control.routing.version
+        return [
+            m.Worker(
+                index=worker.index,
+                pid=worker.pid,
+                snapshot_version=worker.version,
+                current=worker.version == current,
+                connections=worker.connections,
+                requests=worker.requests,
+                restarts=worker.restarts,
+                lost_requests=worker.lost,
+                uptime_seconds=worker.uptime,
+            )
+            for worker in self.control.workers()
+        ]
 
     def _pin_fallback(self) -> m.PinFallback | None:
         fallback = self.control.pin_fallback()

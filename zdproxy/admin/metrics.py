@@ -98,6 +98,7 @@ class ZdproxyCollector(Collector):
             family.add_metric([result], n)
         yield family
         yield self._events()
+        yield from self._workers()
 
     def _traffic(self) -> Iterator[Metric]:
         telemetry = self.control.telemetry
@@ -143,6 +144,47 @@ class ZdproxyCollector(Collector):
         for kind in sorted(KINDS | counts.keys()):
             family.add_metric([kind], counts[kind])
         return family
+
+    def _workers(self) -> Iterator[Metric]:
+        """Per data-plane worker (proxy.workers above 1); nothing with one process."""
+        workers = self.control.workers()
+        if not workers:
+            return
+        current = self.control.routing.version
+        families = (
+            ("zdproxy_worker_up", GaugeMetricFamily, "1 while the worker's process runs"),
+            ("zdproxy_worker_connections", GaugeMetricFamily, "Client connections open"),
+            ("zdproxy_worker_requests_in_flight", GaugeMetricFamily, "Requests in flight"),
+            (
+                "zdproxy_worker_snapshot_current",
+                GaugeMetricFamily,
+                "1 when the worker routes by the control plane's latest snapshot",
+            ),
+            (
+                "zdproxy_worker_restarts",
+                CounterMetricFamily,
+                "Worker processes that ended unasked and were replaced",
+            ),
+            (
+                "zdproxy_worker_lost_requests",
+                CounterMetricFamily,
+                "Requests in flight lost with a worker process that ended unasked",
+            ),
+        )
+        made = [kind(name, text, labels=["worker"]) for name, kind, text in families]
+        for worker in workers:
+            label = [str(worker.index)]
+            values = (
+                worker.pid is not None,
+                worker.connections,
+                worker.requests,
+                worker.version == current,
+                worker.restarts,
+                worker.lost,
+            )
+            for family, value in zip(made, values, strict=True):
+                family.add_metric(label, float(value))
+        yield from made
 
     def _local_errors(self) -> Metric:
         """Every kind at every site, zeros included: a first error is then an increase."""

@@ -439,6 +439,22 @@ class PinFallback(BaseModel):
     reason: str
 
 
+class Worker(BaseModel):
+    """A data-plane worker process (proxy.workers above 1)."""
+
+    index: int = Field(description="From 1; a replacement takes the place of the one it replaced.")
+    pid: int | None = Field(description="None while the worker is being replaced.")
+    snapshot_version: int = Field(
+        description="The routing snapshot the worker routes by (-1 before it reported)."
+    )
+    current: bool = Field(description="True when that is the control plane's latest snapshot.")
+    connections: int = Field(description="Client connections open.")
+    requests: int = Field(description="Requests in flight.")
+    restarts: int = Field(description="Processes that ended unasked here and were replaced.")
+    lost_requests: int = Field(description="Requests in flight lost with them.")
+    uptime_seconds: float = Field(description="Since the current process started.")
+
+
 class Status(BaseModel):
     version: str = Field(description="zdproxy's own version.")
     uptime_seconds: float
@@ -450,6 +466,11 @@ class Status(BaseModel):
     )
     rollout: Rollout
     journal: list[str] = Field(description="Items of the state journal that override the file.")
+    workers: list[Worker] = Field(
+        default_factory=list,
+        description="The data-plane worker processes; empty when one process serves "
+        "(proxy.workers = 1).",
+    )
 
 
 class Event(EventRecord):

@@ -46,7 +46,9 @@ class AdminServer:
             Route("GET", "/v1/openapi.json", "This document", self._openapi, auth=False),
         ]
         self._openapi_body = openapi_document(routes)
-        app = build_app(routes, self.tokens, lambda: service.stopping, admin.body_timeout)
+        app = build_app(
+            routes, self.tokens, lambda: service.stopping, admin.body_timeout, control.settled
+        )
         limits = ListenerLimits(
             header_timeout=admin.header_timeout,
             idle_timeout=admin.idle_timeout,

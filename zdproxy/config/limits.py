@@ -4,7 +4,10 @@ so that module stays readable."""
 
 from __future__ import annotations
 
-from pydantic import Field
+import os
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from zdproxy.config.section import Section
 from zdproxy.config.tls import TlsSettings
@@ -21,6 +24,8 @@ from zdproxy.config.units import (
     Size,
 )
 
+MAX_WORKERS = 256
+
 
 class ProxySettings(Section):
     """The client-facing listener and the limits that protect it."""
@@ -28,6 +33,13 @@ class ProxySettings(Section):
     listen: AddressField = Field(
         default=Address.parse("127.0.0.1:8080"),
         description="Where clients connect: host:port or unix:/path.",
+    )
+    workers: int | Literal["auto"] = Field(
+        default=1,
+        description="Data-plane processes that serve the listener. 1 (the default): this "
+        "process serves it. N (2-256): N worker processes serve it behind one main "
+        "process, which keeps the control plane, the admin API and the health checks. "
+        '"auto": one worker per CPU zdproxy may run on. Takes effect at a restart.',
     )
     backlog: int = Field(
         default=1024,
@@ -69,6 +81,27 @@ class ProxySettings(Section):
             "are kept and appended to; from anyone else they are replaced."
         ),
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> int | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)  # from an environment variable
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f'a number of processes (1-{MAX_WORKERS}) or "auto", not {value!r}')
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"from 1 to {MAX_WORKERS} processes, not {value}")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes `workers` asks for on this host (1: none)."""
+        if self.workers == "auto":
+            return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+        return self.workers
+
     shutdown_timeout: Duration = Field(
         default=10.0,
         gt=0,

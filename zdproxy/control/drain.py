@@ -42,9 +42,9 @@ async def wait_drained(
         if not requests and not tunnels:
             break
         if tunnels and elapsed >= tunnel_grace:
-            tunnels_closed += dataplane.close_tunnels(ids)
+            tunnels_closed += await dataplane.close_tunnels(ids)
         if elapsed >= cut_after:
-            cut = dataplane.cut(ids) + dataplane.close_tunnels(ids)
+            cut = await dataplane.cut(ids) + await dataplane.close_tunnels(ids)
             break
         await asyncio.sleep(POLL_SECONDS)
     return DrainResult(

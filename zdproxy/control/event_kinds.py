@@ -42,6 +42,7 @@ KINDS = frozenset(
         "journal_reserve_missing",
         "events_skipped",
         "evacuated",
+        "worker_exited",
         "hook",
         "rolling_started",
         "rolling_done",

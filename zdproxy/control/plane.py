@@ -14,7 +14,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from itertools import count
 from typing import Any
 
@@ -40,7 +40,7 @@ from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout.controller import Rollouts
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
-from zdproxy.routing.plane import DataPlane
+from zdproxy.routing.plane import DataPlane, WorkerState
 from zdproxy.routing.records import OverrideCounters
 from zdproxy.routing.snapshot import (
     BASIS_POINTS,
@@ -227,6 +227,14 @@ class ControlPlane:
     def counters(self) -> tuple[dict[str, int], OverrideCounters]:
         """The data plane's running counts: retries by kind, and pin and preview outcomes."""
         return self._dataplane.counters()
+
+    def workers(self) -> list[WorkerState]:
+        """The data-plane worker processes; empty when this process serves the traffic."""
+        return self._dataplane.workers()
+
+    def settled(self) -> Awaitable[None]:
+        """Done once every data-plane worker routes by the latest snapshot."""
+        return self._dataplane.settled()
 
     def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
         """Local resource errors since start, by site and kind: the data plane's upstream
@@ -477,9 +485,9 @@ class ControlPlane:
             )
         return result
 
-    def evacuate(self, color: str, grace: float) -> tuple[int, int]:
+    def evacuate(self, color: str, grace: float) -> Awaitable[tuple[int, int]]:
         ids = {t.id for t in self.targets_of(color)}
-        return self._dataplane.evacuate(ids, grace) if ids else (0, 0)
+        return self._dataplane.evacuate(ids, grace)
 
     def undrain(
         self, *, color: str | None = None, upstream: str | None = None, actor: Actor = "api"

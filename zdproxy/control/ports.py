@@ -9,6 +9,7 @@ drain of the old color is fenced by the rollout itself (see rollout/run.py).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from zdproxy.config.settings import Color, HealthSettings, Settings
@@ -98,9 +99,10 @@ class ControlHost(Protocol):
         """The key a verify hook's preview token must be signed with to be honoured."""
         ...
 
-    def evacuate(self, color: str, grace: float) -> tuple[int, int]:
+    def evacuate(self, color: str, grace: float) -> Awaitable[tuple[int, int]]:
         """After a rollback: replay the color's safe requests in flight on live, give
-        the others `grace` seconds (see DataPlane.evacuate)."""
+        the others `grace` seconds (see DataPlane.evacuate); the awaitable gives
+        (replayed, left)."""
         ...
 
     def undrain(

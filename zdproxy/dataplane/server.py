@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import replace
 
 from zdproxy.dataplane.balancer import RoutingTable
@@ -17,6 +18,7 @@ from zdproxy.dataplane.exchange import PoolSide
 from zdproxy.dataplane.limits import Limits
 from zdproxy.dataplane.upstream import UpstreamPool
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
+from zdproxy.routing.plane import Done, WorkerState
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
 
@@ -135,7 +137,19 @@ class ProxyServer:
         pools = self._known(ids)
         return sum(p.outstanding for p in pools), sum(len(p.tunnels) for p in pools)
 
-    def close_tunnels(self, ids: set[str]) -> int:
+    def load(self) -> dict[str, tuple[int, int]]:
+        """(requests in flight, open tunnels) by upstream id, for those with any."""
+        pools = (*self.pools.values(), *self._retired)
+        return {
+            p.target.id: (p.outstanding, len(p.tunnels))
+            for p in pools
+            if p.outstanding or p.tunnels
+        }
+
+    def close_tunnels(self, ids: set[str]) -> Awaitable[int]:
+        return Done(self.close_tunnels_now(ids))
+
+    def close_tunnels_now(self, ids: set[str]) -> int:
         """Close the Upgrade tunnels to these upstreams; returns how many."""
         closed = 0
         for pool in self._known(ids):
@@ -144,7 +158,10 @@ class ProxyServer:
                 closed += 1
         return closed
 
-    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+    def evacuate(self, ids: set[str], grace: float) -> Awaitable[tuple[int, int]]:
+        return Done(self.evacuate_now(ids, grace))
+
+    def evacuate_now(self, ids: set[str], grace: float) -> tuple[int, int]:
         """Requests in flight on these upstreams (a color just rolled back): each one
         that is safe to send again goes to the current snapshot's live pool at once;
         every other one gets `grace` seconds more, then its client gets a 504, or is cut
@@ -162,12 +179,21 @@ class ProxyServer:
                 left += 1
         return replayed, left
 
-    def cut(self, ids: set[str]) -> int:
+    def cut(self, ids: set[str]) -> Awaitable[int]:
+        return Done(self.cut_now(ids))
+
+    def cut_now(self, ids: set[str]) -> int:
         """Abort the client connections whose request is in flight on these upstreams."""
         victims = [conn for conn in self.ctx.connections if conn.serves(ids)]
         for conn in victims:
             conn.abort()
         return len(victims)
+
+    def workers(self) -> list[WorkerState]:
+        return []  # this is the one process
+
+    def settled(self) -> Awaitable[None]:
+        return Done(None)  # apply() swapped the snapshot in already
 
     # -- listeners ---------------------------------------------------------------------
 

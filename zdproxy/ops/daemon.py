@@ -38,7 +38,9 @@ from zdproxy.ops.listen_errors import CannotListen, cannot_listen
 from zdproxy.ops.sockets import bind, describe, hand_on, own_sockets, park
 from zdproxy.ops.systemd import Notifier, listen_fds
 from zdproxy.ops.watch import start_watch
+from zdproxy.routing.plane import DataPlane
 from zdproxy.tls import load_chain, server_context
+from zdproxy.workers.supervisor import Launch, WorkerExit, WorkerSet
 
 log = logging.getLogger("zdproxy")
 
@@ -48,6 +50,7 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 # Settings read once at start; a reload that changes them says so.
 RESTART_ONLY = (
     ("proxy", "listen"),
+    ("proxy", "workers"),
     ("proxy", "backlog"),
     ("admin", "listen"),
     ("admin", "header_timeout"),
@@ -92,9 +95,18 @@ class Daemon:
             file_max=state.events_file_max,
             files_kept=state.events_files_kept,
         )
-        self.dataplane = ProxyServer(dataplane_limits(settings))
+        # One process serves the listener, or proxy.workers processes do behind this one.
+        limits = dataplane_limits(settings)
+        count = settings.proxy.worker_count
+        self.workers: WorkerSet | None = None
+        self.server: ProxyServer | None = None
+        dataplane: DataPlane
+        if count > 1:
+            dataplane = self.workers = WorkerSet(count, limits, self._worker_exited)
+        else:
+            dataplane = self.server = ProxyServer(limits)
         journal = Journal(self.state_dir / "state.json")
-        self.control = ControlPlane(settings, self.dataplane, self.events, journal)
+        self.control = ControlPlane(settings, dataplane, self.events, journal)
         self.service = ServiceState(reload=self.reload)
         self.admin = AdminServer(self.control, self.service, settings.admin)
         self.addresses: list[str] = []
@@ -140,7 +152,11 @@ class Daemon:
         if not admin.bearer_token:
             log.warning("admin: no token configured; /v1 answers 401 to every call")
         await self.control.first_checks()
-        await self.dataplane.listen(self.sockets["proxy"], proxy.backlog, self.tls)
+        if self.workers is not None:
+            await self.workers.listen(self.sockets["proxy"], self._launch())
+        else:
+            assert self.server is not None
+            await self.server.listen(self.sockets["proxy"], proxy.backlog, self.tls)
         self.addresses = [describe(self.sockets["proxy"])]
         self.control.listeners = [Address.parse(a) for a in (*self.addresses, self.admin_address)]
         self.service.ready = True
@@ -194,6 +210,8 @@ class Daemon:
             # it with the new certificate and the old key, and every handshake failing.
             server_context(tls.cert_file, tls.key_file)
             load_chain(self.tls, tls.cert_file, tls.key_file)
+            if self.workers is not None:
+                self.workers.load_tls(tls.cert_file, tls.key_file)
         except ValueError as exc:
             self.events.emit(
                 "tls_reload_refused",
@@ -266,7 +284,11 @@ class Daemon:
             needs_restart.append("proxy.tls")  # the listener itself changes
         watched = (self.settings.proxy.tls, self.settings.reload)
         self.settings = new
-        self.dataplane.configure(dataplane_limits(new))
+        if self.workers is not None:
+            self.workers.configure(dataplane_limits(new), self._launch())
+        else:
+            assert self.server is not None
+            self.server.configure(dataplane_limits(new))
         self.admin.tokens.token = new.admin.bearer_token
         reconfigure_logging(new.log.level, new.log.format)
         self._reload_tls()
@@ -288,7 +310,9 @@ class Daemon:
             if task is not None:
                 task.cancel()
         await self.control.close()
-        cut = await self.dataplane.stop(self.settings.proxy.shutdown_timeout)
+        serving = self.workers or self.server
+        assert serving is not None
+        cut = await serving.stop(self.settings.proxy.shutdown_timeout)
         self.events.emit(
             "stopped",
             f"{cut} connections cut after the grace period" if cut else "clean",
@@ -297,6 +321,32 @@ class Daemon:
         )
         self.events.close()
         await self.admin.close()
+
+    def _launch(self) -> Launch:
+        """How the workers serve, from the running settings."""
+        proxy, tls = self.settings.proxy, self.settings.proxy.tls
+        return Launch(
+            backlog=proxy.backlog,
+            tls=(tls.cert_file, tls.key_file) if self.tls is not None else None,
+            grace=proxy.shutdown_timeout,
+            log_level=self.settings.log.level,
+            log_format=self.settings.log.format,
+        )
+
+    def _worker_exited(self, exit_: WorkerExit) -> None:
+        how = "stopped answering and was killed" if exit_.unresponsive else exit_.how
+        self.events.emit(
+            "worker_exited",
+            f"worker {exit_.index} (pid {exit_.pid}) {how}; {exit_.lost} requests in "
+            "flight lost; a new worker takes its place",
+            actor="auto",
+            level=logging.ERROR,
+            worker=exit_.index,
+            pid=exit_.pid,
+            exit=exit_.how,
+            unresponsive=exit_.unresponsive,
+            lost=exit_.lost,
+        )
 
     def restart(self) -> None:
         """Stop serving gracefully, then exec zdproxy again (a new binary after an

@@ -10,11 +10,44 @@ use (tests/fakes.py).
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Awaitable, Generator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
+
+T = TypeVar("T")
+
+
+class Done(Generic[T]):
+    """An answer known at once, as an awaitable: what a data plane in this process
+    gives for its commands (the work is done by the time the call returns)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.value
+        yield  # a generator that never suspends: awaiting it returns the value at once
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """One data-plane worker process (`proxy.workers` above 1), as the main process
+    knows it from the worker's last report."""
+
+    index: int  # from 1; a replacement keeps the index of the process it replaced
+    pid: int | None  # None while it is being replaced
+    version: int  # the routing snapshot in force in it (-1 before its first report)
+    connections: int  # client connections open
+    requests: int  # requests in flight
+    restarts: int  # processes that ended in this place and were replaced
+    lost: int  # requests in flight lost with them
+    uptime: float  # seconds since the current process started
 
 
 class DataPlane(Protocol):
@@ -43,21 +76,26 @@ class DataPlane(Protocol):
         """(requests in flight, open tunnels) on these upstreams."""
         ...
 
-    def close_tunnels(self, ids: set[str]) -> int:
-        """Close the Upgrade tunnels to these upstreams; returns how many."""
+    # The commands on requests in flight act from the call on (in one process, they are
+    # done when it returns); their awaitables give the counts, once every worker has
+    # answered. A worker answers in the order it was sent messages, so an answer also
+    # says that the worker has applied every snapshot sent before the command.
+
+    def close_tunnels(self, ids: set[str]) -> Awaitable[int]:
+        """Close the Upgrade tunnels to these upstreams; how many."""
         ...
 
-    def cut(self, ids: set[str]) -> int:
+    def cut(self, ids: set[str]) -> Awaitable[int]:
         """Abort the client connections with a request in flight on these upstreams."""
         ...
 
-    def evacuate(self, ids: set[str], grace: float) -> tuple[int, int]:
+    def evacuate(self, ids: set[str], grace: float) -> Awaitable[tuple[int, int]]:
         """Requests in flight on these upstreams (a color just rolled back): each
         idempotent, replayable one with no response byte sent yet (and any one still
         connecting, which reached no app) is sent again to the current snapshot's live
         pool at once; every other one gets `grace` seconds more, then its client gets a
         504, or is cut if its response has started. A non-idempotent request that
-        reached an app is never sent twice. Returns (replayed, left to finish).
+        reached an app is never sent twice. Its counts: (replayed, left to finish).
 
         Call it only after the snapshot that takes the traffic off these upstreams
         (the candidate at 0%) is applied: the live pool it replays on is that
@@ -70,4 +108,13 @@ class DataPlane(Protocol):
 
     def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
         """Local resource errors since start (routing/local.py), by site and kind."""
+        ...
+
+    def workers(self) -> list[WorkerState]:
+        """The worker processes; empty when the data plane runs in this process."""
+        ...
+
+    def settled(self) -> Awaitable[None]:
+        """Done once every worker routes by the latest snapshot applied (at once when
+        the data plane runs in this process)."""
         ...

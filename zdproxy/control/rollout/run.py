@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from zdproxy.config.plans import PlanSettings
@@ -73,7 +74,7 @@ class Rollout:
         self.judge = self._judge(now)
         self.verdict: Verdict | None = None  # the last; None until the judge has records
         self.job: asyncio.Task[str | None] | None = None  # hooks or the drain; None: idle
-        self.after: set[asyncio.Task[None]] = set()  # on_rollback hooks, after the swap
+        self.after: set[asyncio.Task[None]] = set()  # evacuation, on_rollback hooks: after the swap
 
     @property
     def id(self) -> int:
@@ -283,21 +284,31 @@ class Rollout:
             by=by,
         )
         if shifted:  # the swap is applied: what the failed color still holds moves too
-            replayed, left = host.evacuate(record.candidate, EVACUATE_GRACE)
-            if replayed or left:
-                self.emit(
-                    "evacuated",
-                    f"requests in flight on {record.candidate}: {replayed} replayed on "
-                    f"{record.previous}, {left} given {EVACUATE_GRACE:g}s to finish",
-                    actor,
-                    by=by,
-                    replayed=replayed,
-                    left=left,
-                )
+            moved = host.evacuate(record.candidate, EVACUATE_GRACE)
+            self._after(self._evacuated(moved, record.candidate, record.previous, actor, by))
         if shifted and self.plan.on_rollback:
-            task = asyncio.ensure_future(self._on_rollback())
-            self.after.add(task)
-            task.add_done_callback(self.after.discard)
+            self._after(self._on_rollback())
+
+    def _after(self, work: Coroutine[Any, Any, None]) -> None:
+        """Work that follows the ending transition, kept until it is done."""
+        task = asyncio.ensure_future(work)
+        self.after.add(task)
+        task.add_done_callback(self.after.discard)
+
+    async def _evacuated(
+        self, moved: Awaitable[tuple[int, int]], failed: str, live: str, actor: Actor, by: str
+    ) -> None:
+        replayed, left = await moved
+        if replayed or left:
+            self.emit(
+                "evacuated",
+                f"requests in flight on {failed}: {replayed} replayed on "
+                f"{live}, {left} given {EVACUATE_GRACE:g}s to finish",
+                actor,
+                by=by,
+                replayed=replayed,
+                left=left,
+            )
 
     def _move(
         self,

@@ -1,0 +1,443 @@
+"""The main process's side of the workers: starts them, keeps them, and speaks for
+them as one data plane.
+
+`WorkerSet` meets the DataPlane Protocol (routing/plane.py): `apply` sends the
+snapshot to every worker (each applies it in the order sent, and reports at once);
+`collect`, `failure_streaks`, `in_flight` and the counters read the workers'
+reports, summed (tally.py); the commands on requests in flight go to every worker
+and their awaitables give the summed answers. A worker that exits, or sends nothing
+for UNRESPONSIVE_SECONDS (it is then killed), is replaced at once; the requests it
+had in flight are lost and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from zdproxy.dataplane.limits import Limits
+from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
+from zdproxy.routing.plane import Done, WorkerState
+from zdproxy.routing.records import IntervalRecord, OverrideCounters
+from zdproxy.routing.snapshot import RoutingSnapshot
+from zdproxy.workers.channel import Channel, ChannelClosed
+from zdproxy.workers.messages import (
+    Action,
+    Answer,
+    Apply,
+    Ask,
+    Configure,
+    LoadTls,
+    Report,
+    Start,
+    Stop,
+    Stopped,
+)
+from zdproxy.workers.tally import Seen, Totals, merge
+
+log = logging.getLogger("zdproxy.workers")
+
+START_SECONDS = 30.0  # a worker that has not reported by then makes the start fail
+UNRESPONSIVE_SECONDS = 0.75  # silence (about 3 missed heartbeats) that gets a worker killed
+QUICK_DEATH_SECONDS = 1.0  # a worker that dies this young is replaced after as long
+ASK_SECONDS = 5.0  # a worker that has not answered a command by then counts as 0
+STOP_MARGIN = 5.0  # beyond the grace, before a worker that has not exited is killed
+_WATCH_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker process that ended while zdproxy was not stopping."""
+
+    index: int
+    pid: int
+    how: str  # "exit code 1", "killed by SIGKILL"
+    unresponsive: bool  # killed by the supervisor for its silence
+    lost: int  # requests it had in flight (as of its last report)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How workers start: what Start carries besides the snapshot and limits."""
+
+    backlog: int
+    tls: tuple[str, str] | None
+    grace: float
+    log_level: str
+    log_format: str
+
+
+class _Slot:
+    """One worker's place: its current process and what is known of it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: Channel | None = None
+        self.seen = Seen()
+        self.started = 0.0  # monotonic
+        self.heard = 0.0  # monotonic: its last message
+        self.ready: asyncio.Future[None] | None = None
+        self.answers: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self.unresponsive = False
+        self.cut = 0
+        self.restarts = 0
+        self.lost = 0
+        self.follower: asyncio.Task[None] | None = None
+
+
+class WorkerSet:
+    def __init__(
+        self,
+        count: int,
+        limits: Limits,
+        on_exit: Callable[[WorkerExit], None],
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._slots = [_Slot(i) for i in range(1, count + 1)]
+        self._limits = limits
+        self._on_exit = on_exit
+        self._snapshot = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
+        self._launch: Launch | None = None
+        self._listener: socket.socket | None = None
+        self._gone = Totals()  # the running totals of worker processes that ended
+        self._orphans: list[IntervalRecord] = []  # their counts not yet collected
+        self._serial = 0
+        self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []  # settled(), by version
+
+    # -- serving (asked by the daemon) --------------------------------------------------
+
+    async def listen(self, sock: socket.socket, launch: Launch) -> None:
+        """Start every worker on the listening socket; returns once all serve it."""
+        self._listener, self._launch = sock, launch
+        for slot in self._slots:
+            await self._spawn(slot)
+        try:
+            async with asyncio.timeout(START_SECONDS):
+                await asyncio.gather(*(s.ready for s in self._slots if s.ready is not None))
+        except TimeoutError:
+            late = [str(s.index) for s in self._slots if s.ready is None or not s.ready.done()]
+            raise OSError(
+                f"workers {', '.join(late)} did not start in {START_SECONDS:g}s"
+            ) from None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    def configure(self, limits: Limits, launch: Launch) -> None:
+        """New limits, grace and log settings for every worker (the listener stays)."""
+        self._limits = limits
+        self._launch = launch
+        message = Configure(_fields(limits), launch.grace, launch.log_level, launch.log_format)
+        self._broadcast(message)
+
+    def load_tls(self, cert_file: str, key_file: str) -> None:
+        self._broadcast(LoadTls(cert_file, key_file))
+
+    async def stop(self, grace: float) -> int:
+        """Every worker stops accepting, finishes within `grace` and exits; returns how
+        many connections they cut."""
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._broadcast(Stop(grace))
+        followers = [s.follower for s in self._slots if s.follower is not None]
+        if followers:
+            _, late = await asyncio.wait(followers, timeout=grace + STOP_MARGIN)
+            for slot in self._slots:
+                if slot.follower in late and slot.process is not None:
+                    log.error("worker %d did not stop in time: killed", slot.index)
+                    with contextlib.suppress(ProcessLookupError):
+                        slot.process.kill()
+            if late:
+                await asyncio.wait(late)
+        return sum(slot.cut for slot in self._slots)
+
+    # -- the DataPlane Protocol ---------------------------------------------------------
+
+    @property
+    def _starting(self) -> bool:
+        return self._watcher is None and not self._stopping
+
+    @property
+    def snapshot(self) -> RoutingSnapshot:
+        return self._snapshot
+
+    def apply(self, snapshot: RoutingSnapshot) -> None:
+        self._snapshot = snapshot
+        self._broadcast(Apply(snapshot))
+
+    def collect(self) -> list[IntervalRecord]:
+        records, self._orphans = self._orphans, []
+        for slot in self._slots:
+            records += slot.seen.take()
+        return merge(records)
+
+    def failure_streaks(self, at_least: int) -> dict[str, int]:
+        # A streak spans workers: each one's trailing failures, summed. It can only
+        # overcount (a success in one worker does not reset another's), which makes
+        # ejection a little quicker, never slower, than in one process.
+        summed: dict[str, int] = {}
+        for slot in self._slots:
+            if slot.seen.last is not None:
+                for uid, n in slot.seen.last.streaks.items():
+                    summed[uid] = summed.get(uid, 0) + n
+        return {uid: n for uid, n in summed.items() if n >= at_least}
+
+    def forget_streak(self, upstream_id: str) -> None:
+        for slot in self._slots:
+            last = slot.seen.last
+            if last is not None and upstream_id in last.streaks:
+                streaks = {k: v for k, v in last.streaks.items() if k != upstream_id}
+                slot.seen.last = dataclasses.replace(last, streaks=streaks)
+        self._ask(Action.FORGET_STREAK, {upstream_id})
+
+    def in_flight(self, ids: set[str]) -> tuple[int, int]:
+        requests = tunnels = 0
+        for slot in self._slots:
+            n, t = slot.seen.in_flight(ids)
+            requests += n
+            tunnels += t
+            if slot.channel is not None and slot.seen.version < self._snapshot.version:
+                # Its report predates the snapshot in force: what it started since is
+                # unknown, so a drain waits for its next report (a few ms: a worker
+                # reports as soon as it applies a snapshot).
+                requests += 1
+        return requests, tunnels
+
+    def close_tunnels(self, ids: set[str]) -> Awaitable[int]:
+        return self._first_of(self._ask(Action.CLOSE_TUNNELS, ids))
+
+    def cut(self, ids: set[str]) -> Awaitable[int]:
+        return self._first_of(self._ask(Action.CUT, ids))
+
+    def evacuate(self, ids: set[str], grace: float) -> Awaitable[tuple[int, int]]:
+        return self._ask(Action.EVACUATE, ids, grace)
+
+    def counters(self) -> tuple[dict[str, int], OverrideCounters]:
+        totals = self._totals()
+        return dict(totals.retries), totals.overrides()
+
+    def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
+        return dict(self._totals().local_errors)
+
+    def settled(self) -> Awaitable[None]:
+        version = self._snapshot.version
+        if self._all_at(version):
+            return Done(None)
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append((version, waiter))
+        return waiter
+
+    def _all_at(self, version: int) -> bool:
+        return all(s.seen.version >= version for s in self._slots if s.channel is not None)
+
+    def _wake(self) -> None:
+        """Resolve the settled() waiters whose snapshot every worker has now."""
+        waiting = []
+        for version, waiter in self._waiters:
+            if waiter.done():
+                continue
+            if self._all_at(version):
+                waiter.set_result(None)
+            else:
+                waiting.append((version, waiter))
+        self._waiters = waiting
+
+    def workers(self) -> list[WorkerState]:
+        now = time.monotonic()
+        return [
+            WorkerState(
+                index=slot.index,
+                pid=slot.process.pid if slot.process is not None else None,
+                version=slot.seen.version,
+                connections=slot.seen.last.connections if slot.seen.last is not None else 0,
+                requests=slot.seen.requests(),
+                restarts=slot.restarts,
+                lost=slot.lost,
+                uptime=round(now - slot.started, 3) if slot.process is not None else 0.0,
+            )
+            for slot in self._slots
+        ]
+
+    # -- inside -------------------------------------------------------------------------
+
+    def _totals(self) -> Totals:
+        totals = Totals()
+        totals.add(self._gone)
+        for slot in self._slots:
+            if slot.seen.last is not None:
+                totals.add(slot.seen.last)
+        return totals
+
+    def _broadcast(self, message: object) -> None:
+        for slot in self._slots:
+            if slot.channel is not None:
+                slot.channel.send(message)
+
+    def _ask(
+        self, action: Action, ids: set[str], grace: float = 0.0
+    ) -> asyncio.Future[tuple[int, int]]:
+        """Send the command to every worker; the future sums their answers."""
+        answers = []
+        for slot in self._slots:
+            if slot.channel is None:
+                continue
+            self._serial += 1
+            answer: asyncio.Future[tuple[int, int]] = self.loop.create_future()
+            slot.answers[self._serial] = answer
+            slot.channel.send(Ask(self._serial, action, frozenset(ids), grace))
+            answers.append(answer)
+        return asyncio.ensure_future(_summed(answers))
+
+    @staticmethod
+    def _first_of(pair: Awaitable[tuple[int, int]]) -> Awaitable[int]:
+        async def first() -> int:
+            return (await pair)[0]
+
+        return asyncio.ensure_future(first())
+
+    async def _spawn(self, slot: _Slot) -> None:
+        assert self._listener is not None and self._launch is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listen_fd, channel_fd = self._listener.fileno(), theirs.fileno()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "zdproxy.workers.worker",
+                str(listen_fd),
+                str(channel_fd),
+                pass_fds=(listen_fd, channel_fd),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        slot.process = process
+        slot.channel = await Channel.open(ours)
+        slot.seen = Seen()
+        slot.started = slot.heard = time.monotonic()
+        slot.unresponsive = False
+        slot.cut = 0
+        slot.ready = self.loop.create_future()
+        launch = self._launch
+        slot.channel.send(
+            Start(
+                index=slot.index,
+                limits=_fields(self._limits),
+                snapshot=self._snapshot,
+                tls=launch.tls,
+                backlog=launch.backlog,
+                grace=launch.grace,
+                log_level=launch.log_level,
+                log_format=launch.log_format,
+            )
+        )
+        slot.follower = asyncio.ensure_future(self._follow(slot, slot.channel, process))
+
+    async def _follow(
+        self, slot: _Slot, channel: Channel, process: asyncio.subprocess.Process
+    ) -> None:
+        """Read one worker process's messages until it goes away, then replace it
+        (unless zdproxy is stopping)."""
+        try:
+            while True:
+                message = await channel.receive()
+                slot.heard = time.monotonic()
+                if isinstance(message, Report):
+                    slot.seen.absorb(message)
+                    if slot.ready is not None and not slot.ready.done():
+                        slot.ready.set_result(None)
+                    if self._waiters:
+                        self._wake()
+                elif isinstance(message, Answer):
+                    answer = slot.answers.pop(message.serial, None)
+                    if answer is not None and not answer.done():
+                        answer.set_result(message.result)
+                elif isinstance(message, Stopped):
+                    slot.cut = message.cut
+        except ChannelClosed:
+            pass
+        channel.close()
+        returncode = await process.wait()
+        self._retire(slot, process, returncode)
+        if self._stopping or self._starting:
+            return  # a worker that cannot start at all fails zdproxy's start
+        if time.monotonic() - slot.started < QUICK_DEATH_SECONDS:
+            await asyncio.sleep(QUICK_DEATH_SECONDS)  # no tight loop of failing starts
+        if not self._stopping:
+            slot.restarts += 1
+            await self._spawn(slot)
+
+    def _retire(self, slot: _Slot, process: asyncio.subprocess.Process, returncode: int) -> None:
+        """Keep what an ended process counted; say what was lost if it was not asked to."""
+        for answer in slot.answers.values():
+            if not answer.done():
+                answer.set_result((0, 0))
+        slot.answers.clear()
+        if slot.seen.last is not None:
+            self._gone.add(slot.seen.last)
+        self._orphans += [r for r in slot.seen.take() if r.responses or r.failures]
+        lost = slot.seen.requests()
+        slot.channel = None
+        slot.process = None
+        self._wake()  # the waiters no longer wait for this one
+        if slot.ready is not None and not slot.ready.done():
+            # At zdproxy's start, listen() waits for it and fails; later, no one does.
+            failed = OSError(f"worker {slot.index} exited at start ({_how(returncode)})")
+            slot.ready.set_exception(failed) if self._starting else slot.ready.cancel()
+        if self._stopping:
+            return
+        slot.lost += lost
+        exit_ = WorkerExit(slot.index, process.pid, _how(returncode), slot.unresponsive, lost)
+        self._on_exit(exit_)
+
+    async def _watch(self) -> None:
+        """Kill a worker that has sent nothing for UNRESPONSIVE_SECONDS."""
+        while True:
+            await asyncio.sleep(_WATCH_SECONDS)
+            now = time.monotonic()
+            for slot in self._slots:
+                process = slot.process
+                starting = slot.ready is not None and not slot.ready.done()
+                allowed = START_SECONDS if starting else UNRESPONSIVE_SECONDS
+                if process is None or slot.unresponsive or now - slot.heard < allowed:
+                    continue
+                log.error(
+                    "worker %d (pid %d) sent nothing for %.1fs: killing it",
+                    slot.index,
+                    process.pid,
+                    now - slot.heard,
+                )
+                slot.unresponsive = True
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+
+
+async def _summed(answers: list[asyncio.Future[tuple[int, int]]]) -> tuple[int, int]:
+    if not answers:
+        return 0, 0
+    done, late = await asyncio.wait(answers, timeout=ASK_SECONDS)
+    for answer in late:
+        answer.cancel()
+    results = [answer.result() for answer in done if not answer.cancelled()]
+    return sum(a for a, _ in results), sum(b for _, b in results)
+
+
+def _fields(limits: Limits) -> dict[str, object]:
+    """The Limits' own fields: the derived ones are made again in each worker."""
+    return {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits) if f.init}
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
