@@ -211,11 +211,12 @@ async def scrape(proxy: ZdProxy, accept: str = "") -> tuple[str, str]:
 
 async def busy_proxy(zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path) -> ZdProxy:
     """A zdproxy with a sample in every metric family: traffic, a pinned request, an
-    upstream that stays silent past upstream.timeout (a failure), and a rollout the
-    judge has numbers for (the caller runs it, under `load`)."""
+    upstream that stays silent past upstream.timeout (a failure), a rollout the judge
+    has numbers for (the caller runs it, under `load`), and two data-plane workers."""
     blue, green = await upstream("blue"), await upstream("green")
     config = one_step(blue, green, tmp_path)
     config["pins"] = [{"name": "beta", "header": "X-Beta", "values": ["1"], "to": "blue"}]
+    config["proxy"] = {**config.get("proxy", {}), "workers": 2}
     config["upstream"] = {"timeout": "300ms"}
     proxy = zdproxy(config)
     async with aiohttp.ClientSession() as session:

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import Upstream, ZdProxy, admin_api, pools, wait_until
+from tests.conftest import ADMIN_TOKEN, Upstream, ZdProxy, admin_api, pools, run_cli, wait_until
 from tests.test_metrics import metrics_when
 from zdproxy.routing.records import IntervalRecord
 from zdproxy.workers.messages import Report
@@ -97,6 +97,14 @@ async def test_workers_serve_the_listener_and_report_as_one_data_plane(
     assert metrics.by("zdproxy_requests_total", "class", color="blue")["2xx"] == 100
     assert metrics.by("zdproxy_worker_up", "worker") == {"1": 1.0, "2": 1.0}
     assert metrics.by("zdproxy_worker_snapshot_current", "worker") == {"1": 1.0, "2": 1.0}
+    env = {"ZDPROXY_ADMIN_URL": proxy.admin_address, "ZDPROXY_TOKEN": ADMIN_TOKEN}
+    shown = await run_cli("status", env=env)
+    assert shown.code == 0, shown.err
+    table = shown.out[shown.out.index("WORKER") :].splitlines()
+    assert table[0].split() == [
+        "WORKER", "PID", "SNAPSHOT", "CONNECTIONS", "IN", "FLIGHT", "UP", "RESTARTS", "LOST"
+    ]  # fmt: skip
+    assert [row.split()[:2] for row in table[1:]] == [["1", str(pids[0])], ["2", str(pids[1])]]
 
 
 async def test_a_shift_reaches_every_worker_before_it_is_answered(

@@ -175,6 +175,16 @@ class ZdproxyCollector(Collector):
         for worker in workers:
             label = [str(worker.index)]
             values = (
+            (
+                "zdproxy_worker_cpu_seconds",
+                GaugeMetricFamily,  # a gauge: a replacement starts from 0 again
+                "User and system CPU time of the worker's current process",
+            ),
+            (
+                "zdproxy_worker_resident_memory_bytes",
+                GaugeMetricFamily,
+                "Resident memory of the worker's current process",
+            ),
                 worker.pid is not None,
                 worker.connections,
                 worker.requests,
@@ -186,6 +196,8 @@ class ZdproxyCollector(Collector):
                 family.add_metric(label, float(value))
         yield from made
 
+                worker.cpu_seconds,
+                worker.rss_bytes,
     def _local_errors(self) -> Metric:
         """Every kind at every site, zeros included: a first error is then an increase."""
         counts = self.control.local_errors()

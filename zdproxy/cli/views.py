@@ -105,7 +105,26 @@ def status_table(status: dict[str, Any]) -> str:
     lines.append(rollout_line(status["rollout"]))
     if status["journal"]:
         lines.append("runtime changes (journal): " + ", ".join(status["journal"]))
+    if workers := status.get("workers"):  # proxy.workers above 1 (and a zdproxy that says)
+        lines += ["", *_table(_worker_rows(workers))]
     return "\n".join(lines)
+
+
+def _worker_rows(workers: list[dict[str, Any]]) -> list[list[str]]:
+    head = ["WORKER", "PID", "SNAPSHOT", "CONNECTIONS", "IN FLIGHT", "UP", "RESTARTS", "LOST"]
+    return [head] + [
+        [
+            str(w["index"]),
+            str(w["pid"]) if w["pid"] is not None else "(starting)",
+            f"{w['snapshot_version']}" + ("" if w["current"] else " (behind)"),
+            str(w["connections"]),
+            str(w["requests"]),
+            _duration(w["uptime_seconds"]),
+            str(w["restarts"]),
+            str(w["lost_requests"]),
+        ]
+        for w in workers
+    ]
 
 
 def _share(pool: dict[str, Any]) -> str:

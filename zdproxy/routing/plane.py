@@ -48,6 +48,8 @@ class WorkerState:
     restarts: int  # processes that ended in this place and were replaced
     lost: int  # requests in flight lost with them
     uptime: float  # seconds since the current process started
+    cpu_seconds: float = 0.0  # user + system CPU time of the current process
+    rss_bytes: int = 0  # its resident memory
 
 
 class DataPlane(Protocol):

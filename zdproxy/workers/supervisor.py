@@ -16,12 +16,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from zdproxy.dataplane.limits import Limits
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
@@ -264,6 +266,7 @@ class WorkerSet:
                 restarts=slot.restarts,
                 lost=slot.lost,
                 uptime=round(now - slot.started, 3) if slot.process is not None else 0.0,
+                **_usage(slot.process.pid if slot.process is not None else None),
             )
             for slot in self._slots
         ]
@@ -435,6 +438,25 @@ async def _summed(answers: list[asyncio.Future[tuple[int, int]]]) -> tuple[int, 
 def _fields(limits: Limits) -> dict[str, object]:
     """The Limits' own fields: the derived ones are made again in each worker."""
     return {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits) if f.init}
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _usage(pid: int | None) -> dict[str, Any]:
+    """A worker's CPU time and resident memory, from /proc/PID/stat (a process that
+    is gone, or a system without /proc, reads as none)."""
+    if pid is None:
+        return {}
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command name in parentheses (which may hold spaces): fields 3..
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return {}
+    utime, stime, rss = int(fields[11]), int(fields[12]), int(fields[21])
+    return {"cpu_seconds": (utime + stime) / _TICKS, "rss_bytes": rss * _PAGE}
 
 
 def _how(returncode: int) -> str:
