@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import ADMIN_TOKEN, Upstream, ZdProxy, admin_api, pools, run_cli, wait_until
 from tests.test_metrics import metrics_when
@@ -165,6 +167,26 @@ async def test_a_killed_worker_is_replaced_and_its_lost_requests_are_counted(
     assert metrics.by("zdproxy_worker_lost_requests_total", "worker")[index] == victim["requests"]
 
 
+async def test_a_silent_worker_is_killed_and_replaced(
+    zdproxy: StartProxy, upstream: StartUpstream
+) -> None:
+    blue, green = await upstream("blue"), await upstream("green")
+    proxy = zdproxy(workers_config(blue, green))
+    stopped = (await status(proxy))["workers"][0]
+    os.kill(stopped["pid"], signal.SIGSTOP)  # alive, but it answers nothing any more
+
+    def exited() -> bool:
+        return any('msg="worker_exited:' in line for line in proxy.log_lines)
+
+    await wait_until(exited, within=10)
+    [event] = (await admin_api(proxy, "GET", "/v1/events?kind=worker_exited"))["events"]
+    assert event["data"]["unresponsive"] is True and event["data"]["worker"] == 1
+    assert "stopped answering and was killed" in event["reason"]
+    workers = await workers_when(proxy, lambda ws: ws[0]["pid"] not in (None, stopped["pid"]))
+    assert workers[0]["restarts"] == 1
+    assert await names(proxy, 20) == Counter({"blue": 20})
+
+
 async def test_stop_waits_for_every_workers_requests(
     zdproxy: StartProxy, upstream: StartUpstream
 ) -> None:
@@ -219,6 +241,32 @@ def report(
         preview_honoured={},
         preview_ignored={},
     )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["blue/a", "blue/b", "green/c"]),
+            st.integers(0, 50),
+            # Ages as a worker reports them: the oldest first.
+            st.lists(st.floats(0, 100), max_size=3).map(lambda a: tuple(sorted(a, reverse=True))),
+        ),
+        max_size=12,
+    )
+)
+def test_merge_keeps_every_count_and_every_age(
+    parts: list[tuple[str, int, tuple[float, ...]]],
+) -> None:
+    records = [record(uid, ok, ages) for uid, ok, ages in parts]
+    merged = merge(records)
+    assert len({r.upstream_id for r in merged}) == len(merged)  # one per upstream
+    for uid in {r.upstream_id for r in records}:
+        mine = [r for r in records if r.upstream_id == uid]
+        [one] = [r for r in merged if r.upstream_id == uid]
+        assert one.responses == sum(r.responses for r in mine)
+        assert one.routes[0] == sum(r.routes[0] for r in mine)
+        assert sum(one.latency.values()) == sum(sum(r.latency.values()) for r in mine)
+        assert one.pending == tuple(sorted((a for r in mine for a in r.pending), reverse=True))
 
 
 def test_merge_sums_counts_and_joins_the_ages_of_requests_in_flight() -> None:

@@ -40,7 +40,8 @@ from zdproxy.ops.systemd import Notifier, listen_fds
 from zdproxy.ops.watch import start_watch
 from zdproxy.routing.plane import DataPlane
 from zdproxy.tls import load_chain, server_context
-from zdproxy.workers.supervisor import Launch, WorkerExit, WorkerSet
+from zdproxy.workers.place import Launch, WorkerExit
+from zdproxy.workers.supervisor import WorkerSet
 
 log = logging.getLogger("zdproxy")
 

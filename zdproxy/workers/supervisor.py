@@ -16,34 +16,19 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 from zdproxy.dataplane.limits import Limits
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.plane import Done, WorkerState
 from zdproxy.routing.records import IntervalRecord, OverrideCounters
 from zdproxy.routing.snapshot import RoutingSnapshot
-from zdproxy.workers.channel import Channel, ChannelClosed
-from zdproxy.workers.messages import (
-    Action,
-    Answer,
-    Apply,
-    Ask,
-    Configure,
-    LoadTls,
-    Report,
-    Start,
-    Stop,
-    Stopped,
-)
-from zdproxy.workers.tally import Seen, Totals, merge
+from zdproxy.workers.channel import ChannelClosed
+from zdproxy.workers.messages import Action, Apply, Configure, LoadTls, Report, Start, Stop
+from zdproxy.workers.place import Launch, Place, WorkerExit
+from zdproxy.workers.tally import Totals, merge
 
 log = logging.getLogger("zdproxy.workers")
 
@@ -55,47 +40,6 @@ STOP_MARGIN = 5.0  # beyond the grace, before a worker that has not exited is ki
 _WATCH_SECONDS = 0.1
 
 
-@dataclass(frozen=True)
-class WorkerExit:
-    """A worker process that ended while zdproxy was not stopping."""
-
-    index: int
-    pid: int
-    how: str  # "exit code 1", "killed by SIGKILL"
-    unresponsive: bool  # killed by the supervisor for its silence
-    lost: int  # requests it had in flight (as of its last report)
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How workers start: what Start carries besides the snapshot and limits."""
-
-    backlog: int
-    tls: tuple[str, str] | None
-    grace: float
-    log_level: str
-    log_format: str
-
-
-class _Slot:
-    """One worker's place: its current process and what is known of it."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.process: asyncio.subprocess.Process | None = None
-        self.channel: Channel | None = None
-        self.seen = Seen()
-        self.started = 0.0  # monotonic
-        self.heard = 0.0  # monotonic: its last message
-        self.ready: asyncio.Future[None] | None = None
-        self.answers: dict[int, asyncio.Future[tuple[int, int]]] = {}
-        self.unresponsive = False
-        self.cut = 0
-        self.restarts = 0
-        self.lost = 0
-        self.follower: asyncio.Task[None] | None = None
-
-
 class WorkerSet:
     def __init__(
         self,
@@ -104,7 +48,7 @@ class WorkerSet:
         on_exit: Callable[[WorkerExit], None],
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self._slots = [_Slot(i) for i in range(1, count + 1)]
+        self._slots = [Place(i) for i in range(1, count + 1)]
         self._limits = limits
         self._on_exit = on_exit
         self._snapshot = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
@@ -123,7 +67,7 @@ class WorkerSet:
         """Start every worker on the listening socket; returns once all serve it."""
         self._listener, self._launch = sock, launch
         for slot in self._slots:
-            await self._spawn(slot)
+            await self._start(slot)
         try:
             async with asyncio.timeout(START_SECONDS):
                 await asyncio.gather(*(s.ready for s in self._slots if s.ready is not None))
@@ -256,20 +200,7 @@ class WorkerSet:
 
     def workers(self) -> list[WorkerState]:
         now = time.monotonic()
-        return [
-            WorkerState(
-                index=slot.index,
-                pid=slot.process.pid if slot.process is not None else None,
-                version=slot.seen.version,
-                connections=slot.seen.last.connections if slot.seen.last is not None else 0,
-                requests=slot.seen.requests(),
-                restarts=slot.restarts,
-                lost=slot.lost,
-                uptime=round(now - slot.started, 3) if slot.process is not None else 0.0,
-                **_usage(slot.process.pid if slot.process is not None else None),
-            )
-            for slot in self._slots
-        ]
+        return [slot.state(now) for slot in self._slots]
 
     # -- inside -------------------------------------------------------------------------
 
@@ -292,13 +223,9 @@ class WorkerSet:
         """Send the command to every worker; the future sums their answers."""
         answers = []
         for slot in self._slots:
-            if slot.channel is None:
-                continue
-            self._serial += 1
-            answer: asyncio.Future[tuple[int, int]] = self.loop.create_future()
-            slot.answers[self._serial] = answer
-            slot.channel.send(Ask(self._serial, action, frozenset(ids), grace))
-            answers.append(answer)
+            if slot.channel is not None:
+                self._serial += 1
+                answers.append(slot.ask(self._serial, action, frozenset(ids), grace))
         return asyncio.ensure_future(_summed(answers))
 
     @staticmethod
@@ -308,100 +235,64 @@ class WorkerSet:
 
         return asyncio.ensure_future(first())
 
-    async def _spawn(self, slot: _Slot) -> None:
+    async def _start(self, slot: Place) -> None:
+        """Start a process in `slot`, and follow it."""
         assert self._listener is not None and self._launch is not None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        listen_fd, channel_fd = self._listener.fileno(), theirs.fileno()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "zdproxy.workers.worker",
-                str(listen_fd),
-                str(channel_fd),
-                pass_fds=(listen_fd, channel_fd),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
-        slot.process = process
-        slot.channel = await Channel.open(ours)
-        slot.seen = Seen()
-        slot.started = slot.heard = time.monotonic()
-        slot.unresponsive = False
-        slot.cut = 0
-        slot.ready = self.loop.create_future()
         launch = self._launch
-        slot.channel.send(
-            Start(
-                index=slot.index,
-                limits=_fields(self._limits),
-                snapshot=self._snapshot,
-                tls=launch.tls,
-                backlog=launch.backlog,
-                grace=launch.grace,
-                log_level=launch.log_level,
-                log_format=launch.log_format,
-            )
+        start = Start(
+            index=slot.index,
+            limits=_fields(self._limits),
+            snapshot=self._snapshot,
+            tls=launch.tls,
+            backlog=launch.backlog,
+            grace=launch.grace,
+            log_level=launch.log_level,
+            log_format=launch.log_format,
         )
-        slot.follower = asyncio.ensure_future(self._follow(slot, slot.channel, process))
+        await slot.start(self._listener, start)
+        slot.follower = asyncio.ensure_future(self._follow(slot))
 
-    async def _follow(
-        self, slot: _Slot, channel: Channel, process: asyncio.subprocess.Process
-    ) -> None:
+    async def _follow(self, slot: Place) -> None:
         """Read one worker process's messages until it goes away, then replace it
         (unless zdproxy is stopping)."""
-        try:
+        channel, process = slot.channel, slot.process
+        assert channel is not None and process is not None
+        with contextlib.suppress(ChannelClosed):
             while True:
                 message = await channel.receive()
-                slot.heard = time.monotonic()
-                if isinstance(message, Report):
-                    slot.seen.absorb(message)
-                    if slot.ready is not None and not slot.ready.done():
-                        slot.ready.set_result(None)
-                    if self._waiters:
-                        self._wake()
-                elif isinstance(message, Answer):
-                    answer = slot.answers.pop(message.serial, None)
-                    if answer is not None and not answer.done():
-                        answer.set_result(message.result)
-                elif isinstance(message, Stopped):
-                    slot.cut = message.cut
-        except ChannelClosed:
-            pass
+                slot.take(message)
+                if self._waiters and isinstance(message, Report):
+                    self._wake()
         channel.close()
-        returncode = await process.wait()
-        self._retire(slot, process, returncode)
+        self._retire(slot, await process.wait())
         if self._stopping or self._starting:
             return  # a worker that cannot start at all fails zdproxy's start
         if time.monotonic() - slot.started < QUICK_DEATH_SECONDS:
             await asyncio.sleep(QUICK_DEATH_SECONDS)  # no tight loop of failing starts
-        if not self._stopping:
-            slot.restarts += 1
-            await self._spawn(slot)
+        slot.restarts += 1
+        while not self._stopping:
+            try:
+                await self._start(slot)
+                return
+            except OSError as exc:  # out of processes or descriptors: try again
+                log.error("cannot start worker %d: %s; trying again in 1s", slot.index, exc)
+                await asyncio.sleep(QUICK_DEATH_SECONDS)
 
-    def _retire(self, slot: _Slot, process: asyncio.subprocess.Process, returncode: int) -> None:
+    def _retire(self, slot: Place, returncode: int) -> None:
         """Keep what an ended process counted; say what was lost if it was not asked to."""
-        for answer in slot.answers.values():
-            if not answer.done():
-                answer.set_result((0, 0))
-        slot.answers.clear()
         if slot.seen.last is not None:
             self._gone.add(slot.seen.last)
         self._orphans += [r for r in slot.seen.take() if r.responses or r.failures]
-        lost = slot.seen.requests()
-        slot.channel = None
-        slot.process = None
+        exit_ = slot.ended(returncode)
         self._wake()  # the waiters no longer wait for this one
-        if slot.ready is not None and not slot.ready.done():
+        if slot.starting:
+            assert slot.ready is not None
             # At zdproxy's start, listen() waits for it and fails; later, no one does.
-            failed = OSError(f"worker {slot.index} exited at start ({_how(returncode)})")
+            failed = OSError(f"worker {slot.index} exited at start ({exit_.how})")
             slot.ready.set_exception(failed) if self._starting else slot.ready.cancel()
-        if self._stopping:
-            return
-        slot.lost += lost
-        exit_ = WorkerExit(slot.index, process.pid, _how(returncode), slot.unresponsive, lost)
-        self._on_exit(exit_)
+        if not self._stopping:
+            slot.lost += exit_.lost
+            self._on_exit(exit_)
 
     async def _watch(self) -> None:
         """Kill a worker that has sent nothing for UNRESPONSIVE_SECONDS."""
@@ -410,8 +301,7 @@ class WorkerSet:
             now = time.monotonic()
             for slot in self._slots:
                 process = slot.process
-                starting = slot.ready is not None and not slot.ready.done()
-                allowed = START_SECONDS if starting else UNRESPONSIVE_SECONDS
+                allowed = START_SECONDS if slot.starting else UNRESPONSIVE_SECONDS
                 if process is None or slot.unresponsive or now - slot.heard < allowed:
                     continue
                 log.error(
@@ -438,28 +328,3 @@ async def _summed(answers: list[asyncio.Future[tuple[int, int]]]) -> tuple[int, 
 def _fields(limits: Limits) -> dict[str, object]:
     """The Limits' own fields: the derived ones are made again in each worker."""
     return {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits) if f.init}
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _usage(pid: int | None) -> dict[str, Any]:
-    """A worker's CPU time and resident memory, from /proc/PID/stat (a process that
-    is gone, or a system without /proc, reads as none)."""
-    if pid is None:
-        return {}
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # After the command name in parentheses (which may hold spaces): fields 3..
-            fields = stat.read().rpartition(b")")[2].split()
-    except OSError:
-        return {}
-    utime, stime, rss = int(fields[11]), int(fields[12]), int(fields[21])
-    return {"cpu_seconds": (utime + stime) / _TICKS, "rss_bytes": rss * _PAGE}
-
-
-def _how(returncode: int) -> str:
-    if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
-    return f"exit code {returncode}"
