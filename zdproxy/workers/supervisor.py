@@ -48,7 +48,7 @@ class WorkerSet:
         on_exit: Callable[[WorkerExit], None],
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self._slots = [Place(i) for i in range(1, count + 1)]
+        self._places = [Place(i) for i in range(1, count + 1)]
         self._limits = limits
         self._on_exit = on_exit
         self._snapshot = RoutingSnapshot(version=0, live="blue", candidate_weight=0)
@@ -66,13 +66,13 @@ class WorkerSet:
     async def listen(self, sock: socket.socket, launch: Launch) -> None:
         """Start every worker on the listening socket; returns once all serve it."""
         self._listener, self._launch = sock, launch
-        for slot in self._slots:
-            await self._start(slot)
+        for place in self._places:
+            await self._start(place)
         try:
             async with asyncio.timeout(START_SECONDS):
-                await asyncio.gather(*(s.ready for s in self._slots if s.ready is not None))
+                await asyncio.gather(*(s.ready for s in self._places if s.ready is not None))
         except TimeoutError:
-            late = [str(s.index) for s in self._slots if s.ready is None or not s.ready.done()]
+            late = [str(s.index) for s in self._places if s.ready is None or not s.ready.done()]
             raise OSError(
                 f"workers {', '.join(late)} did not start in {START_SECONDS:g}s"
             ) from None
@@ -95,17 +95,17 @@ class WorkerSet:
         if self._watcher is not None:
             self._watcher.cancel()
         self._broadcast(Stop(grace))
-        followers = [s.follower for s in self._slots if s.follower is not None]
+        followers = [s.follower for s in self._places if s.follower is not None]
         if followers:
             _, late = await asyncio.wait(followers, timeout=grace + STOP_MARGIN)
-            for slot in self._slots:
-                if slot.follower in late and slot.process is not None:
-                    log.error("worker %d did not stop in time: killed", slot.index)
+            for place in self._places:
+                if place.follower in late and place.process is not None:
+                    log.error("worker %d did not stop in time: killed", place.index)
                     with contextlib.suppress(ProcessLookupError):
-                        slot.process.kill()
+                        place.process.kill()
             if late:
                 await asyncio.wait(late)
-        return sum(slot.cut for slot in self._slots)
+        return sum(place.cut for place in self._places)
 
     # -- the DataPlane Protocol ---------------------------------------------------------
 
@@ -123,8 +123,8 @@ class WorkerSet:
 
     def collect(self) -> list[IntervalRecord]:
         records, self._orphans = self._orphans, []
-        for slot in self._slots:
-            records += slot.seen.take()
+        for place in self._places:
+            records += place.seen.take()
         return merge(records)
 
     def failure_streaks(self, at_least: int) -> dict[str, int]:
@@ -132,27 +132,27 @@ class WorkerSet:
         # overcount (a success in one worker does not reset another's), which makes
         # ejection a little quicker, never slower, than in one process.
         summed: dict[str, int] = {}
-        for slot in self._slots:
-            if slot.seen.last is not None:
-                for uid, n in slot.seen.last.streaks.items():
+        for place in self._places:
+            if place.seen.last is not None:
+                for uid, n in place.seen.last.streaks.items():
                     summed[uid] = summed.get(uid, 0) + n
         return {uid: n for uid, n in summed.items() if n >= at_least}
 
     def forget_streak(self, upstream_id: str) -> None:
-        for slot in self._slots:
-            last = slot.seen.last
+        for place in self._places:
+            last = place.seen.last
             if last is not None and upstream_id in last.streaks:
                 streaks = {k: v for k, v in last.streaks.items() if k != upstream_id}
-                slot.seen.last = dataclasses.replace(last, streaks=streaks)
+                place.seen.last = dataclasses.replace(last, streaks=streaks)
         self._ask(Action.FORGET_STREAK, {upstream_id})
 
     def in_flight(self, ids: set[str]) -> tuple[int, int]:
         requests = tunnels = 0
-        for slot in self._slots:
-            n, t = slot.seen.in_flight(ids)
+        for place in self._places:
+            n, t = place.seen.in_flight(ids)
             requests += n
             tunnels += t
-            if slot.channel is not None and slot.seen.version < self._snapshot.version:
+            if place.channel is not None and place.seen.version < self._snapshot.version:
                 # Its report predates the snapshot in force: what it started since is
                 # unknown, so a drain waits for its next report (a few ms: a worker
                 # reports as soon as it applies a snapshot).
@@ -184,7 +184,7 @@ class WorkerSet:
         return waiter
 
     def _all_at(self, version: int) -> bool:
-        return all(s.seen.version >= version for s in self._slots if s.channel is not None)
+        return all(s.seen.version >= version for s in self._places if s.channel is not None)
 
     def _wake(self) -> None:
         """Resolve the settled() waiters whose snapshot every worker has now."""
@@ -200,32 +200,32 @@ class WorkerSet:
 
     def workers(self) -> list[WorkerState]:
         now = time.monotonic()
-        return [slot.state(now) for slot in self._slots]
+        return [place.state(now) for place in self._places]
 
     # -- inside -------------------------------------------------------------------------
 
     def _totals(self) -> Totals:
         totals = Totals()
         totals.add(self._gone)
-        for slot in self._slots:
-            if slot.seen.last is not None:
-                totals.add(slot.seen.last)
+        for place in self._places:
+            if place.seen.last is not None:
+                totals.add(place.seen.last)
         return totals
 
     def _broadcast(self, message: object) -> None:
-        for slot in self._slots:
-            if slot.channel is not None:
-                slot.channel.send(message)
+        for place in self._places:
+            if place.channel is not None:
+                place.channel.send(message)
 
     def _ask(
         self, action: Action, ids: set[str], grace: float = 0.0
     ) -> asyncio.Future[tuple[int, int]]:
         """Send the command to every worker; the future sums their answers."""
         answers = []
-        for slot in self._slots:
-            if slot.channel is not None:
+        for place in self._places:
+            if place.channel is not None:
                 self._serial += 1
-                answers.append(slot.ask(self._serial, action, frozenset(ids), grace))
+                answers.append(place.ask(self._serial, action, frozenset(ids), grace))
         return asyncio.ensure_future(_summed(answers))
 
     @staticmethod
@@ -235,12 +235,12 @@ class WorkerSet:
 
         return asyncio.ensure_future(first())
 
-    async def _start(self, slot: Place) -> None:
-        """Start a process in `slot`, and follow it."""
+    async def _start(self, place: Place) -> None:
+        """Start a process in `place`, and follow it."""
         assert self._listener is not None and self._launch is not None
         launch = self._launch
         start = Start(
-            index=slot.index,
+            index=place.index,
             limits=_fields(self._limits),
             snapshot=self._snapshot,
             tls=launch.tls,
@@ -249,49 +249,49 @@ class WorkerSet:
             log_level=launch.log_level,
             log_format=launch.log_format,
         )
-        await slot.start(self._listener, start)
-        slot.follower = asyncio.ensure_future(self._follow(slot))
+        await place.start(self._listener, start)
+        place.follower = asyncio.ensure_future(self._follow(place))
 
-    async def _follow(self, slot: Place) -> None:
+    async def _follow(self, place: Place) -> None:
         """Read one worker process's messages until it goes away, then replace it
         (unless zdproxy is stopping)."""
-        channel, process = slot.channel, slot.process
+        channel, process = place.channel, place.process
         assert channel is not None and process is not None
         with contextlib.suppress(ChannelClosed):
             while True:
                 message = await channel.receive()
-                slot.take(message)
+                place.take(message)
                 if self._waiters and isinstance(message, Report):
                     self._wake()
         channel.close()
-        self._retire(slot, await process.wait())
+        self._retire(place, await process.wait())
         if self._stopping or self._starting:
             return  # a worker that cannot start at all fails zdproxy's start
-        if time.monotonic() - slot.started < QUICK_DEATH_SECONDS:
+        if time.monotonic() - place.started < QUICK_DEATH_SECONDS:
             await asyncio.sleep(QUICK_DEATH_SECONDS)  # no tight loop of failing starts
-        slot.restarts += 1
+        place.restarts += 1
         while not self._stopping:
             try:
-                await self._start(slot)
+                await self._start(place)
                 return
             except OSError as exc:  # out of processes or descriptors: try again
-                log.error("cannot start worker %d: %s; trying again in 1s", slot.index, exc)
+                log.error("cannot start worker %d: %s; trying again in 1s", place.index, exc)
                 await asyncio.sleep(QUICK_DEATH_SECONDS)
 
-    def _retire(self, slot: Place, returncode: int) -> None:
+    def _retire(self, place: Place, returncode: int) -> None:
         """Keep what an ended process counted; say what was lost if it was not asked to."""
-        if slot.seen.last is not None:
-            self._gone.add(slot.seen.last)
-        self._orphans += [r for r in slot.seen.take() if r.responses or r.failures]
-        exit_ = slot.ended(returncode)
+        if place.seen.last is not None:
+            self._gone.add(place.seen.last)
+        self._orphans += [r for r in place.seen.take() if r.responses or r.failures]
+        exit_ = place.ended(returncode)
         self._wake()  # the waiters no longer wait for this one
-        if slot.starting:
-            assert slot.ready is not None
+        if place.starting:
+            assert place.ready is not None
             # At zdproxy's start, listen() waits for it and fails; later, no one does.
-            failed = OSError(f"worker {slot.index} exited at start ({exit_.how})")
-            slot.ready.set_exception(failed) if self._starting else slot.ready.cancel()
+            failed = OSError(f"worker {place.index} exited at start ({exit_.how})")
+            place.ready.set_exception(failed) if self._starting else place.ready.cancel()
         if not self._stopping:
-            slot.lost += exit_.lost
+            place.lost += exit_.lost
             self._on_exit(exit_)
 
     async def _watch(self) -> None:
@@ -299,18 +299,18 @@ class WorkerSet:
         while True:
             await asyncio.sleep(_WATCH_SECONDS)
             now = time.monotonic()
-            for slot in self._slots:
-                process = slot.process
-                allowed = START_SECONDS if slot.starting else UNRESPONSIVE_SECONDS
-                if process is None or slot.unresponsive or now - slot.heard < allowed:
+            for place in self._places:
+                process = place.process
+                allowed = START_SECONDS if place.starting else UNRESPONSIVE_SECONDS
+                if process is None or place.unresponsive or now - place.heard < allowed:
                     continue
                 log.error(
                     "worker %d (pid %d) sent nothing for %.1fs: killing it",
-                    slot.index,
+                    place.index,
                     process.pid,
-                    now - slot.heard,
+                    now - place.heard,
                 )
-                slot.unresponsive = True
+                place.unresponsive = True
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
 
