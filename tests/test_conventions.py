@@ -215,8 +215,8 @@ async def busy_proxy(zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Pat
     has numbers for (the caller runs it, under `load`), and two data-plane workers."""
     blue, green = await upstream("blue"), await upstream("green")
     config = one_step(blue, green, tmp_path)
-    config["pins"] = [{"name": "beta", "header": "X-Beta", "values": ["1"], "to": "blue"}]
     config["proxy"] = {**config.get("proxy", {}), "workers": 2}
+    config["pins"] = [{"name": "beta", "header": "X-Beta", "values": ["1"], "to": "blue"}]
     config["upstream"] = {"timeout": "300ms"}
     proxy = zdproxy(config)
     async with aiohttp.ClientSession() as session:

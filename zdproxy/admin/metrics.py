@@ -170,11 +170,6 @@ class ZdproxyCollector(Collector):
                 CounterMetricFamily,
                 "Requests in flight lost with a worker process that ended unasked",
             ),
-        )
-        made = [kind(name, text, labels=["worker"]) for name, kind, text in families]
-        for worker in workers:
-            label = [str(worker.index)]
-            values = (
             (
                 "zdproxy_worker_cpu_seconds",
                 GaugeMetricFamily,  # a gauge: a replacement starts from 0 again
@@ -185,19 +180,24 @@ class ZdproxyCollector(Collector):
                 GaugeMetricFamily,
                 "Resident memory of the worker's current process",
             ),
+        )
+        made = [kind(name, text, labels=["worker"]) for name, kind, text in families]
+        for worker in workers:
+            label = [str(worker.index)]
+            values = (
                 worker.pid is not None,
                 worker.connections,
                 worker.requests,
                 worker.version == current,
                 worker.restarts,
                 worker.lost,
+                worker.cpu_seconds,
+                worker.rss_bytes,
             )
             for family, value in zip(made, values, strict=True):
                 family.add_metric(label, float(value))
         yield from made
 
-                worker.cpu_seconds,
-                worker.rss_bytes,
     def _local_errors(self) -> Metric:
         """Every kind at every site, zeros included: a first error is then an increase."""
         counts = self.control.local_errors()
