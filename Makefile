@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint typecheck contracts pytest tools browser bench lock clean \
 	dist wheel wheelhouse deb deb-tools package-test screenshots
 
+.PHONY: etcd
+
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -30,7 +32,7 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
-pytest: $(STAMP) tools browser
+pytest: $(STAMP) tools browser etcd
 	$(BIN)/pytest -q
 
 # The tests run systemd's own tools (systemd-socket-activate, systemd-analyze), and
@@ -56,6 +58,18 @@ browser:
 		2>/dev/null | grep -q '^ii' || echo $$p; done)"; \
 	[ -z "$$missing" ] || { echo "installing" $$missing; $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; }
+
+# The fleet store's tests (tests/test_fleet_store.py) start their own etcd clusters on
+# free loopback ports (tests/etcd_cluster.py) from Debian's etcd-server, with etcdctl from
+# etcd-client; installed when missing (root, or sudo). A system etcd service the package
+# may enable or start is left as it is: nothing here starts, stops or talks to it.
+ETCD_PACKAGES := etcd-server etcd-client
+etcd:
+	@missing="$$(for p in $(ETCD_PACKAGES); do dpkg-query -W -f='$${db:Status-Abbrev}' $$p \
+		2>/dev/null | grep -q '^ii' || echo $$p; done)"; \
+	[ -z "$$missing" ] || { echo "installing" $$missing; $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+		$$missing >/dev/null; }
 
 # The man page and the bash and zsh completion, made from the CLI's parser
 # (zdproxy/manual.py): $(MANUAL_DIR)/man/zdproxy.1, $(MANUAL_DIR)/completion/bash/zdproxy

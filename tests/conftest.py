@@ -6,6 +6,8 @@
 - `upstream` starts an aiohttp app (tests/apps.py) in the test's event loop on an
   ephemeral port; `raw_upstream` starts a scripted asyncio server for misbehaving
   upstreams and records every byte it received.
+- `etcd_cluster` and `etcd_node` start a new etcd cluster of 3 members or 1 on free
+  loopback ports (tests/etcd_cluster.py), stopped at teardown.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pytest
 from aiohttp import web
 
 from tests.apps import upstream_app
+from tests.etcd_cluster import EtcdCluster
 from tests.test_rollout_model import RolloutMachine
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.settings import Settings
@@ -432,3 +435,18 @@ def machine() -> Iterator[RolloutMachine]:
     harness = RolloutMachine()
     yield harness
     harness.teardown()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A new 3-member etcd cluster on free loopback ports (tests/etcd_cluster.py): the
+    test may kill and restart members; every member is stopped at teardown."""
+    with EtcdCluster(tmp_path, size=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd_node(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A new 1-member etcd cluster, for the tests that need no failover (faster)."""
+    with EtcdCluster(tmp_path, size=1) as cluster:
+        yield cluster
