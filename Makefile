@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck contracts pytest tools browser bench lock clean \
-	dist wheel wheelhouse deb deb-tools package-test screenshots
+	dist wheel wheelhouse deb deb-tools package-test screenshots test-compiled clean-compiled
 
 .PHONY: etcd
 
@@ -22,8 +22,8 @@ demo: $(STAMP)
 test: lint typecheck contracts pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check zdproxy tests benchmarks
-	$(BIN)/ruff format --check zdproxy tests benchmarks
+	$(BIN)/ruff check zdproxy tests benchmarks setup.py
+	$(BIN)/ruff format --check zdproxy tests benchmarks setup.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -111,10 +111,24 @@ lock:
 DIST_PARTS := wheel wheelhouse man completion deb
 dist: $(DIST_PARTS)
 
-# --no-isolation: the build backend comes from the lock (hashed), not from the network.
+# The wheel is the compiled build (setup.py: mypyc compiles the data plane's per-request
+# modules, which zdproxy/compiled.py lists, for this python: a cp311-cp311-linux_x86_64
+# wheel) where a C compiler and Python's headers are found, else the pure-Python
+# py3-none-any wheel. ZDPROXY_COMPILE=1 insists on the compiled build (it fails without
+# a compiler), `make wheel ZDPROXY_COMPILE=0` builds the pure one. --no-isolation: the
+# build backend and mypy come from the lock (hashed), not from the network.
+ZDPROXY_COMPILE ?=
+CAN_COMPILE = command -v "$${CC:-cc}" >/dev/null && $(BIN)/python -c 'import pathlib, \
+	sys, sysconfig; sys.exit(not pathlib.Path(sysconfig.get_path("include"), "Python.h").exists())'
 wheel: $(STAMP)
 	rm -f dist/zdproxy-*.whl dist/zdproxy-*.tar.gz
-	$(BIN)/python -m build --no-isolation --outdir dist .
+	@compile='$(ZDPROXY_COMPILE)'; \
+	if [ -z "$$compile" ]; then \
+		if $(CAN_COMPILE); then compile=1; else compile=0; \
+			echo "no C compiler or no Python headers: building the pure-Python wheel"; fi; \
+	fi; \
+	echo "ZDPROXY_COMPILE=$$compile $(BIN)/python -m build --no-isolation --outdir dist ."; \
+	ZDPROXY_COMPILE=$$compile $(BIN)/python -m build --no-isolation --outdir dist .
 
 wheelhouse: $(STAMP) requirements-runtime.lock
 	$(BIN)/python -m pip download --quiet --require-hashes --only-binary=:all: \
@@ -140,5 +154,40 @@ deb-tools:
 package-test: $(STAMP) wheelhouse deb-tools tools
 	$(BIN)/pytest -q -m packaging tests/test_packaging.py
 
-clean:
+# The data plane's tests against the compiled build, which `make test` never runs (it
+# tests the sources). The working tree (tracked and untracked files, not the ignored
+# ones: uncommitted edits are tested) is copied to COMPILED_TREE and compiled in place
+# there, then COMPILED_TESTS run from the copy with PYTHONPATH on it, so that every
+# process they start imports the copy; tests/test_compiled.py fails if one runs the
+# sources (ZDPROXY_EXPECT_COMPILED=1). zdproxy/_version.py (ignored) goes along, and
+# again after the build, which writes its own (version 0.0.0: the copy has no git).
+COMPILED_TREE := build/compiled-tree
+# The tests that run requests through the data plane: the HTTP conformance tests, routing,
+# pins, retries, drain and evacuation, outliers, local errors, tunnels and workers.
+COMPILED_TESTS := tests/test_compiled.py tests/test_http_*.py tests/test_websocket.py \
+	tests/test_dataplane_unit.py tests/test_histogram_unit.py tests/test_routing.py \
+	tests/test_sticky.py tests/test_pins.py tests/test_pins_unit.py tests/test_retry.py \
+	tests/test_evacuate.py tests/test_drain.py tests/test_outliers.py \
+	tests/test_local_errors.py tests/test_workers.py
+test-compiled: $(STAMP)
+	rm -rf $(COMPILED_TREE)
+	mkdir -p $(COMPILED_TREE)
+	git ls-files -z --cached --others --exclude-standard | \
+		tar -c --null --files-from=- --ignore-failed-read -f - | tar -x -C $(COMPILED_TREE)
+	cp zdproxy/_version.py $(COMPILED_TREE)/zdproxy/
+	cd $(COMPILED_TREE) && ZDPROXY_COMPILE=1 $(CURDIR)/$(BIN)/python setup.py --quiet \
+		build_ext --inplace
+	cp zdproxy/_version.py $(COMPILED_TREE)/zdproxy/
+	cd $(COMPILED_TREE) && PYTHONPATH=$(CURDIR)/$(COMPILED_TREE) ZDPROXY_EXPECT_COMPILED=1 \
+		$(CURDIR)/$(BIN)/pytest -q $(COMPILED_TESTS)
+
+# Compiled modules in the source tree shadow their sources (Python imports an extension
+# before a .py): left there by a `setup.py build_ext --inplace` or mypyc run by hand,
+# they make `make test` test stale code, and tests/test_compiled.py fails on them.
+clean-compiled:
+	find zdproxy -name '*.so' -delete
+	rm -f ./*__mypyc*.so
+	rm -rf $(COMPILED_TREE)
+
+clean: clean-compiled
 	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache dist

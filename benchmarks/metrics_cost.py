@@ -50,7 +50,8 @@ def record_us() -> float:
 
 def tick_us(daemon: Daemon, upstreams: int, per_tick: int) -> float:
     """One tick's work: collect every upstream's record and fold it into the telemetry."""
-    pools = list(daemon.dataplane.pools.values())
+    assert daemon.server is not None  # one process: proxy.workers = 1
+    pools = list(daemon.server.pools.values())
     assert len(pools) == upstreams, len(pools)
 
     def traffic() -> None:  # a tick's worth of responses, spread over the upstreams
@@ -63,7 +64,7 @@ def tick_us(daemon: Daemon, upstreams: int, per_tick: int) -> float:
     clock = iter(range(10**9))
 
     def tick() -> None:
-        telemetry.add(next(clock) * TICK_SECONDS, daemon.dataplane.collect())
+        telemetry.add(next(clock) * TICK_SECONDS, daemon.server.collect())
 
     spent = traffic_only = float("inf")
     for _ in range(5):  # the tick's cost is the difference: traffic + tick minus traffic

@@ -35,6 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 from zdproxy import __commit__, __version__
+from zdproxy.compiled import build
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -303,7 +304,8 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
     assert metrics.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     lines = set(metrics.body.splitlines())
     commit = __commit__ or "unknown"
-    assert f'zdproxy_info{{commit="{commit}",version="{__version__}"}} 1.0' in lines
+    info = f'build="{build()[0]}",commit="{commit}",version="{__version__}"'
+    assert f"zdproxy_info{{{info}}} 1.0" in lines
     assert f'zdproxy_upstream_up{{color="blue",upstream="blue/{UNUSED}"}} 1.0' in lines
     assert f'zdproxy_upstream_drained{{color="blue",upstream="blue/{UNUSED}"}} 0.0' in lines
     assert 'zdproxy_split_weight{color="blue"} 1.0' in lines

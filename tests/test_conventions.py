@@ -36,6 +36,7 @@ from tests.test_rollout_watch import judged, one_step
 from tests.test_systemd import verify_units
 from zdproxy import __commit__, __version__
 from zdproxy.cli import build_parser
+from zdproxy.compiled import build
 from zdproxy.logs import JsonFormatter, LogfmtFormatter, reconfigure_logging
 from zdproxy.manual import subcommands
 
@@ -305,7 +306,8 @@ async def test_metrics_are_the_documented_ones_and_contrib_reads_only_real_ones(
     for name, (kind, labels) in table.items():
         assert classic[name] == ("gauge" if kind == "info" else kind, labels), name
 
-    assert samples["zdproxy_info"] == [{"version": __version__, "commit": __commit__ or "unknown"}]
+    info = {"version": __version__, "commit": __commit__ or "unknown", "build": build()[0]}
+    assert samples["zdproxy_info"] == [info]
     process = {name for name in metrics if name.startswith("process_")}
     assert {
         "process_cpu_seconds_total",

@@ -26,12 +26,15 @@ from tests.conftest import (
 from tests.test_http_basic import header, read_response
 from tests.test_http_errors import recording_upstream
 from zdproxy.config.loader import settings_from_mapping
+from zdproxy.dataplane.balancer import RoutingTable
 from zdproxy.dataplane.client import ClientConnection
-from zdproxy.dataplane.context import Context
-from zdproxy.dataplane.exchange import Exchange
+from zdproxy.dataplane.exchange import Exchange, UpstreamSide
 from zdproxy.dataplane.server import ProxyServer
 from zdproxy.dataplane.validate import valid_host
 from zdproxy.ops.limits import dataplane_limits
+from zdproxy.routing.address import Address
+from zdproxy.routing.records import UpstreamStats
+from zdproxy.routing.snapshot import RoutingSnapshot, UpstreamTarget
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -186,30 +189,46 @@ class Wire(asyncio.Transport):
         pass
 
 
-class Checked(ClientConnection):
-    """A client connection whose requests go nowhere: it keeps the target of each one
-    that passed its checks, in order."""
+class Recorder:
+    """One app server, as the client connection sees it (its pool and its one connection
+    in one): it keeps the target of each request dispatched to it, in order, and answers
+    each at once, so that what is owed next follows. A fake the connection is given,
+    rather than a subclass of it: the compiled build's classes take none."""
 
-    def __init__(self, ctx: Context) -> None:
-        super().__init__(ctx, b"http")
+    def __init__(self) -> None:
+        self.target = UpstreamTarget("blue/127.0.0.1:9", "blue", Address.parse("127.0.0.1:9"))
+        self.stats = UpstreamStats(self.target.id)
+        self.outstanding = 0
+        self.transport: asyncio.Transport = Wire()
+        self.exchange: Exchange | None = None
         self.passed: list[bytes] = []
 
-    def _start(self, exchange: Exchange) -> None:
+    def take_idle(self) -> UpstreamSide:
+        return self
+
+    def connect(self, exchange: Exchange) -> None:
+        raise AssertionError("take_idle always has a connection")
+
+    def attach(self, exchange: Exchange) -> None:
         self.passed.append(exchange.head.split(b" ", 2)[1])
-        self.active = exchange
-        self.exchange_done(exchange, 0.0)  # answered at once: what is owed next follows
+        self.outstanding -= 1
+        exchange.client.exchange_done(exchange, 0.0)
 
 
 async def answers(reads: list[bytes]) -> list[bytes]:
     """The targets of the requests in these reads that pass, then the status refusing
     the first that does not, if one does not."""
     limits = dataplane_limits(settings_from_mapping({"pools": pools(["127.0.0.1:9"])}))
-    conn = Checked(ProxyServer(limits).ctx)
+    ctx = ProxyServer(limits).ctx
+    app = Recorder()
+    snapshot = RoutingSnapshot(1, "blue", 0, pools={"blue": (app.target,)})
+    ctx.route_by(RoutingTable(snapshot, {app.target.id: app}))
+    conn = ClientConnection(ctx, b"http")
     wire = Wire()
     conn.connection_made(wire)
     for data in reads:
         conn.data_received(data)
-    return conn.passed + re.findall(rb"HTTP/1.1 (\d{3})", wire.written)
+    return app.passed + re.findall(rb"HTTP/1.1 (\d{3})", wire.written)
 
 
 def splits(request: bytes) -> list[list[bytes]]:

@@ -23,12 +23,15 @@ import pytest
 
 from tests.conftest import ADMIN_TOKEN, Upstream, pools, start_zdproxy, wait_healthy
 from tests.test_rollout import load, rollout_config
+from zdproxy.compiled import COMPILED_MODULES
 
 pytestmark = pytest.mark.packaging
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELHOUSE = REPO / "dist" / "wheelhouse"
 SUDO = () if os.geteuid() == 0 else ("sudo", "--non-interactive")
+# The compiled build's wheel, for this python (which the .deb's /usr/bin/python3 must match).
+ABI = f"cp{sys.version_info.major}{sys.version_info.minor}"
 PREFIX = Path("/usr/lib/zdproxy")
 # What the package creates besides its files, and purge removes.
 STATE_DIR = Path("/var/lib/zdproxy")
@@ -46,17 +49,20 @@ class Release:
     version: str
 
 
-def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str | Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """A command, blind to pip's configuration on this machine (an index, find-links,
-    constraints): what pip installs comes from the places the test names."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "ZDPROXY_"))}
+    constraints) and to the ZDPROXY_* variables but those in `env`: what pip installs
+    comes from the places the test names."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "ZDPROXY_"))}
     result = subprocess.run(
         [str(arg) for arg in args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        env={**env, "PIP_CONFIG_FILE": os.devnull},
+        env={**clean, "PIP_CONFIG_FILE": os.devnull, **(env or {})},
     )
     assert result.returncode == 0, (
         f"{args}: exit {result.returncode}\n{result.stdout}{result.stderr}"
@@ -66,27 +72,47 @@ def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    # --no-isolation: the build backend is the lock's, in this venv; no network.
+    # --no-isolation: the build backend and mypy are the lock's, in this venv; no network.
+    # The compiled build, as `make dist` makes it where there is a C compiler.
     assert any(WHEELHOUSE.glob("*.whl")), "no dist/wheelhouse: `make wheelhouse` fills it"
     dist = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, REPO, timeout=300)
+    build = (sys.executable, "-m", "build", "--no-isolation", "--outdir", dist, REPO)
+    run(*build, timeout=600, env={"ZDPROXY_COMPILE": "1"})
     for part in ("man", "completion"):  # as `make dist` makes them, for the .deb
         run(sys.executable, "-m", "zdproxy.manual", part, dist)
     (dist / "wheelhouse").symlink_to(WHEELHOUSE)
-    (wheel,) = dist.glob("zdproxy-*-py3-none-any.whl")
+    (wheel,) = dist.glob(f"zdproxy-*-{ABI}-{ABI}-linux_*.whl")
     assert len(list(dist.glob("zdproxy-*.tar.gz"))) == 1
     return Release(dist, wheel, version=wheel.name.split("-")[1])
 
 
 def check_version(zdproxy: Path, release: Release) -> None:
-    """`zdproxy --version` names the release's version and the commit it was built from."""
+    """`zdproxy --version` names the release's version, the commit it was built from,
+    and its compiled data plane."""
     printed = run(zdproxy, "--version").stdout.strip()
+    version = re.escape(release.version)
     match = re.fullmatch(
-        rf"zdproxy {re.escape(release.version)} \(commit ([0-9a-f]{{7,}})\)", printed
+        rf"zdproxy {version} \(commit ([0-9a-f]{{7,}}), compiled data plane\)", printed
     )
     assert match, printed
     head = run("git", "-C", REPO, "rev-parse", "HEAD").stdout.strip()
     assert head.startswith(match.group(1)), (head, printed)
+
+
+# A script: the file each module named by its arguments is imported from, one a line.
+IMPORTED_FROM = """
+import importlib, sys
+for name in sys.argv[1:]:
+    print(importlib.import_module(name).__file__)
+"""
+
+
+def check_compiled(python: Path, prefix: Path) -> None:
+    """Each module of the compiled build's list imports from its extension, in `prefix`."""
+    files = run(python, "-I", "-c", IMPORTED_FROM, *COMPILED_MODULES).stdout.split()
+    assert len(files) == len(COMPILED_MODULES), files
+    for module, file in zip(COMPILED_MODULES, files, strict=True):
+        assert file.endswith(".so") and Path(file).is_relative_to(prefix), (module, file)
 
 
 async def serve_and_shift(
@@ -144,6 +170,7 @@ async def test_wheel_runs_in_a_fresh_venv_with_the_wheelhouse_alone(
     assert Path(imported.stdout.strip()).is_relative_to(venv), imported.stdout
 
     check_version(zdproxy, release)
+    check_compiled(venv / "bin" / "python", venv)
     checked = run(zdproxy, "check", "--config", REPO / "config" / "zdproxy.toml")
     assert checked.stdout.strip().endswith(": ok"), checked.stdout
     # A config for one app, written by the installed zdproxy, checks as written.
@@ -245,6 +272,7 @@ def check_installation(release: Release) -> None:
         assert "rollout" in Path(completion).read_text()
 
     check_version(Path("/usr/bin/zdproxy"), release)
+    check_compiled(PREFIX / "bin" / "python3", PREFIX)
     run("/usr/bin/zdproxy", "check", "--config", CONFIG_DIR / "zdproxy.toml")
 
 

@@ -356,7 +356,7 @@ async def test_records_reach_the_control_plane_per_upstream_and_class(
 
             # Send everything to green, whose only upstream refuses connections.
             daemon.control.set_split(10000, force=True)
-            assert daemon.dataplane.snapshot.candidate_weight == 10000
+            assert daemon.control.routing.candidate_weight == 10000
             async with session.get(url + "/") as resp:
                 assert resp.status == 502
                 assert f"cannot connect to upstream {green_id}" in await resp.text()

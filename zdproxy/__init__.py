@@ -1,5 +1,7 @@
 """zdproxy: zero-downtime blue/green and canary deploys on plain VMs."""
 
+from zdproxy.compiled import describe
+
 __all__ = ["__commit__", "__version__", "version_line"]
 
 try:
@@ -14,6 +16,7 @@ __commit__ = __commit_id__.removeprefix("g") if __commit_id__ else None
 
 
 def version_line() -> str:
-    """What `zdproxy --version` prints: "zdproxy 0.2.0 (commit 1a2b3c4d5)"."""
-    commit = f" (commit {__commit__})" if __commit__ else ""
-    return f"zdproxy {__version__}{commit}"
+    """What `zdproxy --version` prints: "zdproxy 0.2.0 (commit 1a2b3c4d5, pure Python)",
+    or "(commit 1a2b3c4d5, compiled data plane)" for a compiled build (zdproxy.compiled)."""
+    commit = f"commit {__commit__}, " if __commit__ else ""
+    return f"zdproxy {__version__} ({commit}{describe()})"

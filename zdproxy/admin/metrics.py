@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from zdproxy import __commit__, __version__
 from zdproxy.admin.handlers import ServiceState
+from zdproxy.compiled import build
 from zdproxy.config.settings import COLORS
 from zdproxy.control.availability import effective_shares
 from zdproxy.control.event_kinds import KINDS
@@ -41,11 +42,15 @@ class ZdproxyCollector(Collector):
         self.control = control
         self.service = service
         self.started = time.time()
+        self.build = build()[0].value  # "compiled", "pure" or "partly" (zdproxy.compiled)
 
     def collect(self) -> Iterator[Metric]:
         control = self.control
-        info = InfoMetricFamily("zdproxy", "zdproxy's version and the commit it was built from")
-        info.add_metric([], {"version": __version__, "commit": __commit__ or "unknown"})
+        info = InfoMetricFamily(
+            "zdproxy", "zdproxy's version, the commit it was built from, and its data plane's build"
+        )
+        labels = {"version": __version__, "commit": __commit__ or "unknown"}
+        info.add_metric([], {**labels, "build": self.build})
         yield info
         yield GaugeMetricFamily(
             "zdproxy_start_time_seconds", "When zdproxy started (Unix time)", value=self.started

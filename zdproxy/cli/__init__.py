@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import setproctitle
 
@@ -29,6 +30,18 @@ from zdproxy.logs import setup_logging
 NEEDS_CONFIG = ("run", "check", "preview-token")
 
 
+class PrintVersion(argparse.Action):
+    """--version: the version line as is, found when asked for. argparse's own version
+    action wraps it at the terminal's width, and scripts read it."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; the man page and the shell completion are made from it
     (zdproxy/manual.py)."""
@@ -37,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-downtime blue/green and canary deploys: a reverse proxy in front of "
         "two pools of app servers.",
     )
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=PrintVersion, help="show the version and exit")
     global_options(parser, admin=True, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_option = options_parent(admin=False)  # required by run, check, preview-token

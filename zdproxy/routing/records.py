@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any
 
@@ -121,6 +121,11 @@ class IntervalRecord:
     @property
     def responses(self) -> int:
         return sum(self.by_class)
+
+    def __reduce__(self) -> tuple[type[IntervalRecord], tuple[Any, ...]]:
+        # Workers send their records pickled. Compiled (mypyc: zdproxy/compiled.py), a
+        # frozen slots dataclass refuses pickle's default rebuild, field by field.
+        return IntervalRecord, tuple(getattr(self, f.name) for f in fields(self))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, the latency as Histogram.to_dict() writes it."""
