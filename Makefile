@@ -5,9 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck contracts pytest tools browser bench lock clean \
-	dist wheel wheelhouse deb deb-tools package-test screenshots test-compiled clean-compiled
-
-.PHONY: etcd
+	dist wheel wheelhouse deb deb-tools package-test screenshots test-compiled clean-compiled \
+	etcd
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
