@@ -1,4 +1,5 @@
-"""Side-by-side throughput, latency, CPU and memory of direct, zdproxy and nginx in one run.
+"""Side by side in one run: throughput, latency, CPU and memory of zdproxy and nginx
+(one and two worker processes each), against the upstream reached directly.
 
 Absolute req/s on a shared box drift 5-25% between runs, so the numbers to compare
 are same-round ratios and CPU per request (see benchmarks/README.md).
@@ -21,6 +22,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +43,21 @@ SIZES = {"/small": len(SMALL_BODY), "/16k": 16384, "/1m": 1048576}
 # "baseline" is zdproxy from another source tree (--baseline), for A/B of a change.
 # "routed" is zdproxy with a 50/50 sticky split, three pin rules and health checks.
 # "scraped" is zdproxy with its /metrics fetched every SCRAPE_SECONDS, as Prometheus would.
-CONFIGS = ("direct", "zdproxy", "routed", "scraped", "baseline", "nginx")
-ZDPROXY_CONFIGS = ("zdproxy", "routed", "scraped", "baseline")
+# "-wN": N worker processes (zdproxy's proxy.workers, nginx's worker_processes); zdproxy-w1
+# is one process. "routed", "scraped" and "baseline" are one process, like zdproxy-w1.
+CONFIGS = (
+    "direct",
+    "zdproxy-w1",
+    "nginx-w1",
+    "zdproxy-w2",
+    "nginx-w2",
+    "routed",
+    "scraped",
+    "baseline",
+)
+ZDPROXY_CONFIGS = ("zdproxy-w1", "zdproxy-w2", "routed", "scraped", "baseline")
+ALIASES = {"zdproxy": "zdproxy-w1", "nginx": "nginx-w1"}  # their names before workers
+WORKER_COUNTS = (1, 2)
 SCRAPE_SECONDS = 1.0  # 15x more often than Prometheus' default: the pessimistic case
 ROUTED = """
 [pools.green]
@@ -72,18 +87,42 @@ network = ["10.0.0.0/8"]
 to = "live"
 """
 OTHER_LOAD_LIMIT = 0.15  # cores used by processes we did not start before a row is flagged
-GOALS = (  # (label, scenario, kind, bound): a ratio is a floor, a "cpu" figure a ceiling
-    ("zdproxy/nginx req/s, 100 B c64 >= 0.7", "small-c64", "zdproxy_over_nginx", 0.7),
-    ("zdproxy/nginx req/s, 1 MiB c64 >= 0.9", "1m-c64", "zdproxy_over_nginx", 0.9),
-    ("zdproxy CPU per small request (c64) <= 30 us", "small-c64", "cpu", 30.0),
-    ("routed/zdproxy req/s, 100 B c64 >= 0.9", "small-c64", "routed_over_zdproxy", 0.9),
-    ("scraped/zdproxy req/s, 100 B c64 >= 0.95", "small-c64", "scraped_over_zdproxy", 0.95),
-)
 
 
-def goal_format(kind: str) -> str:
-    """3 places for ratios (0.698 must not print as 0.70), 1 for microseconds."""
-    return ".1f" if kind == "cpu" else ".3f"
+@dataclass(frozen=True)
+class Goal:
+    """A bound on one per-round figure (a key of the ratio rows), judged on the median."""
+
+    label: str
+    scenario: str
+    key: str
+    bound: float
+    ceiling: bool = False  # True: the figure must stay at or under the bound
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.ceiling else value >= self.bound
+
+    @property
+    def fmt(self) -> str:
+        """3 places for ratios (0.698 must not print as 0.70), 1 for microseconds."""
+        return ".1f" if self.key.endswith("_cpu_us") else ".3f"
+
+
+SMALL, LARGE = "small-c64", "1m-c64"  # the scenarios the goals judge
+GOALS = (  # issue 16: at equal worker counts
+    Goal("zdproxy-w1 ÷ nginx-w1 req/s, 100 B c64 >= 0.75", SMALL, "zdproxy_w1_over_nginx_w1", 0.75),
+    Goal("zdproxy-w2 ÷ nginx-w2 req/s, 100 B c64 >= 0.75", SMALL, "zdproxy_w2_over_nginx_w2", 0.75),
+    Goal("zdproxy-w1 ÷ nginx-w1 req/s, 1 MiB c64 >= 0.9", LARGE, "zdproxy_w1_over_nginx_w1", 0.9),
+    Goal("zdproxy-w2 ÷ nginx-w2 req/s, 1 MiB c64 >= 0.9", LARGE, "zdproxy_w2_over_nginx_w2", 0.9),
+    Goal("zdproxy-w1 ÷ nginx-w1 CPU per request, 100 B c64 <= 1.3", SMALL,
+         "cpu_zdproxy_w1_over_nginx_w1", 1.3, ceiling=True),
+    Goal("zdproxy-w2 ÷ nginx-w2 CPU per request, 100 B c64 <= 1.3", SMALL,
+         "cpu_zdproxy_w2_over_nginx_w2", 1.3, ceiling=True),
+    Goal("zdproxy-w1 CPU per small request (c64) <= 30 us", SMALL, "zdproxy_w1_cpu_us", 30.0,
+         ceiling=True),
+    Goal("routed ÷ zdproxy-w1 req/s, 100 B c64 >= 0.9", SMALL, "routed_over_zdproxy", 0.9),
+    Goal("scraped ÷ zdproxy-w1 req/s, 100 B c64 >= 0.95", SMALL, "scraped_over_zdproxy", 0.95),
+)  # fmt: skip
 
 
 Row = dict[str, Any]
@@ -98,10 +137,24 @@ COLUMNS = (  # header, row key, format of the rows table
     ("p99 ms", "p99_ms", ".2f"),
     ("proxy CPU µs/req", "cpu_us_per_req", ".1f"),
     ("of which user / sys", "cpu_user_sys_us", ""),
+    ("of which main process", "main_cpu_us_per_req", ".1f"),
     ("upstream CPU µs/req", "upstream_cpu_us_per_req", ".1f"),
     ("peak RSS MiB", "peak_rss_mib", ".1f"),
     ("errors", "errors", ""),
     ("other load (cores)", "other_cores", ".2f"),
+)
+RATIO_COLUMNS = (  # header, ratio row key, format of the ratios table
+    ("scenario", "scenario", ""),
+    ("round", "round", ""),
+    ("zdproxy-w1 ÷ nginx-w1", "zdproxy_w1_over_nginx_w1", ".3f"),
+    ("zdproxy-w2 ÷ nginx-w2", "zdproxy_w2_over_nginx_w2", ".3f"),
+    ("CPU/req w1 ÷ nginx-w1", "cpu_zdproxy_w1_over_nginx_w1", ".2f"),
+    ("CPU/req w2 ÷ nginx-w2", "cpu_zdproxy_w2_over_nginx_w2", ".2f"),
+    ("zdproxy-w2 ÷ w1", "zdproxy_w2_over_w1", ".2f"),
+    ("zdproxy-w1 ÷ direct", "zdproxy_over_direct", ".2f"),
+    ("zdproxy-w1 ÷ baseline", "zdproxy_over_baseline", ".2f"),
+    ("routed ÷ zdproxy-w1", "routed_over_zdproxy", ".2f"),
+    ("scraped ÷ zdproxy-w1", "scraped_over_zdproxy", ".2f"),
 )
 
 
@@ -238,7 +291,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def nginx_conf(tmp: Path, name: str, port: int, server: str, http_extra: str = "") -> Path:
+def nginx_conf(
+    tmp: Path, name: str, port: int, server: str, http_extra: str = "", workers: int = 1
+) -> Path:
     """A self-contained nginx config: own pid, logs and temp paths, never the system ones."""
     user = ""
     if os.geteuid() == 0:  # workers drop to nobody: name its real group (Debian: nogroup)
@@ -247,7 +302,7 @@ def nginx_conf(tmp: Path, name: str, port: int, server: str, http_extra: str = "
     temps = "\n".join(f"  {kind}_temp_path {tmp}/{name}-{kind};" for kind in kinds)
     path = tmp / f"{name}.conf"
     path.write_text(f"""{user}
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}-error.log warn;
@@ -333,6 +388,11 @@ def start_upstream(env: Env) -> Child:
     return start_child(env, "upstream", argv, port)
 
 
+def workers_of(config: str) -> int:
+    """The worker processes a config asks for: N for "-wN", else 1."""
+    return int(config.rpartition("-w")[2]) if "-w" in config else 1
+
+
 def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
     """A fresh proxy for every measured row, so no state carries over between rows."""
     if config == "direct":
@@ -345,8 +405,10 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
             if config == "routed"
             else '[split]\nlive = "blue"\ncandidate_weight = 0\n'
         )
+        # The one-process configs write no `workers` line: a --baseline tree may predate it.
+        workers = f"workers = {workers_of(config)}\n" if config.startswith("zdproxy-w") else ""
         conf.write_text(
-            f'[proxy]\nlisten = "127.0.0.1:{port}"\n'
+            f'[proxy]\nlisten = "127.0.0.1:{port}"\n{workers}'
             '[upstream]\nmax_idle_per_upstream = 1024\nidle_timeout = "30s"\n'
             '[log]\nlevel = "warning"\n'
             f'[pools.blue]\nupstreams = ["127.0.0.1:{env.upstream_port}"]\n{routing}'
@@ -372,8 +434,8 @@ def start_proxy(env: Env, config: str) -> tuple[Child | None, int]:
       proxy_buffers 16 16k;
       proxy_max_temp_file_size 0;
     }"""
-    conf = nginx_conf(env.tmp, "nginx", port, server, upstream)
-    return start_child(env, "nginx", nginx_argv(env, conf), port), port
+    conf = nginx_conf(env.tmp, config, port, server, upstream, workers_of(config))
+    return start_child(env, config, nginx_argv(env, conf), port), port
 
 
 class Scraper(threading.Thread):
@@ -481,7 +543,10 @@ def measure(
         run_wrk(env, port, scen, args.warmup)
         pids, up_pids = (proxy.pids() if proxy else []), upstream.pids()
         scraper = Scraper(env.admin_port) if config == "scraped" else None
+        # pids[:1]: the process the script started (zdproxy's main process, nginx's master)
+        main = pids[:1]
         before = (*cpu_seconds(pids), sum(cpu_seconds(up_pids)), busy_seconds(), reaped_cpu())
+        main_before = sum(cpu_seconds(main))
         start = time.monotonic()
         if scraper is not None:
             scraper.start()
@@ -489,6 +554,7 @@ def measure(
         scrapes = scraper.stop() if scraper is not None else None
         wall = time.monotonic() - start
         after = (*cpu_seconds(pids), sum(cpu_seconds(up_pids)), busy_seconds(), reaped_cpu())
+        main_cpu = sum(cpu_seconds(main)) - main_before
         rss = peak_rss_mib(pids) if proxy else None
     finally:
         if proxy is not None:
@@ -498,7 +564,11 @@ def measure(
     row: Row = {"config": config, "scenario": scen.name, **parse_wrk(report)}
     n = max(row["requests"], 1)
     row |= {
+        "processes": len(pids),
+        "main_cpu_us_per_req": main_cpu / n * 1e6 if proxy and len(pids) > 1 else None,
         "cpu_us_per_req": cpu / n * 1e6 if proxy else None,
+        "cpu_user_us_per_req": user / n * 1e6 if proxy else None,
+        "cpu_sys_us_per_req": system / n * 1e6 if proxy else None,
         "cpu_user_sys_us": f"{user / n * 1e6:.1f} / {system / n * 1e6:.1f}" if proxy else None,
         "peak_rss_mib": rss,
         "upstream_cpu_us_per_req": up_cpu / n * 1e6,
@@ -537,36 +607,48 @@ def run_one(
 
 
 def ratios(rows: list[Row]) -> list[Row]:
-    """zdproxy over nginx, direct and baseline, numerator and denominator from one round."""
-    rps = {(r["round"], r["config"], r["scenario"]): r["rps"] for r in rows}
+    """The per-round figures the goals judge, numerator and denominator from one round:
+    zdproxy-wN over nginx-wN (req/s and CPU per request), zdproxy-w2 over zdproxy-w1,
+    zdproxy-w1 over direct and baseline, routed and scraped over zdproxy-w1."""
+    by = {(r["round"], r["config"], r["scenario"]): r for r in rows}
+
+    def over(rnd: int, scen: str, top: str, bottom: str, key: str = "rps") -> float | None:
+        a, b = by.get((rnd, top, scen)), by.get((rnd, bottom, scen))
+        if a is None or b is None or not a[key] or not b[key]:
+            return None
+        return float(a[key] / b[key])
+
     out = []
-    for (rnd, config, scen), value in rps.items():
-        if config == "zdproxy":
-            row: Row = {"scenario": scen, "round": rnd}
-            for other in ("nginx", "direct", "baseline"):
-                base = rps.get((rnd, other, scen))
-                row[f"zdproxy_over_{other}"] = value / base if base else None
-            for variant in ("routed", "scraped"):
-                other_rps = rps.get((rnd, variant, scen))
-                row[f"{variant}_over_zdproxy"] = other_rps / value if other_rps else None
-            out.append(row)
+    for rnd, scen in sorted({(rnd, scen) for rnd, _, scen in by}):
+        if not any((rnd, f"zdproxy-w{n}", scen) in by for n in WORKER_COUNTS):
+            continue
+        row: Row = {"scenario": scen, "round": rnd}
+        for n in WORKER_COUNTS:
+            zd, ng = f"zdproxy-w{n}", f"nginx-w{n}"
+            row[f"zdproxy_w{n}_over_nginx_w{n}"] = over(rnd, scen, zd, ng)
+            row[f"cpu_zdproxy_w{n}_over_nginx_w{n}"] = over(rnd, scen, zd, ng, "cpu_us_per_req")
+        row["zdproxy_w2_over_w1"] = over(rnd, scen, "zdproxy-w2", "zdproxy-w1")
+        w1 = by.get((rnd, "zdproxy-w1", scen))
+        row["zdproxy_w1_cpu_us"] = w1["cpu_us_per_req"] if w1 else None
+        for other in ("direct", "baseline"):
+            row[f"zdproxy_over_{other}"] = over(rnd, scen, "zdproxy-w1", other)
+        for variant in ("routed", "scraped"):
+            row[f"{variant}_over_zdproxy"] = over(rnd, scen, variant, "zdproxy-w1")
+        out.append(row)
     return out
 
 
-def goals(rows: list[Row], rats: list[Row]) -> list[Row]:
-    """Informational PASS/MISS on the mean over rounds; a miss never fails the run."""
+def goals(rats: list[Row]) -> list[Row]:
+    """Informational PASS/MISS on the median over rounds; a miss never fails the run."""
     out = []
-    for label, scen, kind, bound in GOALS:
-        if kind != "cpu":
-            vals = [r[kind] for r in rats if r["scenario"] == scen]
-        else:
-            zd = [r for r in rows if r["config"] == "zdproxy" and r["scenario"] == scen]
-            vals = [r["cpu_us_per_req"] for r in zd]
+    for goal in GOALS:
+        vals = [r[goal.key] for r in rats if r["scenario"] == goal.scenario]
         vals = [v for v in vals if v is not None]
-        mean = sum(vals) / len(vals) if vals else None
-        ok = None if mean is None else (mean <= bound if kind == "cpu" else mean >= bound)
+        median = statistics.median(vals) if vals else None
+        ok = None if median is None else goal.met(median)
         verdict = {None: "n/a", True: "PASS", False: "MISS"}[ok]
-        out.append({"goal": label, "kind": kind, "values": vals, "mean": mean, "verdict": verdict})
+        row = {"goal": goal.label, "values": vals, "median": median, "verdict": verdict}
+        out.append(row | {"fmt": goal.fmt})
     return out
 
 
@@ -583,7 +665,7 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
     order = {name: i for i, name in enumerate(SCENARIOS)}
 
     def key(r: Row) -> tuple[int, int, int]:  # scenario, round, then config
-        return order[r["scenario"]], r["round"], CONFIGS.index(r.get("config", "zdproxy"))
+        return order[r["scenario"]], r["round"], CONFIGS.index(r.get("config", "zdproxy-w1"))
 
     lines = [_line(*(c[0] for c in COLUMNS)), "|" + "---|" * 3 + "--:|" * (len(COLUMNS) - 3)]
     lines += [
@@ -591,36 +673,20 @@ def render(rows: list[Row], rats: list[Row], gls: list[Row]) -> str:
     ]
     lines += [
         "",
-        _line(
-            "scenario",
-            "round",
-            "zdproxy ÷ nginx",
-            "zdproxy ÷ direct",
-            "zdproxy ÷ baseline",
-            "routed ÷ zdproxy",
-            "scraped ÷ zdproxy",
-        ),
-        "|---|--:|--:|--:|--:|--:|--:|",
+        _line(*(c[0] for c in RATIO_COLUMNS)),
+        "|---|--:|" + "--:|" * (len(RATIO_COLUMNS) - 2),
     ]
     lines += [
-        _line(
-            r["scenario"],
-            r["round"],
-            _cell(r["zdproxy_over_nginx"]),
-            _cell(r["zdproxy_over_direct"]),
-            _cell(r["zdproxy_over_baseline"]),
-            _cell(r["routed_over_zdproxy"]),
-            _cell(r["scraped_over_zdproxy"]),
-        )
+        _line(*(_cell(r[name], fmt) for _, name, fmt in RATIO_COLUMNS))
         for r in sorted(rats, key=key)
     ]
-    lines += ["", _line("goal (informational, judged on the mean)", "per round", "mean", "verdict")]
+    lines += ["", _line("goal (informational)", "per round", "median", "verdict")]
     lines += ["|---|---|--:|---|"]
     lines += [
         _line(
             g["goal"],
-            " / ".join(_cell(v, goal_format(g["kind"])) for v in g["values"]) or "-",
-            _cell(g["mean"], goal_format(g["kind"])),
+            " / ".join(_cell(v, g["fmt"]) for v in g["values"]) or "-",
+            _cell(g["median"], g["fmt"]),
             g["verdict"],
         )
         for g in gls
@@ -684,7 +750,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 s, 1 round, 1 s warm-up")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list (default all)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma list (default all)")
@@ -698,6 +764,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.duration, args.rounds, args.warmup = 3.0, 1, 1.0
+    args.configs = ",".join(ALIASES.get(name, name) for name in args.configs.split(","))
     for option, known in (("scenarios", SCENARIOS), ("configs", CONFIGS)):
         for name in getattr(args, option).split(","):
             if name not in known:
@@ -722,7 +789,7 @@ def main() -> int:
     configs = [
         c
         for c in args.configs.split(",")
-        if (c != "nginx" or nginx) and (c != "baseline" or args.baseline)
+        if (not c.startswith("nginx") or nginx) and (c != "baseline" or args.baseline)
     ]
     if args.rounds < 2:
         notes.append("1 round: a smoke test only; draw no conclusion from it")
@@ -747,7 +814,7 @@ def main() -> int:
             for child in reversed(CHILDREN[:]):
                 stop_child(child)
     rats = ratios(rows)
-    gls = goals(rows, rats)
+    gls = goals(rats)
     print("\n" + render(rows, rats, gls))
     if notes:
         print("\nNotes:\n" + "\n".join(f"- {note}" for note in notes))

@@ -76,14 +76,16 @@ class Place:
             raise
         finally:
             theirs.close()
-        self.process = process
-        self.channel = await Channel.open(ours)
+        # What is known of the process before it is shown: a status read while the
+        # channel opens must not pair the new pid with the old process's last report.
         self.seen = Seen()
         self.started = self.heard = time.monotonic()
         self.ready = asyncio.get_running_loop().create_future()
         self.answers = {}
         self.unresponsive = False
         self.cut = 0
+        self.process = process
+        self.channel = await Channel.open(ours)
         self.channel.send(start)
 
     def take(self, message: object) -> None:
