@@ -108,9 +108,12 @@ def test_every_number_in_the_settings_has_an_upper_bound() -> None:
     unbounded = []
     for name, model in {"Settings": schema, **schema["$defs"]}.items():
         for option, spec in model.get("properties", {}).items():
-            kinds = {spec.get("type"), *(branch.get("type") for branch in spec.get("anyOf", []))}
-            if kinds & {"integer", "number"} and not {"maximum", "exclusiveMaximum"} & set(spec):
-                unbounded.append(f"{name}.{option}")
+            # A number, or a union with a number in it (e.g. `int | "auto"`): the bound is
+            # on the option or on the number's own branch.
+            for branch in (spec, *spec.get("anyOf", [])):
+                bounded = {"maximum", "exclusiveMaximum"} & (set(spec) | set(branch))
+                if branch.get("type") in ("integer", "number") and not bounded:
+                    unbounded.append(f"{name}.{option}")
     assert unbounded == []
 
 

@@ -5,7 +5,7 @@ so that module stays readable."""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -34,7 +34,8 @@ class ProxySettings(Section):
         default=Address.parse("127.0.0.1:8080"),
         description="Where clients connect: host:port or unix:/path.",
     )
-    workers: int | Literal["auto"] = Field(
+    # The bounds are also _workers's; here they reach the JSON schema.
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
         default=1,
         description="Data-plane processes that serve the listener. 1 (the default): this "
         "process serves it. N (2-256): N worker processes serve it behind one main "
