@@ -7,7 +7,8 @@ one test run can never join each other). `start()` returns when every member ans
 /health, or fails within its bound with the members' logs. A member can be stopped
 (SIGTERM), killed (SIGKILL) and started again on the same ports and data dir, which is
 how the tests take quorum away and give it back. `close()` stops every process the
-cluster started; a cluster is also a context manager.
+cluster started; a cluster is also a context manager. `tls` serves the client URLs as
+https, `flags` adds etcd options (e.g. --client-cert-auth, --auth-token-ttl).
 
 Nothing here touches a system etcd (a service the package may run on 2379/2380): the
 clusters listen on ports the kernel gave out a moment before, never on those.
@@ -20,6 +21,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -28,6 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 ETCD = "etcd"
 START_WITHIN = 30.0  # seconds for a new cluster to answer /health on every member
@@ -42,9 +45,30 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class TLS(NamedTuple):
+    """https on the members' client URLs: etcd's certificate and key, and the CA that
+    signed it. Mutual TLS is for `flags`: --client-cert-auth and --trusted-ca-file (etcd
+    3.4 asks every client for a certificate once it has a trusted CA). The cluster's own
+    health checks present `cert` as their client certificate, so it needs the
+    clientAuth usage too."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def flags(self) -> list[str]:
+        return [f"--cert-file={self.cert}", f"--key-file={self.key}"]
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
 @dataclass
 class EtcdMember:
-    """One etcd process of a cluster: its name, ports, data dir and log."""
+    """One etcd process of a cluster: its name, ports, data dir and log; `tls`: the
+    context its client URL is reached with (https), None for http."""
 
     name: str
     client_port: int
@@ -52,10 +76,12 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    tls: ssl.SSLContext | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -69,7 +95,8 @@ class EtcdMember:
         """True when the member answers /health with health "true": it is part of a
         cluster that has a leader (a member without quorum answers "false")."""
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=1) as answer:
+            url = f"{self.client_url}/health"
+            with urllib.request.urlopen(url, timeout=1, context=self.tls) as answer:
                 return bool(json.load(answer).get("health") == "true")
         except (OSError, ValueError):
             return False
@@ -77,7 +104,7 @@ class EtcdMember:
     def status(self) -> dict[str, str]:
         """Its own id ("member") and the id of the leader it follows ("leader")."""
         request = urllib.request.Request(f"{self.client_url}/v3/maintenance/status", b"{}")
-        with urllib.request.urlopen(request, timeout=2) as answer:
+        with urllib.request.urlopen(request, timeout=2, context=self.tls) as answer:
             status = json.load(answer)
         return {"member": status["header"]["member_id"], "leader": status.get("leader", "")}
 
@@ -94,6 +121,8 @@ class EtcdCluster:
     token: str = field(default_factory=lambda: f"zdproxy-test-{uuid.uuid4().hex[:12]}")
     members: list[EtcdMember] = field(default_factory=list)
     started_in: float = 0.0  # seconds the last start() took, for the benchmarks
+    tls: TLS | None = None
+    flags: tuple[str, ...] = ()  # more etcd options for every member
 
     @property
     def client_urls(self) -> list[str]:
@@ -131,6 +160,7 @@ class EtcdCluster:
                 peer_port=free_port(),
                 data_dir=base / f"m{index + 1}",
                 log_path=base / f"m{index + 1}.log",
+                tls=None if self.tls is None else self.tls.client_context(),
             )
             for index in range(self.size)
         ]
@@ -152,6 +182,8 @@ class EtcdCluster:
             "--initial-cluster-state=new",
             "--logger=zap",
             "--log-level=warn",
+            *(self.tls.flags() if self.tls else ()),
+            *self.flags,
         ]
 
     def _wait_healthy(self, deadline: float) -> bool:

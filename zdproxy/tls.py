@@ -1,7 +1,8 @@
-"""The proxy listener's TLS context, built from a certificate and key file. Apart from
-the config and the data plane, which both use it: the config validates the files, and
-a data-plane worker builds its own context from their names (an SSLContext cannot
-cross a process boundary) without importing the settings machinery."""
+"""TLS contexts built from files: the proxy listener's (a certificate and key) and fleet
+mode's client context to etcd. Apart from the config and the planes, which use them:
+the config validates the files, and a data-plane worker builds its own context from
+their names (an SSLContext cannot cross a process boundary) without importing the
+settings machinery."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
         raise ValueError(f"not a usable certificate and key: {exc.reason or exc}") from None
     except OSError as exc:
         raise ValueError(f"cannot read the certificate or key: {exc.strerror or exc}") from None
+
+
+def client_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS to etcd: its certificate verified with the CA bundle `ca_file` (the system's
+    CAs without one), and its name or IP checked; the client certificate `cert_file`
+    with its key `key_file` when given (etcd's --client-cert-auth)."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file or None)
+    except OSError as exc:  # unreadable, or ssl.SSLError (an OSError): not PEM certificates
+        raise ValueError(f"ca_file: {ca_file} is not a usable CA bundle: {exc}") from None
+    if cert_file:
+        try:
+            load_chain(context, cert_file, key_file)
+        except ValueError as exc:
+            raise ValueError(f"cert_file: {exc}") from None
+    return context

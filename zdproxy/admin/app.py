@@ -189,6 +189,13 @@ def _endpoint(
                 raise ApiError(503, "zdproxy is stopping: try again when it is back")
             body, query = await _parse(route, request, body_timeout)
             result = await route.handler(Call(request, body, query, _actor(request)))
+            if not isinstance(result, web.StreamResponse):
+                # An answer describes what every data-plane worker does (and, in fleet
+                # mode, the fleet's state): it waits, SETTLE_SECONDS at most, until all
+                # route by the latest snapshot. A worker being replaced gets it at its start.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SETTLE_SECONDS):
+                        await settled()
         except ApiError as exc:
             answer = problem(exc.status, exc.detail, exc.errors)
             if exc.status == HTTPStatus.REQUEST_TIMEOUT:
@@ -198,12 +205,6 @@ def _endpoint(
             return problem(exc.status, str(exc), [FieldError(field=exc.field, reason=exc.reason)])
         if isinstance(result, web.StreamResponse):
             return result
-        # An answer describes what every data-plane worker does: with proxy.workers,
-        # it waits (a few ms, SETTLE_SECONDS at most) until all route by the latest
-        # snapshot. A worker being replaced gets it at its start.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SETTLE_SECONDS):
-                await settled()
         return web.json_response(result.model_dump(mode="json"))
 
     return endpoint

@@ -16,6 +16,7 @@ from zdproxy import __version__
 from zdproxy.admin import models as m
 from zdproxy.admin.app import ApiError, Call, Route
 from zdproxy.admin.feed import LiveFeed
+from zdproxy.admin.fleet_models import Membership
 from zdproxy.admin.stream import stream_events
 from zdproxy.config.changes import ReloadOutcome
 from zdproxy.config.settings import COLORS, Color
@@ -297,6 +298,7 @@ class AdminAPI:
             rollout=self._rollout(),
             journal=sorted(control.desired.items),
             workers=self._workers(),
+            fleet=Membership.model_validate(fleet) if (fleet := control.fleet.status()) else None,
         )
 
     def _workers(self) -> list[m.Worker]:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from zdproxy.admin.fleet_models import Membership
 from zdproxy.config.overrides import PinSettings
 from zdproxy.config.settings import Color, PoolMembers, UpstreamEntry
 from zdproxy.control.availability import UpstreamState
@@ -240,7 +241,7 @@ class RolloutEntry(BaseModel):
     state: RolloutStateName
     step: int
     reason: str
-    actor: Literal["api", "cli", "auto", "config"]
+    actor: Literal["api", "cli", "auto", "config", "fleet"]
 
     @computed_field(description="`time` in RFC 3339, UTC, to the millisecond.")  # type: ignore[prop-decorator]
     @property
@@ -470,6 +471,9 @@ class Status(BaseModel):
         default_factory=list,
         description="The data-plane worker processes; empty when one process serves "
         "(proxy.workers = 1).",
+    )
+    fleet: Membership | None = Field(
+        default=None, description="This member in its fleet; None without [fleet]."
     )
 
 

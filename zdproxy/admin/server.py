@@ -8,6 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from zdproxy.admin.app import Call, Route, Tokens, build_app
+from zdproxy.admin.fleet import FleetAPI
 from zdproxy.admin.handlers import AdminAPI, ServiceState
 from zdproxy.admin.listener import AdminListener, ListenerLimits, reachable_from_other_hosts
 from zdproxy.admin.metrics import Exporter
@@ -33,7 +34,7 @@ class AdminServer:
         self._exporter = Exporter(control, service)
         api = AdminAPI(control, service)
         self._feed = api.feed
-        routes = api.routes()
+        routes = api.routes() + FleetAPI(control).routes()
         routes += [
             Route(
                 "GET",

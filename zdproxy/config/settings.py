@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from zdproxy.config.fleet import FleetSettings
 from zdproxy.config.limits import ProxySettings, UpstreamSettings
 from zdproxy.config.overrides import TOKEN, PinSettings, PreviewSettings
 from zdproxy.config.plans import HookSettings, Plans, RolloutSettings, check_plans
@@ -345,6 +346,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="Commands plans may run, by name ([hooks.NAME])."
     )
     rollout: RolloutSettings = RolloutSettings()
+    fleet: FleetSettings = FleetSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -9,6 +9,7 @@ of the file and the journal wins.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -49,6 +50,9 @@ class DesiredState:
         self._fault = ""
         self._aside = ""  # where the journal was kept for a post-mortem at this start
         self._behind = False  # a change was made in memory that the journal lacks
+        # Fleet mode (control/shared.py): told of every change; may refuse one (etcd away).
+        self.on_change: Callable[[], None] = lambda: None
+        self.refusal: Callable[[dict[str, Any], Actor], str | None] = lambda changes, actor: None
 
     @property
     def stale(self) -> bool:
@@ -257,6 +261,8 @@ class DesiredState:
         it. It may spend the reserve file on a full disk; if the write fails still, a
         `journal_stale` event says that a restart would come back to the older state.
         """
+        if (why := self.refusal(changes, actor)) is not None:
+            raise Refused("fleet", why, 503)
         items = dict(self.items)
         for key, value in changes.items():
             items[key] = state.item(self.config, key, value, actor)
@@ -302,6 +308,7 @@ class DesiredState:
         self.items = items
         self.settings = settings
         self.drained = state.drained_of(items)
+        self.on_change()
 
     def _save(self, items: dict[str, JournalItem], *, reserve: bool) -> None:
         """Journal `items`; Refused (503, naming the fault) when the disk refuses."""

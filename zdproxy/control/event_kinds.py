@@ -48,6 +48,14 @@ KINDS = frozenset(
         "rolling_done",
         "rolling_failed",
         "rollout_resumed",
+        "fleet_joined",
+        "fleet_applied",
+        "fleet_conflict",
+        "fleet_rejected",
+        "fleet_leader",
+        "fleet_leadership_lost",
+        "fleet_store_unavailable",
+        "fleet_store_available",
         *(f"rollout_{phase}" for phase in Phase),  # one per transition
     }
 )

@@ -34,7 +34,7 @@ log = logging.getLogger("zdproxy.events")
 
 # Who asked: an operator through the admin API or the CLI, a reload of the config file
 # (SIGHUP, a file change), or nobody (zdproxy acted on its own).
-Actor = Literal["api", "cli", "auto", "config"]
+Actor = Literal["api", "cli", "auto", "config", "fleet"]
 AUTO_BY = "zdproxy"  # `by` of an automatic event whose emitter names no part of zdproxy
 FOLLOWER_BACKLOG = 1000
 TAIL_BYTES = 1024 * 1024  # how much of the file start-up reads back into the ring
@@ -82,7 +82,8 @@ class EventRecord(BaseModel):
     reason: str
     actor: Actor = Field(
         description='Who asked: "api" or "cli" (an operator), "config" (a reload of the '
-        'config file by SIGHUP or a file change), "auto" (nobody: zdproxy on its own).'
+        'config file by SIGHUP or a file change), "auto" (nobody: zdproxy on its own), '
+        '"fleet" (another member of the fleet, named by `by`: "member NAME").'
     )
     by: str = Field(
         default="",
@@ -122,6 +123,7 @@ class EventLog:
         self._followers: set[_Follower] = set()
         self._torn = False  # the file ends in a partial line (a crash mid-write)
         self.skipped: list[str] = []  # why each line of the file that did not fit was skipped
+        self.member = ""  # in fleet mode, this member's name: every event carries it
         self._next_id = 1 + self._load_tail()
         if self.skipped:
             self.emit(
@@ -145,6 +147,8 @@ class EventLog:
         """Record one decision. `by`: the part of zdproxy that acted on its own (see
         EventRecord.by); default the actor, or "zdproxy" for "auto"."""
         by = by or (actor if actor != "auto" else AUTO_BY)
+        if self.member:
+            data = {"member": self.member, **data}
         event = Event(self._next_id, time.time(), kind, reason, actor, by, data)
         self._next_id += 1
         self.counts[kind] += 1

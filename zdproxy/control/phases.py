@@ -73,7 +73,7 @@ class HistoryEntry(_Record):
     state: Phase
     step: int = Field(ge=0)
     reason: str = Field(max_length=4096)
-    actor: Literal["api", "cli", "auto", "config"]
+    actor: Literal["api", "cli", "auto", "config", "fleet"]
 
 
 class RolloutRecord(_Record):

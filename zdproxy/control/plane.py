@@ -38,6 +38,7 @@ from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout.controller import Rollouts
+from zdproxy.control.shared import SHARED, FleetLink, Solo, ends_rollout
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.plane import DataPlane, WorkerState
@@ -86,6 +87,10 @@ class ControlPlane:
         self.rollouts = Rollouts(self, clock, drive=drive)
         self.rolling = RollingUpdates(self)
         self._ticker: asyncio.Task[None] | None = None
+        self.fleet: FleetLink = Solo()  # fleet mode: see join_fleet
+        self.fleet_telemetry: Telemetry | None = None
+        self.desired.on_change = lambda: self.fleet.changed()
+        self.desired.refusal = self._fleet_refusal
 
     @property
     def settings(self) -> Settings:
@@ -121,7 +126,11 @@ class ControlPlane:
 
     def tick(self, now: float) -> None:
         """Read the data plane's records and streaks (every TICK_SECONDS)."""
-        self.telemetry.add(now, self._dataplane.collect())
+        records = self._dataplane.collect()
+        self.telemetry.add(now, records)
+        if self.fleet_telemetry is not None:  # the fleet's, for its leader's judge
+            self.fleet.offer(records if self.rollouts.active is not None else [])
+            self.fleet_telemetry.add(now, [*records, *self.fleet.take_remote()])
         settings_of: dict[str, OutlierSettings] = {
             color: self.settings.pool(color).outlier for color in COLORS
         }
@@ -166,6 +175,8 @@ class ControlPlane:
         self.telemetry.window = settings.admin.status_window
         judged = [plan.judge.window for plan in settings.plans.values()]
         self.telemetry.retain = max([settings.admin.status_window, *judged])
+        if self.fleet_telemetry is not None:
+            self.fleet_telemetry.retain = self.telemetry.retain
         self._sync_upstreams()
         return self.publish()
 
@@ -232,9 +243,42 @@ class ControlPlane:
         """The data-plane worker processes; empty when this process serves the traffic."""
         return self._dataplane.workers()
 
-    def settled(self) -> Awaitable[None]:
-        """Done once every data-plane worker routes by the latest snapshot."""
-        return self._dataplane.settled()
+    async def settled(self) -> None:
+        """Return once every data-plane worker routes by the latest snapshot and, in
+        fleet mode, the changes made here are in the fleet's state; Refused (409) when
+        one was dropped for another member's change, made at the same time."""
+        await self._dataplane.settled()
+        if (lost := await self.fleet.committed()) is not None:
+            raise Refused(
+                "fleet",
+                f"{lost}: this change was not made, and the fleet's state runs here; "
+                "look at it and try again",
+            )
+
+    def join_fleet(self, link: FleetLink) -> None:
+        """Fleet mode: share through `link`; the records of every member are summed
+        for the judge of the member that leads."""
+        self.fleet = link
+        self.fleet_telemetry = Telemetry(self.telemetry.window)
+        self.fleet_telemetry.retain = self.telemetry.retain
+
+    def judged_telemetry(self) -> Telemetry:
+        """What a rollout's judge reads: the whole fleet's records on its leader, this
+        member's own elsewhere (a follower judges its own slice)."""
+        if self.fleet_telemetry is not None and self.leads():
+            return self.fleet_telemetry
+        return self.telemetry
+
+    def leads(self) -> bool:
+        """This process drives rollouts: always, but in a fleet only its leader does."""
+        return self.fleet.leads()
+
+    def _fleet_refusal(self, changes: dict[str, Any], actor: Actor) -> str | None:
+        """In a fleet that cannot reach etcd, a change of the shared state is refused,
+        except one from the fleet itself and a rollout's end (a rollback always runs)."""
+        if actor == "fleet" or not changes.keys() & set(SHARED) or ends_rollout(changes):
+            return None
+        return self.fleet.refusal()
 
     def local_errors(self) -> dict[tuple[LocalErrorSite, LocalErrorKind], int]:
         """Local resource errors since start, by site and kind: the data plane's upstream

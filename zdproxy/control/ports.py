@@ -63,6 +63,16 @@ class ControlHost(Protocol):
         """The rollout's record (and `undrain`'s drain marks lifted) in one journal write."""
         ...
 
+    def judged_telemetry(self) -> Telemetry:
+        """The records a rollout's judge reads (in a fleet, its leader's are the sum of
+        every member's)."""
+        ...
+
+    def leads(self) -> bool:
+        """This process drives rollouts (in a fleet, only its leader does; the others
+        judge their own slice)."""
+        ...
+
     def rolling_update(self) -> str | None:
         """The rolling update in progress, if any: it and a rollout never run together."""
         ...

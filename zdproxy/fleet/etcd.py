@@ -7,7 +7,9 @@
 
 `timeout` bounds every call, all endpoints included: past it the call fails with
 StoreUnavailable. Watches and lease keepalives run on their own (see store.py for what
-each promises); `close()` ends them.
+each promises); `close()` ends them. `ssl` (https endpoints) and `username` and
+`password` (etcd auth) are gateway.py's; `EtcdStore.from_settings` makes a store from
+the `[fleet]` config section.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from ssl import SSLContext
+from typing import TYPE_CHECKING, Any
 
 from zdproxy.fleet.gateway import GRPC_NOT_FOUND, Gateway, Message, RequestFailed
 from zdproxy.fleet.store import (
@@ -34,6 +37,10 @@ from zdproxy.fleet.store import (
     Unchanged,
     prefix_end,
 )
+from zdproxy.tls import client_context
+
+if TYPE_CHECKING:
+    from zdproxy.config.fleet import FleetSettings
 
 DEFAULT_TIMEOUT = 2.0  # seconds: a few etcd election timeouts (1 s by default)
 # A keepalive that failed is tried again after this long, until the lease's TTL has
@@ -84,9 +91,30 @@ class EtcdStore:
     """The Store Protocol (zdproxy/fleet/store.py) on the etcd cluster at `endpoints`
     (client URLs of some or all of its members)."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._gateway = Gateway(endpoints, timeout)
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        ssl: SSLContext | None = None,
+        username: str = "",
+        password: str = "",
+    ) -> None:
+        self._gateway = Gateway(endpoints, timeout, ssl=ssl, username=username, password=password)
         self._keepalives: dict[Lease, asyncio.Task[None]] = {}
+
+    @classmethod
+    def from_settings(cls, fleet: FleetSettings) -> EtcdStore:
+        """The store of a `[fleet]` section: its endpoints, timeout and user; TLS for
+        its https endpoints. ValueError when a TLS file cannot be used."""
+        tls = any(url.startswith("https:") for url in fleet.endpoints)
+        return cls(
+            fleet.endpoints,
+            timeout=fleet.timeout,
+            ssl=client_context(fleet.ca_file, fleet.cert_file, fleet.key_file) if tls else None,
+            username=fleet.username,
+            password=fleet.password,
+        )
 
     async def get(self, key: str) -> Read:
         answer = await self._gateway.call(
@@ -153,7 +181,9 @@ class EtcdStore:
                             break
                         if compacted := int(result.get("compact_revision", 0)):
                             raise Compacted(compacted)
-                        if result.get("canceled"):
+                        if result.get("canceled"):  # refused: the token, or the user's roles
+                            reason = str(result.get("cancel_reason", ""))
+                            await self._gateway.refused(stream, reason)  # renews, or raises
                             break
                         for event in result.get("events", ()):
                             entry = _entry(event["kv"])  # a DELETE's: the key, its revision

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -24,6 +25,7 @@ from zdproxy import __version__
 from zdproxy.admin.handlers import ServiceState
 from zdproxy.admin.server import AdminServer, Unprotected
 from zdproxy.config.changes import FieldProblem, ReloadOutcome, changed_fields, reload_conflicts
+from zdproxy.config.fleet import FleetSettings
 from zdproxy.config.loader import ConfigError, load_settings
 from zdproxy.config.settings import Settings
 from zdproxy.config.units import Address
@@ -31,7 +33,10 @@ from zdproxy.control.desired import Refused
 from zdproxy.control.events import Actor, EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.plane import ControlPlane
+from zdproxy.control.shared import SharedView
 from zdproxy.dataplane.server import ProxyServer
+from zdproxy.fleet.etcd import EtcdStore
+from zdproxy.fleet.member import Member
 from zdproxy.logs import reconfigure_logging
 from zdproxy.ops.limits import dataplane_limits
 from zdproxy.ops.listen_errors import CannotListen, cannot_listen
@@ -63,7 +68,9 @@ RESTART_ONLY = (
     ("state", "events_in_memory"),
     ("state", "events_file_max"),
     ("state", "events_files_kept"),
+    *(("fleet", name) for name in FleetSettings.model_fields),
 )
+FLEET_JOIN_GRACE = 1.0  # seconds past fleet.timeout a start waits for etcd's state
 
 
 class Daemon:
@@ -112,6 +119,7 @@ class Daemon:
         self.admin = AdminServer(self.control, self.service, settings.admin)
         self.addresses: list[str] = []
         self.admin_address = ""
+        self.member: Member | None = None  # fleet mode's link to etcd
 
     async def start(self, inherited: dict[str, socket.socket] | None = None) -> None:
         """Take the listeners (bound here, or `inherited` from systemd or from the process
@@ -146,6 +154,7 @@ class Daemon:
             # (503) and says why in a journal_unwritable event.
             log.error("state.dir: cannot create %s: %s", self.state_dir, exc.strerror)
         self.control.restore()
+        await self._join_fleet()
         self.control.start()
         await self.admin.start(self.sockets["admin"])
         self.admin_address = describe(self.sockets["admin"])
@@ -170,6 +179,22 @@ class Daemon:
         log.info("zdproxy %s listening on %s", __version__, ", ".join(self.addresses))
         self.notifier.ready(f"serving {', '.join(self.addresses)}")
         self._watch_files()
+
+    async def _join_fleet(self) -> None:
+        """Fleet mode: read the fleet's state from etcd before serving (bounded: a member
+        that cannot reach etcd serves its journal's state and joins later)."""
+        fleet = self.settings.fleet
+        if not fleet.enabled:
+            return
+        self.events.member = fleet.name
+
+        def notify(kind: str, reason: str, *, level: int = logging.INFO, **data: Any) -> None:
+            self.events.emit(kind, reason, by="fleet", level=level, **data)
+
+        store = EtcdStore.from_settings(fleet)  # its TLS files were checked with the config
+        self.member = Member(store, fleet, SharedView(self.control), notify)
+        self.control.join_fleet(self.member)
+        await self.member.start(within=fleet.timeout + FLEET_JOIN_GRACE)
 
     def _follow_config(
         self, passed: dict[str, socket.socket | None], name: str, address: Address
@@ -310,6 +335,8 @@ class Daemon:
         for task in (self._watch,) if self.restart_requested else (self._watchdog, self._watch):
             if task is not None:
                 task.cancel()
+        if self.member is not None:  # first: another member leads at once
+            await self.member.close()
         await self.control.close()
         serving = self.workers or self.server
         assert serving is not None

@@ -201,6 +201,30 @@ class Rollouts:
         rollout.emit("rollout_resumed", f"resumed in {record.state} after a restart", "auto")
         self._launch(rollout)
 
+    def follow(self, record: RolloutRecord, by: str) -> None:
+        """Fleet mode: another member wrote the fleet's rollout record (`by`: "member
+        NAME"); the split it brings is already applied. The rollout runs here too: this
+        member judges its own slice, rolls the fleet back on a breach, and drives the
+        rollout once it leads (see Rollout.advance); an end is only taken."""
+        self._last_id = max(self._last_id, record.id)
+        active = self.active
+        if active is not None and not active.same(record):
+            # Another rollout won the race to the fleet's record: this one never ran.
+            active.drop()
+            self.active = active = None
+        if active is not None:
+            active.take(record, self.clock(), by)
+            self._settle(active)
+            return
+        if not record.state.active:
+            self.recent[record.id] = record
+            return
+        plan = self.host.settings.plans.get(record.plan) or _GONE
+        rollout = Rollout(record, plan, self.host, self.clock())
+        self.active = rollout
+        rollout.take(record, self.clock(), by, joined=True)
+        self._launch(rollout)
+
     async def close(self) -> None:
         tasks: list[asyncio.Task[Any]] = [*self._tasks]
         if self.active is not None:
@@ -218,7 +242,7 @@ class Rollouts:
         if rollout is None:
             return
         try:
-            rollout.advance(self.clock() if now is None else now)
+            rollout.advance(self.clock() if now is None else now, drive=self.host.leads())
         except Refused as exc:  # the journal refused the next transition: stop safely
             rollout.end(Phase.FAILED, f"cannot journal its next step: {exc}", "auto")
         except Exception as exc:  # a bug must not leave traffic half-shifted in silence

@@ -105,9 +105,15 @@ class Rollout:
 
     # -- ticks ---------------------------------------------------------------------------
 
-    def advance(self, now: float) -> None:
-        """Look at the clock, the judge and the job; make at most one transition."""
+    def advance(self, now: float, *, drive: bool = True) -> None:
+        """Look at the clock, the judge and the job; make at most one transition.
+        `drive=False` (a fleet member that does not lead): only judge this member's
+        slice, and roll back on a breach; the leader makes every other move."""
         state = self.record.state
+        if not drive:
+            if state in (Phase.STEP, Phase.PAUSED, Phase.BAKING):
+                self._judged(now)
+            return
         if state is Phase.PREFLIGHT:
             self._preflight(now)
         elif state in (Phase.STEP, Phase.PAUSED):
@@ -289,6 +295,72 @@ class Rollout:
         if shifted and self.plan.on_rollback:
             self._after(self._on_rollback())
 
+    # -- fleet mode: moves made by another member ------------------------------------------
+
+    def same(self, record: RolloutRecord) -> bool:
+        """`record` is of this rollout (two members may start rollouts of one id at
+        once: the fleet keeps the one written first)."""
+        mine = self.record
+        return (record.id, record.candidate, record.previous, record.plan) == (
+            mine.id,
+            mine.candidate,
+            mine.previous,
+            mine.plan,
+        )
+
+    def drop(self) -> None:
+        """This rollout lost the race to the fleet's record: it never ran, nothing of
+        it is left to undo (the fleet's split is applied already)."""
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+
+    def take(self, record: RolloutRecord, now: float, by: str, *, joined: bool = False) -> None:
+        """Another member moved this rollout (`joined`: it runs here from now on): take
+        its record, and do what the move means on this member: its timers and judge
+        for a new step or the bake, its own drains of a color, its requests in flight
+        after a rollback. The split came with the record."""
+        old, self.record = self.record, record
+        state = record.state
+        if not joined and state is old.state and record.step == old.step:
+            return
+        if self.job is not None and state is not old.state:  # the other member's move wins
+            self.job.cancel()
+            self.job = None
+        if not state.active:
+            self._ended_elsewhere(old.state, by)
+        elif state is Phase.PREFLIGHT:  # a deploy wants traffic on the candidate later
+            self.host.undrain(color=record.candidate, actor="fleet")
+        elif state is Phase.STEP and old.state is Phase.PAUSED and not joined:
+            self.held_from = now  # resumed: the step's hold starts again
+        elif state is Phase.STEP:
+            self.entered = self.held_from = self.judged_from = now
+            self.judge = self._judge(now)
+        elif state is Phase.PAUSED:
+            self.entered = now
+        elif state is Phase.BAKING:
+            self.reference.frozen = True
+            self.entered = self.judged_from = now
+            self.judge = self._judge(now)
+        elif state is Phase.FINISHING:  # each member drains its own old color
+            self._after(self._drain_old())
+        failed = not state.active and state is not Phase.DONE
+        level = logging.ERROR if failed else logging.INFO
+        numbers = self.verdict.numbers if self.verdict is not None else {}
+        self.emit(f"rollout_{state}", record.reason, "fleet", by=by, level=level, numbers=numbers)
+
+    def _ended_elsewhere(self, was: Phase, by: str) -> None:
+        """The rollout ended on another member; unless frozen or done, the fleet's
+        split already sends everything to the old color: what the failed color holds
+        here moves too, and a drain of the old color begun here is lifted."""
+        record = self.record
+        if record.state in (Phase.FROZEN, Phase.DONE) or was is Phase.PREFLIGHT:
+            return
+        moved = self.host.evacuate(record.candidate, EVACUATE_GRACE)
+        self._after(self._evacuated(moved, record.candidate, record.previous, "fleet", by))
+        if was is Phase.FINISHING:
+            self.host.undrain(color=record.previous, actor="fleet")
+
     def _after(self, work: Coroutine[Any, Any, None]) -> None:
         """Work that follows the ending transition, kept until it is done."""
         task = asyncio.ensure_future(work)
@@ -371,15 +443,19 @@ class Rollout:
         return None
 
     async def _finish(self) -> str | None:
+        await self._drain_old()
+        if self.ended:
+            return None
+        return await self._hooks(self.plan.post_promote)
+
+    async def _drain_old(self) -> None:
+        """Drain the old live color of this member, and wait (bounded) for its requests."""
         host = self.host
         by = f"rollout {self.id}"
         ids = host.start_drain(color=self.record.previous, actor="auto", by=by)
         await host.wait_drained(
             ids, cut_after=DRAIN_CUT_AFTER, tunnel_grace=DRAIN_TUNNEL_GRACE, actor="auto", by=by
         )
-        if self.ended:
-            return None
-        return await self._hooks(self.plan.post_promote)
 
     async def _on_rollback(self) -> None:
         """The ending transition's own hooks: they carry its id, after the swap."""
@@ -398,7 +474,7 @@ class Rollout:
     def _judge(self, now: float) -> Judge:
         """A judge for a new phase: each judged phase (a step, the bake) gets an equal
         share of the rollout's false_rollback_rate."""
-        plan, telemetry = self.plan, self.host.telemetry
+        plan, telemetry = self.plan, self.host.judged_telemetry()
         phases = len(plan.steps) + (1 if plan.bake else 0)
         self.seen = telemetry.latest or now  # records before this are not judged
         self.judged: Verdict | None = None  # this phase's last verdict (self.verdict: any)
@@ -429,7 +505,7 @@ class Rollout:
             reason = f"{record.candidate} has no routable upstream: {why}"
             self._fail(Verdict("fail", reason, self.verdict.numbers if self.verdict else {}))
             return None
-        telemetry = host.telemetry
+        telemetry = host.judged_telemetry()
         latest = telemetry.latest
         if latest is None or latest <= self.seen:  # this phase's last verdict stands
             return self.judged or Verdict("hold", "waiting for this phase's first records")
