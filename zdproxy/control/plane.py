@@ -243,12 +243,16 @@ class ControlPlane:
         """The data-plane worker processes; empty when this process serves the traffic."""
         return self._dataplane.workers()
 
-    async def settled(self) -> None:
-        """Return once every data-plane worker routes by the latest snapshot and, in
-        fleet mode, the changes made here are in the fleet's state; Refused (409) when
-        one was dropped for another member's change, made at the same time."""
+    def settled(self) -> Awaitable[None]:
+        """Done once every data-plane worker routes by the latest snapshot and, in fleet
+        mode, the changes made here so far are in the fleet's state (not those made
+        while it waits); Refused (409) when one was dropped for another member's
+        change, made at the same time."""
+        return self._settled(self.fleet.committed())
+
+    async def _settled(self, committed: Awaitable[str | None]) -> None:
         await self._dataplane.settled()
-        if (lost := await self.fleet.committed()) is not None:
+        if (lost := await committed) is not None:
             raise Refused(
                 "fleet",
                 f"{lost}: this change was not made, and the fleet's state runs here; "
@@ -274,9 +278,12 @@ class ControlPlane:
         return self.fleet.leads()
 
     def _fleet_refusal(self, changes: dict[str, Any], actor: Actor) -> str | None:
-        """In a fleet that cannot reach etcd, a change of the shared state is refused,
-        except one from the fleet itself and a rollout's end (a rollback always runs)."""
-        if actor == "fleet" or not changes.keys() & set(SHARED) or ends_rollout(changes):
+        """In a fleet that cannot reach etcd, an operator's change of the shared state is
+        refused, except a rollout's end (a rollback always runs). zdproxy's own moves
+        are not: a rollout does not advance without etcd (see leads), and what a
+        member does meanwhile is written when etcd is back (control/shared.py)."""
+        operator = actor in ("api", "cli")
+        if not operator or not changes.keys() & set(SHARED) or ends_rollout(changes):
             return None
         return self.fleet.refusal()
 

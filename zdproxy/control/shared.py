@@ -16,7 +16,7 @@ other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 from zdproxy.config.settings import COLORS, Settings
@@ -47,9 +47,9 @@ class FleetLink(Protocol):
         """Why a change of the shared state is refused now (etcd unavailable), if so."""
         ...
 
-    async def committed(self) -> str | None:
-        """Wait for the changes made so far to reach the fleet: why one was dropped
-        (another member's change won the race), else None."""
+    def committed(self) -> Awaitable[str | None]:
+        """Wait for the changes made so far (up to the call) to reach the fleet: why
+        one was dropped (another member's change won the race), else None."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -81,8 +81,8 @@ class Solo:
     def refusal(self) -> str | None:
         return None
 
-    async def committed(self) -> str | None:
-        return None
+    def committed(self) -> Awaitable[str | None]:
+        return _nothing_lost()
 
     def status(self) -> dict[str, Any]:
         return {}
@@ -95,6 +95,10 @@ class Solo:
 
     async def members(self) -> list[dict[str, Any]]:
         return []
+
+
+async def _nothing_lost() -> str | None:
+    return None
 
 
 def ends_rollout(changes: Mapping[str, Any]) -> bool:

@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, NamedTuple, Protocol
 
@@ -185,11 +185,14 @@ class Member:
             "rollbacks still happen"
         )
 
-    async def committed(self) -> str | None:
-        """Wait until the changes made here so far are written to etcd, or dropped: why
-        one was dropped (another member's change won), else None. Returns at once while
-        etcd is unavailable: the change runs here and is written when etcd is back."""
-        wanted = self._generation
+    def committed(self) -> Awaitable[str | None]:
+        """Wait until the changes made here so far (up to this call, not to the wait's
+        start) are written to etcd, or dropped: why one was dropped (another member's
+        change won), else None. Returns at once while etcd is unavailable: the change
+        runs here and is written when etcd is back."""
+        return self._committed(self._generation)
+
+    async def _committed(self, wanted: int) -> str | None:
         async with self._progress:
             while self._settled < wanted and self.available:
                 await self._progress.wait()

@@ -1,0 +1,245 @@
+"""Fleet mode's brain, in milliseconds: real control planes and fleet members over the
+in-memory store (tests/fakes_store.py), fake data planes and one fake clock.
+
+What a lost race keeps (control/shared.py), a change made on one member applied on
+the other, two changes at once (one is refused to its caller, both members end on the
+same state), a state in the store that does not fit (refused, naming the item; the
+running state stays), and etcd lost mid-rollout: changes refused, a rollback made
+meanwhile wins once etcd is back, and the rollout never advanced without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeClock, FakeDataPlane
+from tests.fakes_store import MemoryCluster
+from zdproxy.config.fleet import FleetSettings
+from zdproxy.config.loader import settings_from_mapping
+from zdproxy.control.desired import Refused
+from zdproxy.control.events import EventLog
+from zdproxy.control.journal import Journal
+from zdproxy.control.phases import HistoryEntry, Phase, RolloutRecord
+from zdproxy.control.plane import ControlPlane
+from zdproxy.control.shared import SharedView, checked, rebase
+from zdproxy.fleet.member import Member, encode
+
+
+def _record(state: Phase, rollout: int = 4) -> dict[str, Any]:
+    entry = HistoryEntry(time=0.0, state=state, step=1, reason="", actor="auto")
+    record = RolloutRecord(
+        id=rollout, candidate="green", previous="blue", plan="canary", state=state, step=1,
+        history=[entry],
+    )  # fmt: skip
+    return record.model_dump(mode="json")
+
+
+RUNNING = {"split": {"live": "blue", "candidate_weight": 1000}, "rollout": _record(Phase.STEP)}
+
+
+def test_a_rollback_of_the_rollout_the_other_write_runs_wins_the_race() -> None:
+    rolled_back = {"split": {"live": "blue", "candidate_weight": 0}}
+    ours = {**RUNNING, **rolled_back, "rollout": _record(Phase.ROLLED_BACK)}
+    theirs = {**RUNNING, "rules": [{"header": "x-tenant", "values": ["a"], "color": "blue"}]}
+    assert rebase(ours, theirs) == {**theirs, **rolled_back, "rollout": ours["rollout"]}
+    aborted = {**ours, "rollout": _record(Phase.ABORTED)}
+    assert rebase(aborted, RUNNING) == {**RUNNING, **rolled_back, "rollout": aborted["rollout"]}
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        # Not an end: the first write stands.
+        ({**RUNNING, "split": {"live": "blue", "candidate_weight": 5000}}, RUNNING),
+        # An end of another rollout than theirs.
+        ({**RUNNING, "rollout": _record(Phase.ROLLED_BACK, rollout=3)}, RUNNING),
+        # Theirs already ended it (done first: the first end stands).
+        ({**RUNNING, "rollout": _record(Phase.ROLLED_BACK)}, {"rollout": _record(Phase.DONE)}),
+        # Theirs has no rollout at all.
+        ({**RUNNING, "rollout": _record(Phase.ROLLED_BACK)}, {"split": RUNNING["split"]}),
+    ],
+)
+def test_any_other_lost_change_is_dropped(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    assert rebase(ours, theirs) is None
+
+
+def test_a_shared_value_that_does_not_fit_is_refused_naming_its_item() -> None:
+    with pytest.raises(ValueError, match=r"^split: "):
+        checked({"split": {"live": "purple", "candidate_weight": 0}})
+    with pytest.raises(ValueError, match=r"^rollout: "):
+        checked({"rollout": {"id": 0}})
+    assert checked({"salt": "s", "pools.blue": "ignored"}) == {"salt": "s"}  # not shared
+
+
+@dataclass
+class Node:
+    control: ControlPlane
+    member: Member
+    events: EventLog
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.events.history(kind=kind)]
+
+
+@dataclass
+class Fleet:
+    cluster: MemoryCluster
+    clock: FakeClock
+    nodes: list[Node]
+    settings: FleetSettings
+
+    @property
+    def leader(self) -> Node:
+        [leader] = [node for node in self.nodes if node.member.leads()]
+        return leader
+
+    @property
+    def follower(self) -> Node:
+        return next(node for node in self.nodes if not node.member.leads())
+
+
+async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
+    """Let the members' tasks run (the store answers at once) until `condition`."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - polls state the members' tasks change
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    # Listening sockets never accepted from: a deploy's "does anything answer" probe.
+    sockets = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    blue, green = (f"127.0.0.1:{s.getsockname()[1]}" for s in sockets)
+    unchecked = {"health": {"enabled": False}}
+    config = settings_from_mapping(
+        {
+            "pools": {
+                "blue": {**unchecked, "upstreams": [{"address": blue}]},
+                "green": {**unchecked, "upstreams": [{"address": green}]},
+            },
+            "plans": {"canary": {"steps": [{"weight": 10, "hold": "1s"}, {"weight": 50}]}},
+        }
+    )
+    clock = FakeClock()
+    cluster = MemoryCluster(clock)
+    nodes = []
+    for name in ("a", "b"):
+        fleet_settings = FleetSettings(
+            endpoints=["http://127.0.0.1:1"], name=name, publish_interval=0.1
+        )
+        events = EventLog(tmp_path / f"events-{name}.jsonl")
+        events.member = name
+        control = ControlPlane(
+            config, FakeDataPlane(), events, Journal(tmp_path / f"state-{name}.json"), clock,
+            drive=False,
+        )  # fmt: skip
+        control.restore()
+
+        def notify(kind: str, reason: str, *, events: EventLog = events, **data: Any) -> None:
+            data.pop("level", None)
+            events.emit(kind, reason, by="fleet", **data)
+
+        member = Member(cluster.store(), fleet_settings, SharedView(control), notify, clock)
+        control.join_fleet(member)
+        await member.start(within=1.0)
+        nodes.append(Node(control, member, events))
+    running = Fleet(cluster, clock, nodes, fleet_settings)
+    await until(lambda: sum(n.member.leads() for n in nodes) == 1)
+    yield running
+    for node in nodes:
+        await node.member.close()
+        await node.control.close()
+        node.events.close()
+    for sock in sockets:
+        sock.close()
+
+
+async def test_a_change_on_one_member_is_applied_on_the_other(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    assert a.control.settings.split.salt == b.control.settings.split.salt  # one bucket per user
+    b.control.set_split(2500)
+    assert await b.control.fleet.committed() is None
+    await until(lambda: a.control.settings.split.candidate_weight == 2500)
+    assert a.control.routing.candidate_weight == 2500  # routed, not only recorded
+    [applied] = [e for e in a.kinds("fleet_applied") if e["data"]["items"] == ["split"]]
+    assert applied["actor"] == "fleet" and applied["by"] == "member b"
+    assert applied["data"]["member"] == "a"
+    assert a.member.applied == b.member.applied > 0
+
+
+async def test_of_two_changes_at_once_one_is_refused_and_both_members_agree(
+    fleet: Fleet,
+) -> None:
+    a, b = fleet.nodes
+    a.control.set_split(1000)
+    settled_a = a.control.settled()  # what each API call waits for before it answers
+    b.control.set_split(9000)  # before either member's write: a race
+    settled_b = b.control.settled()
+    outcomes = await asyncio.gather(settled_a, settled_b, return_exceptions=True)
+    [refused] = [o for o in outcomes if o is not None]
+    assert isinstance(refused, Refused), outcomes
+    assert refused.status == 409 and refused.field == "fleet"
+    assert "changed it first" in refused.reason
+    lost = fleet.nodes[outcomes.index(refused)]
+    assert lost.kinds("fleet_conflict")
+    await until(lambda: a.member.applied == b.member.applied)
+    weights = {n.control.settings.split.candidate_weight for n in fleet.nodes}
+    assert len(weights) == 1 and weights <= {1000, 9000}
+
+
+async def test_a_state_in_the_store_that_does_not_fit_is_refused_and_the_running_one_stays(
+    fleet: Fleet,
+) -> None:
+    a, _ = fleet.nodes
+    store = fleet.cluster.store()
+    key = fleet.settings.key("state")
+    read = await store.get(key)
+    bad = {"split": {"live": "purple", "candidate_weight": 0}, "salt": "x"}
+    assert await store.put_if(key, encode(bad, "someone"), read.mod_revision) is not None
+    await until(lambda: bool(a.kinds("fleet_rejected")))
+    [rejected] = a.kinds("fleet_rejected")
+    assert "split:" in rejected["reason"] and "someone" in rejected["reason"]
+    assert a.control.settings.split.live == "blue"
+    assert a.control.settings.split.salt != "x"  # all or nothing
+    garbage = await store.get(key)
+    assert await store.put_if(key, b"not json", garbage.mod_revision) is not None
+    await until(lambda: len(a.kinds("fleet_rejected")) == 2)
+    assert json.loads(encode({}, "a"))["format"] == 1
+
+
+async def test_without_etcd_changes_are_refused_and_a_rollback_made_meanwhile_wins_after(
+    fleet: Fleet,
+) -> None:
+    leader, follower = fleet.leader, fleet.follower
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()  # preflight passed: step 1
+    await until(lambda: follower.control.settings.split.candidate_weight == 1000)
+    assert follower.control.rollouts.active is not None  # it runs there too
+
+    fleet.cluster.lose_quorum()
+    await until(lambda: not follower.member.available and not leader.member.available)
+    with pytest.raises(Refused) as refused:
+        follower.control.set_rules([])
+    assert refused.value.status == 503 and "etcd is unavailable" in refused.value.reason
+    assert not leader.member.leads()
+    fleet.clock.advance(5.0)  # past the step's hold: the leader does not advance alone
+    leader.control.rollouts.tick()
+    assert leader.control.rollouts.active is not None
+    assert leader.control.rollouts.active.record.step == 1
+    follower.control.rollouts.abort("cli")  # a rollout's end is never refused
+    assert follower.control.routing.candidate_weight == 0  # at once, on this member
+
+    fleet.cluster.regain_quorum()
+    await until(lambda: leader.control.rollouts.active is None, within=3.0)
+    record = leader.control.rollout_record()
+    assert record is not None and record.state is Phase.ABORTED
+    assert leader.control.routing.candidate_weight == 0
+    await until(lambda: leader.member.applied == follower.member.applied)
+    assert not follower.kinds("fleet_conflict")
