@@ -99,6 +99,11 @@ class MemoryCluster:
             subscription.changes.put_nowait(None)
         self._subscriptions.clear()
 
+    def hang_watches(self) -> None:
+        """Stop delivering to every watch, without ending it: a connection that hangs
+        silently (a new watch is delivered to again)."""
+        self._subscriptions.clear()
+
     # What the clients call.
 
     def check_quorum(self) -> None:

@@ -243,3 +243,18 @@ async def test_without_etcd_changes_are_refused_and_a_rollback_made_meanwhile_wi
     assert leader.control.routing.candidate_weight == 0
     await until(lambda: leader.member.applied == follower.member.applied)
     assert not follower.kinds("fleet_conflict")
+
+
+async def test_a_watch_that_hangs_silently_is_made_again(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    fleet.cluster.hang_watches()
+    b.control.set_split(4000)
+    assert await b.control.fleet.committed() is None
+    # Found by this member's own writes (every publish_interval, 0.1 s here) not coming
+    # back for a while (on the fake clock, moved here): the watch is made again from
+    # where it was, and misses nothing.
+    async with asyncio.timeout(5.0):
+        while a.control.settings.split.candidate_weight != 4000:
+            fleet.cluster.advance(0.1)
+            await asyncio.sleep(0.02)
+    assert a.kinds("fleet_watch_restarted")

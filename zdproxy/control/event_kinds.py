@@ -56,6 +56,7 @@ KINDS = frozenset(
         "fleet_leadership_lost",
         "fleet_store_unavailable",
         "fleet_store_available",
+        "fleet_watch_restarted",
         *(f"rollout_{phase}" for phase in Phase),  # one per transition
     }
 )

@@ -54,6 +54,9 @@ from zdproxy.routing.records import IntervalRecord
 log = logging.getLogger("zdproxy.fleet")
 
 RETRY_SECONDS = 0.5  # between tries while etcd is unavailable
+# A watch that has not brought back this member's own write for this many publish
+# intervals (at least [fleet] timeout) is taken for hung, and made again.
+WATCH_STALL_INTERVALS = 3
 FORMAT = 1  # of P/state's value
 
 
@@ -160,6 +163,11 @@ class Member:
         self._outbox: list[dict[str, Any]] = []  # records to publish
         self._inbox: list[IntervalRecord] = []  # other members' records, for the judge
         self._watch_from = 0
+        self._watcher: asyncio.Task[None] | None = None
+        # The first write of this member's own key the watch has not brought back yet
+        # (revision, when): a watch whose connection hangs without an error never does.
+        self._unechoed: tuple[int, float] | None = None
+        self._echoed = 0
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- what the control plane calls ---------------------------------------------------
@@ -270,13 +278,9 @@ class Member:
             except StoreUnavailable as exc:
                 self._unavailable(exc.reason)
                 await asyncio.sleep(RETRY_SECONDS)
-        others = [
-            self._watch_forever(),
-            self._lead_forever(),
-            self._publish_forever(),
-            self._telemetry_forever(),
-        ]
+        others = [self._lead_forever(), self._publish_forever(), self._telemetry_forever()]
         self._tasks += [asyncio.ensure_future(work) for work in others]
+        self._watch()
         await self._sync_forever()
 
     async def _join(self) -> None:
@@ -423,6 +427,35 @@ class Member:
                 self._lost = (generation, lost)
             self._progress.notify_all()
 
+    def _watch(self) -> None:
+        """(Re)start the watch, from the revision after the last change it brought."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._tasks.remove(self._watcher)
+        self._watcher = asyncio.ensure_future(self._watch_forever())
+        self._tasks.append(self._watcher)
+
+    def _check_watch(self, written: int) -> None:
+        """This member's own key was written at `written`: a watch that has not brought
+        back an earlier write for a few publish intervals hangs, and is made again."""
+        if self._unechoed is not None and self._echoed >= self._unechoed[0]:
+            self._unechoed = None
+        if self._unechoed is None:
+            if written > self._echoed:
+                self._unechoed = (written, self.clock())
+            return
+        waited = self.clock() - self._unechoed[1]
+        if waited >= max(WATCH_STALL_INTERVALS * self.fleet.publish_interval, self.fleet.timeout):
+            self.notify(
+                "fleet_watch_restarted",
+                f"the watch brought no change for {waited:.1f}s, not even this member's own "
+                f"write at revision {self._unechoed[0]}: it is made again, from revision "
+                f"{self._watch_from}",
+                level=logging.WARNING,
+            )
+            self._unechoed = None
+            self._watch()
+
     async def _watch_forever(self) -> None:
         """Every change of the fleet's keys, in revision order: P/state's wake the sync,
         P/leader's say who leads. A compacted history is read afresh."""
@@ -448,7 +481,9 @@ class Member:
             self._seen(entry.key, entry.value, entry.mod_revision)
 
     def _seen(self, key: str, value: bytes | None, revision: int) -> None:
-        if key == self.state_key and value is not None:
+        if key == self.member_key:
+            self._echoed = max(self._echoed, revision)
+        elif key == self.state_key and value is not None:
             state = self._decoded(value, revision)
             if state is not None and (self.latest is None or revision > self.latest.revision):
                 self.latest = state
@@ -506,7 +541,8 @@ class Member:
                 "published": round(time.time(), 3),
                 **self.host.report(),
             }
-            await self._put_own(self.member_key, report)
+            if (written := await self._put_own(self.member_key, report)) is not None:
+                self._check_watch(written)
 
     async def _telemetry_forever(self) -> None:
         """The records offered since the last write, every telemetry_interval (none
@@ -518,11 +554,12 @@ class Member:
             if batch:
                 await self._put_own(self.telemetry_key, {"records": batch})
 
-    async def _put_own(self, key: str, body: dict[str, Any]) -> None:
-        """Write one of this member's own keys under its lease (skipped without one)."""
+    async def _put_own(self, key: str, body: dict[str, Any]) -> int | None:
+        """Write one of this member's own keys under its lease (skipped without one):
+        the revision written, or None."""
         lease = self.lease
         if lease is None or lease.lost.is_set():
-            return
+            return None
         data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         try:
             revision = await self.store.put_if(key, data, self._own.get(key, ABSENT), lease=lease)
@@ -533,10 +570,12 @@ class Member:
             if revision is not None:
                 self._own[key] = revision
             self._up()
+            return revision
         except StoreUnavailable as exc:
             self._unavailable(exc.reason)
         except LeaseLost:
             pass  # the lead task takes a new lease
+        return None
 
     # -- etcd's reach ----------------------------------------------------------------------
 
