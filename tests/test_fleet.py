@@ -21,6 +21,8 @@ from tests.test_rollout import load, rollout_config, until_rollout
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
+# The tests take etcd_cluster first: fixtures end in reverse order, so the members stop
+# while etcd still answers (each leaves at once, revoking its lease).
 
 
 @dataclass
@@ -74,7 +76,7 @@ async def until_all(
 
 
 async def test_a_change_through_one_member_is_applied_by_every_member(
-    zdproxy: StartProxy, upstream: StartUpstream, etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
     members = await start_fleet(zdproxy, upstream, etcd_cluster, tmp_path)
     first = await until_all(members, lambda s: s["fleet"]["leader"] != "")
@@ -93,7 +95,7 @@ async def test_a_change_through_one_member_is_applied_by_every_member(
 
 
 async def test_a_rollout_started_on_one_member_completes_on_every_member(
-    zdproxy: StartProxy, upstream: StartUpstream, etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
     members = await start_fleet(zdproxy, upstream, etcd_cluster, tmp_path)
     await until_all(members, lambda s: s["fleet"]["leader"] != "")
@@ -124,7 +126,7 @@ async def test_a_rollout_started_on_one_member_completes_on_every_member(
 
 
 async def test_a_candidate_failing_on_one_member_is_rolled_back_on_every_member(
-    zdproxy: StartProxy, upstream: StartUpstream, etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
     steps = [{"weight": 50, "hold": "30s"}]
     members = await start_fleet(zdproxy, upstream, etcd_cluster, tmp_path, steps=steps)
@@ -147,7 +149,7 @@ async def test_a_candidate_failing_on_one_member_is_rolled_back_on_every_member(
 
 
 async def test_the_leader_killed_mid_rollout_is_replaced_and_the_rollout_goes_on(
-    zdproxy: StartProxy, upstream: StartUpstream, etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
     steps = [{"weight": 10, "hold": "1s"}, {"weight": 50, "hold": "2s"}]
     members = await start_fleet(zdproxy, upstream, etcd_cluster, tmp_path, steps=steps)
@@ -171,7 +173,7 @@ async def test_the_leader_killed_mid_rollout_is_replaced_and_the_rollout_goes_on
 
 
 async def test_without_etcd_members_serve_on_refuse_changes_and_take_them_again_after(
-    zdproxy: StartProxy, upstream: StartUpstream, etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
     members = await start_fleet(zdproxy, upstream, etcd_cluster, tmp_path, size=2)
     await until_all(members, lambda s: s["fleet"]["leader"] != "")

@@ -264,7 +264,7 @@ class Member:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.lease is not None:
+        if self.lease is not None and self.available:  # else: it expires by itself
             with contextlib.suppress(StoreError, TimeoutError):
                 async with asyncio.timeout(self.fleet.timeout):
                     await self.store.revoke(self.lease)
