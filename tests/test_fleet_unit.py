@@ -23,6 +23,7 @@ from tests.fakes import FakeClock, FakeDataPlane
 from tests.fakes_store import MemoryCluster
 from zdproxy.config.fleet import FleetSettings
 from zdproxy.config.loader import settings_from_mapping
+from zdproxy.config.settings import PoolMembers
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
@@ -124,7 +125,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
                 "blue": {**unchecked, "upstreams": [{"address": blue}]},
                 "green": {**unchecked, "upstreams": [{"address": green}]},
             },
-            "plans": {"canary": {"steps": [{"weight": 10, "hold": "1s"}, {"weight": 50}]}},
+            "plans": {
+                "canary": {
+                    "steps": [{"weight": 10, "hold": "1s"}, {"weight": 50}],
+                    "preflight_timeout": "10s",
+                }
+            },
         }
     )
     clock = FakeClock()
@@ -258,3 +264,26 @@ async def test_a_watch_that_hangs_silently_is_made_again(fleet: Fleet) -> None:
             fleet.cluster.advance(0.1)
             await asyncio.sleep(0.02)
     assert a.kinds("fleet_watch_restarted")
+
+
+async def test_the_leader_waits_for_every_members_candidate_and_names_those_not_ready(
+    fleet: Fleet,
+) -> None:
+    leader, follower = fleet.leader, fleet.follower
+    follower.control.set_pool("green", PoolMembers(), force=True)  # no green there
+    await until(
+        lambda: (
+            leader.member.reports.get("b", {}).get("pools", {}).get("green", {}).get("upstreams")
+            == 0
+        )
+    )
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()
+    assert leader.control.rollouts.active is not None
+    assert leader.control.rollouts.active.record.state is Phase.PREFLIGHT  # no user on green
+    fleet.clock.advance(10.0)
+    leader.control.rollouts.tick()
+    record = leader.control.rollout_record()
+    assert record is not None and record.state is Phase.ABORTED
+    assert record.reason.startswith("members b have fewer than 1 healthy green upstreams")
+    await until(lambda: follower.control.rollouts.active is None)  # aborted everywhere

@@ -38,7 +38,7 @@ from zdproxy.control.outliers import OutlierDetector
 from zdproxy.control.phases import RolloutRecord
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout.controller import Rollouts
-from zdproxy.control.shared import SHARED, FleetLink, Solo, ends_rollout
+from zdproxy.control.shared import SHARED, FleetLink, Solo, ends_rollout, short_of
 from zdproxy.control.telemetry import Telemetry
 from zdproxy.routing.local import LocalErrorKind, LocalErrorSite
 from zdproxy.routing.plane import DataPlane, WorkerState
@@ -272,6 +272,12 @@ class ControlPlane:
         if self.fleet_telemetry is not None and self.leads():
             return self.fleet_telemetry
         return self.telemetry
+
+    def short_members(self, color: str, need: int) -> list[str]:
+        """In a fleet, the other members that have fewer than `need` routable upstreams
+        of `color`, as they last published it (this member counts its own itself)."""
+        others = {n: r for n, r in self.fleet.reports.items() if n != self.fleet.name}
+        return short_of(others, color, need)
 
     def leads(self) -> bool:
         """This process drives rollouts: always, but in a fleet only its leader does."""

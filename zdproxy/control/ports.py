@@ -68,6 +68,11 @@ class ControlHost(Protocol):
         every member's)."""
         ...
 
+    def short_members(self, color: str, need: int) -> list[str]:
+        """In a fleet, the other members with fewer than `need` routable upstreams of
+        `color`, by name; [] without a fleet."""
+        ...
+
     def leads(self) -> bool:
         """This process drives rollouts (in a fleet, only its leader does; the others
         judge their own slice)."""

@@ -60,6 +60,16 @@ class FleetLink(Protocol):
         """This member's records of one tick, for the leader's judge of the fleet."""
         ...
 
+    @property
+    def name(self) -> str:
+        """This member's name."""
+        ...
+
+    @property
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Every member's published state (see SharedView.report), by name."""
+        ...
+
     def take_remote(self) -> list[IntervalRecord]:
         """The other members' records that arrived since the last call."""
         ...
@@ -71,6 +81,10 @@ class FleetLink(Protocol):
 
 class Solo:
     """No fleet: this process is the whole of it."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.reports: dict[str, dict[str, Any]] = {}
 
     def changed(self) -> None:
         pass
@@ -99,6 +113,20 @@ class Solo:
 
 async def _nothing_lost() -> str | None:
     return None
+
+
+def short_of(reports: Mapping[str, Mapping[str, Any]], color: str, need: int) -> list[str]:
+    """The members whose last published state has fewer than `need` routable upstreams
+    of `color`, by name (a report that does not say counts as short)."""
+    short = []
+    for name, report in sorted(reports.items()):
+        try:
+            routable = int(report["pools"][color]["routable"])
+        except (KeyError, TypeError, ValueError):
+            routable = 0
+        if routable < need:
+            short.append(name)
+    return short
 
 
 def ends_rollout(changes: Mapping[str, Any]) -> bool:

@@ -113,6 +113,16 @@ def decode(data: bytes, revision: int) -> Written:
     return Written(body["values"], str(body.get("by", "")), revision)
 
 
+def _object(data: bytes) -> dict[str, Any] | None:
+    """A member's published state; None if it is not one (a member writes only its own
+    key: another's is not this member's to judge)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class Member:
     """This zdproxy in its fleet. `start` joins (reads the fleet's state, or founds it
     with this member's), then tasks keep it in step until `close`."""
@@ -133,7 +143,8 @@ class Member:
         self.clock = clock
         self.state_key = fleet.key("state")
         self.leader_key = fleet.key("leader")
-        self.member_key = fleet.key("members", self.name)
+        self.members_prefix = fleet.key("members") + "/"
+        self.member_key = self.members_prefix + self.name
         self.telemetry_prefix = fleet.key("telemetry") + "/"
         self.telemetry_key = self.telemetry_prefix + self.name
         # What this member runs of the fleet's state: the values of revision `applied`
@@ -151,7 +162,8 @@ class Member:
         self.joined = asyncio.Event()
         self.conflicts = 0  # changes of this member dropped for another's
         self.store_errors = 0
-        self.writes = 0  # to etcd, by kind of key: see `traffic`
+        self.writes = 0  # to etcd, since start
+        self.reports: dict[str, dict[str, Any]] = {}  # every member's published state, by name
         self.bytes_written = 0
         self._generation = 0  # changes made here so far (see `committed`)
         self._settled = 0  # the last generation written, or dropped
@@ -237,15 +249,11 @@ class Member:
         }
 
     async def members(self) -> list[dict[str, Any]]:
-        """Every member's published state (StoreUnavailable if etcd cannot be read)."""
-        listing = await self.store.range(self.fleet.key("members") + "/")
-        found = []
-        for entry in listing.entries:
-            try:
-                found.append(json.loads(entry.value))
-            except ValueError:
-                continue  # not ours to judge: a member writes only its own key
-        return found
+        """Every member's published state, read now (StoreUnavailable if etcd cannot
+        be read); `reports` has them as the watch brought them."""
+        listing = await self.store.range(self.members_prefix)
+        found = (_object(entry.value) for entry in listing.entries)
+        return [report for report in found if report is not None]
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -292,8 +300,8 @@ class Member:
         for entry in listing.entries:
             if entry.key == self.state_key:
                 state = self._decoded(entry.value, entry.mod_revision)
-            elif entry.key == self.leader_key:
-                self.leader = entry.value.decode(errors="replace")
+            else:
+                self._seen(entry.key, entry.value, entry.mod_revision)
         ours = self.host.shared()
         if state is None:  # the first member: the fleet starts from its state
             await self._push(ours, ABSENT)
@@ -490,6 +498,13 @@ class Member:
                 self._wake.set()
         elif key == self.leader_key:
             self.leader = value.decode(errors="replace") if value is not None else ""
+        elif key.startswith(self.members_prefix):
+            name = key.removeprefix(self.members_prefix)
+            report = _object(value) if value is not None else None
+            if report is None:
+                self.reports.pop(name, None)
+            else:
+                self.reports[name] = report
         elif key.startswith(self.telemetry_prefix) and key != self.telemetry_key and value:
             try:
                 self._inbox += [IntervalRecord.from_dict(r) for r in json.loads(value)["records"]]

@@ -140,13 +140,19 @@ class Rollout:
             self.job = asyncio.ensure_future(self._hooks(pre_rollout))
             return
         healthy = self._healthy()
-        if healthy < plan.min_healthy:
+        # In a fleet, every member's candidate must be ready too (as each published it).
+        short = self.host.short_members(self.record.candidate, plan.min_healthy)
+        if healthy < plan.min_healthy or short:
             if now - self.entered >= plan.preflight_timeout:
                 reason = (
                     f"{self.record.candidate} has {healthy} healthy upstreams of "
                     f"{plan.min_healthy} needed after {plan.preflight_timeout:g}s"
+                    if healthy < plan.min_healthy
+                    else f"members {', '.join(short)} have fewer than {plan.min_healthy} "
+                    f"healthy {self.record.candidate} upstreams after "
+                    f"{plan.preflight_timeout:g}s"
                 )
-                self.end(Phase.ABORTED, reason, "auto", {"healthy": healthy})
+                self.end(Phase.ABORTED, reason, "auto", {"healthy": healthy, "short": short})
             return
         hooks = [name for name in [*plan.pre_rollout, *plan.verify] if name not in done]
         if hooks:
