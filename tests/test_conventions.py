@@ -31,6 +31,7 @@ from tests.conftest import (
     admin_api,
     pools,
 )
+from tests.etcd_cluster import EtcdCluster
 from tests.test_rollout import load
 from tests.test_rollout_watch import judged, one_step
 from tests.test_systemd import verify_units
@@ -210,13 +211,17 @@ async def scrape(proxy: ZdProxy, accept: str = "") -> tuple[str, str]:
         return response.headers["Content-Type"], await response.text()
 
 
-async def busy_proxy(zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path) -> ZdProxy:
+async def busy_proxy(
+    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path, etcd: EtcdCluster
+) -> ZdProxy:
     """A zdproxy with a sample in every metric family: traffic, a pinned request, an
     upstream that stays silent past upstream.timeout (a failure), a rollout the judge
-    has numbers for (the caller runs it, under `load`), and two data-plane workers."""
+    has numbers for (the caller runs it, under `load`), two data-plane workers, and
+    fleet mode (the one member of a fleet on `etcd`, which leads it)."""
     blue, green = await upstream("blue"), await upstream("green")
     config = one_step(blue, green, tmp_path)
     config["proxy"] = {**config.get("proxy", {}), "workers": 2}
+    config["fleet"] = {"endpoints": etcd.client_urls, "name": "only"}
     config["pins"] = [{"name": "beta", "header": "X-Beta", "values": ["1"], "to": "blue"}]
     config["upstream"] = {"timeout": "300ms"}
     proxy = zdproxy(config)
@@ -226,9 +231,9 @@ async def busy_proxy(zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Pat
         async with session.get(proxy.url + "/slow/2000") as response:
             assert response.status == 504
 
-    async def failures() -> bool:
+    async def failures() -> bool:  # and leadership: the rollout then runs here
         _, text = await scrape(proxy)
-        return "zdproxy_upstream_failures_total{" in text
+        return "zdproxy_upstream_failures_total{" in text and "zdproxy_fleet_leader 1" in text
 
     async with asyncio.timeout(10):
         while not await failures():  # noqa: ASYNC110 - polls /metrics (a 100 ms tick)
@@ -279,9 +284,9 @@ def sample_names(text: str) -> set[str]:
 
 
 async def test_metrics_are_the_documented_ones_and_contrib_reads_only_real_ones(
-    zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
+    etcd_node: EtcdCluster, zdproxy: StartProxy, upstream: StartUpstream, tmp_path: Path
 ) -> None:
-    proxy = await busy_proxy(zdproxy, upstream, tmp_path)
+    proxy = await busy_proxy(zdproxy, upstream, tmp_path, etcd_node)
     async with load(proxy.url):
         await admin_api(proxy, "POST", "/v1/rollouts", {"color": "green"})
         await judged(proxy)

@@ -104,6 +104,7 @@ class ZdproxyCollector(Collector):
         yield family
         yield self._events()
         yield from self._workers()
+        yield from self._fleet()
 
     def _traffic(self) -> Iterator[Metric]:
         telemetry = self.control.telemetry
@@ -202,6 +203,61 @@ class ZdproxyCollector(Collector):
             for family, value in zip(made, values, strict=True):
                 family.add_metric(label, float(value))
         yield from made
+
+    def _fleet(self) -> Iterator[Metric]:
+        """This member in its fleet, as GET /v1/status's `fleet` has it; nothing without
+        [fleet]."""
+        status = self.control.fleet.status()
+        if not status:
+            return
+        families = (
+            ("store_up", GaugeMetricFamily, "available", "1 when etcd answered the last call"),
+            (
+                "leader",
+                GaugeMetricFamily,
+                "leading",
+                "1 when this member leads the fleet: it holds the leadership and reaches etcd",
+            ),
+            (
+                "applied_revision",
+                GaugeMetricFamily,
+                "applied_revision",
+                "The revision of the fleet's state this member runs (0: none yet)",
+            ),
+            (
+                "latest_revision",
+                GaugeMetricFamily,
+                "latest_revision",
+                "The newest revision of the fleet's state this member has seen",
+            ),
+            (
+                "pending",
+                GaugeMetricFamily,
+                "pending",
+                "1 while a change made here is not in etcd yet",
+            ),
+            (
+                "conflicts",
+                CounterMetricFamily,
+                "conflicts",
+                "Changes made here dropped for another member's that was written first",
+            ),
+            (
+                "store_errors",
+                CounterMetricFamily,
+                "store_errors",
+                "etcd calls that failed: no endpoint answered in time, or no quorum",
+            ),
+            ("writes", CounterMetricFamily, "writes", "Writes this member made to etcd"),
+            (
+                "written_bytes",
+                CounterMetricFamily,
+                "bytes_written",
+                "Bytes of the values this member wrote to etcd",
+            ),
+        )
+        for name, kind, key, text in families:
+            yield kind(f"zdproxy_fleet_{name}", text, value=float(status[key]))
 
     def _local_errors(self) -> Metric:
         """Every kind at every site, zeros included: a first error is then an increase."""

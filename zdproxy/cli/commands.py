@@ -1,7 +1,8 @@
 """The CLI commands that drive a running zdproxy through its admin API: their
 registration, the runner that turns each outcome into an exit code (common.Exit), and
 the commands that move traffic or change the pools (shift, pool, drain, undrain,
-rules, reload). The reading ones are in observe.py, the rollouts in rollout.py.
+rules, reload). The reading ones are in observe.py, the rollouts in rollout.py, the
+fleet's in fleet.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from zdproxy.cli.common import (
     options_parent,
     print_json,
 )
+from zdproxy.cli.fleet import add_fleet_commands
 from zdproxy.cli.observe import add_observe_commands
 from zdproxy.cli.rollout import add_rollout_commands
 from zdproxy.cli.wait import Conditions, RolloutFailed, wait_for
@@ -120,6 +122,7 @@ def add_commands(commands: Any) -> None:
     rules.add_argument("--json", action="store_true", help="print the raw JSON")
 
     add_rollout_commands(command, parent)
+    add_fleet_commands(command, parent)
 
     reload = command(
         "reload",

@@ -102,11 +102,12 @@ async def _status(client: AdminClient, args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def field(data: Any, path: str) -> Any:
-    """The value at a dotted `path` of decoded JSON; UsageError naming what is there."""
+def field(data: Any, path: str, root: str = "the status") -> Any:
+    """The value at a dotted `path` of decoded JSON (`root` names the whole of it);
+    UsageError naming what is there."""
     value, walked = data, list[str]()
     for key in path.split("."):
-        where = ".".join(walked) or "the status"
+        where = ".".join(walked) or root
         if isinstance(value, dict):
             if key not in value:
                 raise UsageError(

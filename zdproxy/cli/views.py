@@ -37,7 +37,13 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def age(seconds: float) -> str:
+    """How old something is: tenths of a second under a minute."""
+    return f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    """Columns as wide as their widest cell, two spaces apart; the first row heads them."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -89,11 +95,11 @@ def status_table(status: dict[str, Any]) -> str:
                     "; ".join(notes),
                 ]
             )
-    lines += _table(pools)
+    lines += table(pools)
     window = status["pools"]["blue"]["window"]["seconds"]
     lines.append(f"(traffic over the last {window:g}s)")
     lines.append("")
-    lines += _table(upstreams) if len(upstreams) > 1 else ["no upstreams configured"]
+    lines += table(upstreams) if len(upstreams) > 1 else ["no upstreams configured"]
     lines.append("")
     rules = status["rules"]
     lines.append(
@@ -106,8 +112,34 @@ def status_table(status: dict[str, Any]) -> str:
     if status["journal"]:
         lines.append("runtime changes (journal): " + ", ".join(status["journal"]))
     if workers := status.get("workers"):  # proxy.workers above 1 (and a zdproxy that says)
-        lines += ["", *_table(_worker_rows(workers))]
+        lines += ["", *table(_worker_rows(workers))]
+    if fleet := status.get("fleet"):  # fleet mode (and a zdproxy that says)
+        lines += ["", *membership_lines(fleet)]
     return "\n".join(lines)
+
+
+def membership_lines(membership: dict[str, Any]) -> list[str]:
+    """This member in its fleet (`status`, `fleet status`): who leads, the revision it
+    runs, etcd's reach, and its own changes not in etcd yet or dropped."""
+    m = membership
+    leader = m["leader"] or "none"
+    if m["leading"]:
+        leader += " (this member)"
+    elif m["leader"] and not m["available"]:
+        leader += " (as last seen)"
+    since = _duration(m["since_seconds"])
+    etcd = (
+        f"etcd available for {since}"
+        if m["available"]
+        else f"etcd unavailable for {since}: {m['reason']}"
+    )
+    pending = "a change made here is not in etcd yet" if m["pending"] else "nothing pending"
+    lease = "" if m["lease"] else "; no lease: not among the fleet's members"
+    return [
+        f"fleet {m['prefix']}: member {m['member']}, leader {leader}; revision "
+        f"{m['applied_revision']} applied, {m['latest_revision']} the latest seen",
+        f"  {etcd}; {pending}; {m['conflicts']} changes made here lost to another member's{lease}",
+    ]
 
 
 def _worker_rows(workers: list[dict[str, Any]]) -> list[list[str]]:
@@ -241,7 +273,7 @@ def _versus(numbers: dict[str, Any], phase: str) -> list[str]:
     seconds = (recent.get("candidate") or {}).get("seconds")
     over = "" if seconds is None else f"; req/s and latency: the last {seconds:g}s"
     note = f"  (candidate: {phase}; live: the rollout {since}{over})"
-    return ["  " + line for line in _table(rows)] + [note]
+    return ["  " + line for line in table(rows)] + [note]
 
 
 def _test(name: str, test: dict[str, Any]) -> str:
