@@ -340,6 +340,7 @@ async def test_healthz_readyz_metrics_and_openapi_answer_without_a_token(quiet: 
         ("/v1/reload", "post"),
         ("/v1/rolling", "get"),
         ("/v1/rolling", "post"),
+        ("/v1/fleet", "get"),
         *(
             (f"/v1/rollout/{action}", "post")
             for action in ("pause", "resume", "promote", "abort", "retry")

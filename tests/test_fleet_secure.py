@@ -28,7 +28,7 @@ from zdproxy.fleet.etcd import EtcdStore
 from zdproxy.fleet.gateway import GRPC_PERMISSION_DENIED, AuthFailed, RequestFailed
 from zdproxy.fleet.store import ABSENT, Change, StoreUnavailable
 
-SHORT = 0.5  # seconds: the call timeout where a call is meant to fail
+SHORT = 1.5  # seconds: the timeout of a call meant to fail (a busy machine's handshake fits)
 WITHIN = 10.0  # seconds for what the test waits for (a watch's change, a restart)
 USER, PASSWORD, ROOT_PASSWORD = "member", "member-secret", "root-secret"
 PREFIX = "/fleet/"  # where USER may read and write

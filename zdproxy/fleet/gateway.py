@@ -91,8 +91,17 @@ class AuthFailed(RequestFailed):
     credentials and was given none. Trying again does not help: fix the config."""
 
 
+NOT_TRIED = "no endpoint tried"
+
+
 class _Unreached(Exception):
-    """This endpoint did not take the request: the call may go to the next one."""
+    """This endpoint did not take the request: the call may go to the next one.
+    `timed_out`: it had no answer in the time left (a reason saying less than one
+    that came before it: a slow machine's last try of a refused handshake)."""
+
+    def __init__(self, reason: str, *, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 def _tls_failure(error: BaseException) -> SSLError | None:
@@ -194,7 +203,7 @@ class Gateway:
         self, path: str, body: Message, idempotent: bool, deadline: float, token: str | None
     ) -> Message:
         """The call over the endpoints, in turn, until one answers or `deadline`."""
-        reason = "no endpoint tried"
+        reason = NOT_TRIED
         while True:
             for endpoint in self._rotation():
                 left = deadline - time.monotonic()
@@ -203,7 +212,8 @@ class Gateway:
                 try:
                     answer = await self._post(endpoint, path, body, left, idempotent, token)
                 except _Unreached as unreached:
-                    reason = f"{endpoint}: {unreached}"
+                    if not unreached.timed_out or reason == NOT_TRIED:
+                        reason = f"{endpoint}: {unreached}"
                     self.demote(endpoint)
                     continue
                 self._promote(endpoint)
@@ -232,9 +242,10 @@ class Gateway:
                 raise _Unreached(_describe_tls(tls)) from error
             if isinstance(error, aiohttp.ClientConnectorError):  # not connected
                 raise _Unreached(str(error.os_error)) from error
-            what = type(error).__name__ if isinstance(error, TimeoutError) else str(error)
+            timed_out = isinstance(error, TimeoutError)
+            what = type(error).__name__ if timed_out else str(error)
             if idempotent:
-                raise _Unreached(what) from error
+                raise _Unreached(what, timed_out=timed_out) from error
             raise StoreUnavailable(f"etcd {endpoint}: {what} (the write may be applied)") from error
         if "error" not in message:
             return message
@@ -252,7 +263,7 @@ class Gateway:
         refuses a stream in its first message: pass its reason to `refused`."""
         deadline = time.monotonic() + self.timeout
         token = await self._token_for(deadline)
-        reason = "no endpoint tried"
+        reason = NOT_TRIED
         while time.monotonic() < deadline:
             for endpoint in self._rotation():
                 # Bounded until the answer's headers; its body (the stream) may idle.
