@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -12,14 +13,34 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import CliResult, free_port, run_cli
+from tests.conftest import CliResult, run_cli
 
-READY_LINE = "zdproxy demo is running."
+READY_LINE = "zdproxy demo is running"
 LAST_LINE = "Ctrl-C stops everything"
+START_WITHIN = 60.0  # seconds for the banner: a fleet starts etcd and three processes
+FLEET = 3  # members of the fleet test; the fixture's ports are the first of that many
+
+
+def free_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports, each free a moment ago, below
+    the kernel's ephemeral range: no port the demo's apps and clients get from the
+    kernel (bind to 0, connect) can fall among them."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        first = random.randrange(10000, low - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise AssertionError(f"no {count} consecutive free ports below {low}")
 
 
 def clean_env() -> dict[str, str]:
@@ -45,6 +66,7 @@ class Demo:
 
     process: asyncio.subprocess.Process
     port: int
+    admin_port: int
     directory: Path
     banner: str
 
@@ -72,8 +94,9 @@ StartDemo = Callable[..., Awaitable[Demo]]
 @pytest.fixture
 async def demo(tmp_path: Path) -> AsyncIterator[StartDemo]:
     """Factory: await demo(*extra_args) starts `zdproxy demo` (the same ports and
-    directory every time, as a user restarting it) and returns once its banner is out."""
-    port, admin_port = free_port(), free_port()
+    directory every time, as a user restarting it) and returns once its banner is out.
+    Each port is the first of FLEET free ones: `--fleet 3` takes them all."""
+    port, admin_port = free_block(FLEET), free_block(FLEET)
     directory = tmp_path / "demo"
     started: list[asyncio.subprocess.Process] = []
 
@@ -90,10 +113,10 @@ async def demo(tmp_path: Path) -> AsyncIterator[StartDemo]:
         started.append(process)
         assert process.stdout is not None
         try:
-            banner = await read_until(process.stdout, LAST_LINE, within=20)
+            banner = await read_until(process.stdout, LAST_LINE, within=START_WITHIN)
         except AssertionError:
             raise AssertionError(log.read_text()) from None
-        return Demo(process, port, directory, "".join(banner))
+        return Demo(process, port, admin_port, directory, "".join(banner))
 
     yield start
     for process in started:
@@ -219,3 +242,115 @@ async def test_a_restarted_demo_starts_afresh_unless_told_to_keep_its_state(
     assert "green (v2, live)" in run.banner and "blue (v1, candidate at 0%)" in run.banner
     assert "kept from the last run (--keep-state): green live, blue at 0%" in run.banner
     await run.stop()
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes `pid` started and has not reaped, by the kernel's own list."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return {int(child) for task in tasks for child in (task / "children").read_text().split()}
+
+
+async def admin(
+    url: str, token: str, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    """One call to a demo member's admin API with the demo's token; the JSON of its 200."""
+    auth = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession(url, headers=auth) as session,
+        session.request(method, path, json=body) as response,
+    ):
+        answer = await response.json(content_type=None)
+        assert response.status == 200, answer
+        return answer
+
+
+def fleet_banner(banner: str) -> tuple[dict[str, tuple[int, int, int]], str, int]:
+    """From a fleet's banner: each member's proxy port, admin port and pid by name, and
+    etcd's client URL and pid."""
+    rows = re.findall(
+        r"^  (m\d) +127\.0\.0\.1:(\d+) +127\.0\.0\.1:(\d+) +\S+ +\S+ +(\d+)$", banner, re.M
+    )
+    etcd = re.search(r"^  etcd +(http://\S+), pid (\d+) ", banner, re.M)
+    assert rows and etcd, banner
+    members = {name: (int(port), int(admin), int(pid)) for name, port, admin, pid in rows}
+    return members, etcd.group(1), int(etcd.group(2))
+
+
+async def test_a_fleet_of_three_shares_a_change_and_ctrl_c_stops_all_it_started(
+    demo: StartDemo,
+) -> None:
+    """Issue 15: `zdproxy demo --fleet 3`: an etcd and three members on consecutive
+    ports; a split change through m2 is applied by m1 and m3; Ctrl-C stops every
+    process the demo started, etcd included."""
+    run = await demo("--fleet", str(FLEET))
+    members, etcd_url, etcd_pid = fleet_banner(run.banner)
+    assert members == {
+        f"m{i + 1}": (run.port + i, run.admin_port + i, pid)
+        for i, (_, _, pid) in enumerate(members.values())
+    }
+    started = {etcd_pid, *(pid for _, _, pid in members.values())}
+    assert children_of(run.process.pid) == started  # nothing the banner does not name
+
+    token = (run.directory / "admin.token").read_text().strip()
+    configs = {name: run.directory / f"fleet-{name}.toml" for name in members}
+    for name, config in configs.items():
+        assert f'name = "{name}"' in config.read_text() and etcd_url in config.read_text()
+    admins = {name: f"http://127.0.0.1:{port}" for name, (_, port, _) in members.items()}
+
+    async def statuses(check: Callable[[dict[str, Any]], bool]) -> dict[str, dict[str, Any]]:
+        """Every member's status, polled until `check` holds on each."""
+        async with asyncio.timeout(30):
+            while True:
+                found = {n: await admin(a, token, "GET", "/v1/status") for n, a in admins.items()}
+                if all(check(status) for status in found.values()):
+                    return found
+                await asyncio.sleep(0.1)
+
+    up = await statuses(lambda s: s["fleet"]["leader"] in members)
+    assert {name: s["fleet"]["member"] for name, s in up.items()} == {n: n for n in members}
+    assert len({s["fleet"]["leader"] for s in up.values()}) == 1
+    assert all(s["split"]["candidate_weight"] == 0 for s in up.values())
+
+    await admin(admins["m2"], token, "PUT", "/v1/split", {"candidate_weight": 2500})
+    await statuses(lambda s: s["split"]["candidate_weight"] == 2500)
+    applied = await admin(admins["m1"], token, "GET", "/v1/events?kind=fleet_applied")
+    assert any(e["by"] == "member m2" for e in applied["events"]), applied
+    status = await run_cli("status", "--config", str(configs["m3"]))  # as the banner says
+    assert status.code == 0 and "live blue, candidate green at 25%" in status.out, status
+
+    run.process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(60):
+        assert await run.process.wait() == 0
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    ports = [port for port, _, _ in members.values()] + [a for _, a, _ in members.values()]
+    for port in [*ports, int(etcd_url.rpartition(":")[2])]:
+        with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+            sock.connect(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("extra", "setting"), [((), "proxy.listen"), (("--fleet", "3"), "proxy.listen of m2")]
+)
+async def test_a_demo_on_a_port_in_use_says_which_and_leaves_the_last_run_alone(
+    tmp_path: Path, extra: tuple[str, ...], setting: str
+) -> None:
+    """A second demo on the ports of a running one: exit 1 with the listener's error
+    (no traceback), before it removes anything the running one uses."""
+    port, admin_port = free_block(FLEET), free_block(FLEET)
+    directory = tmp_path / "demo"
+    kept = [directory / "state" / "state.json", directory / "fleet" / "etcd" / "db"]
+    for path in kept:
+        path.parent.mkdir(parents=True)
+        path.write_text("the running demo's")
+    held = port + 1 if extra else port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", held))
+        sock.listen()
+        args = ("--port", str(port), "--admin-port", str(admin_port), "--dir", str(directory))
+        result = await run_cli("demo", *args, *extra)
+    assert result.code == 1, result
+    assert f"cannot start the demo: cannot listen on 127.0.0.1:{held} ({setting})" in result.err
+    assert "Traceback" not in result.err
+    assert all(path.read_text() == "the running demo's" for path in kept)

@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the last run's state (split, rollouts, events) instead of starting afresh "
         "with blue live",
     )
+    demo.add_argument(
+        "--fleet",
+        type=int,
+        choices=range(2, 6),
+        metavar="N",
+        help="run N members (2 to 5) sharing their state through a local etcd (`make etcd`): "
+        "member I on port+I-1, its admin API on admin-port+I-1, config DIR/fleet-mI.toml",
+    )
     return parser
 
 
@@ -173,6 +181,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "demo":
         _title("zdproxy demo")
         setup_logging("info")
+        if args.fleet is not None:
+            from zdproxy.ops.demo_fleet import run_fleet_demo
+
+            return run_fleet_demo(
+                args.fleet, args.port, args.admin_port, args.dir, keep_state=args.keep_state
+            )
         from zdproxy.ops.demo import run_demo
 
         return run_demo(args.port, args.admin_port, args.dir, keep_state=args.keep_state)

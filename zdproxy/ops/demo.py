@@ -4,7 +4,8 @@ The apps are aiohttp servers in this process; zdproxy runs exactly as `zdproxy r
 would run it, from a config file the demo writes under `.demo/`. Each start is a fresh
 one (blue live, green at 0%), as the README's walkthrough expects, unless
 `--keep-state` keeps the last run's journal and events; the banner shows the split
-the daemon actually runs with either way.
+the daemon actually runs with either way. `--fleet N` runs N members and an etcd
+instead (ops/demo_fleet.py), from the same apps and config.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from aiohttp import ClientError, ClientSession, DummyCookieJar, web
 
 from zdproxy.config.loader import load_settings
 from zdproxy.config.settings import Settings
+from zdproxy.config.units import Address
 from zdproxy.ops.daemon import Daemon
+from zdproxy.ops.listen_errors import CannotListen, cannot_listen
+from zdproxy.ops.sockets import bind
 
 log = logging.getLogger("zdproxy.demo")
 
@@ -61,8 +65,8 @@ token_file = "{token_file}"
 [state]
 dir = "{state}"
 
-# `zdproxy deploy green --config .demo/zdproxy.toml`: seconds per step, so a whole
-# rollout takes about half a minute. The demo sends its own traffic (a few users per
+# `zdproxy deploy green --config THIS-FILE`: seconds per step, so a whole rollout
+# takes about half a minute. The demo sends its own traffic (a few users per
 # second) so that the judge has something to judge.
 [plans.canary]
 steps = [
@@ -120,7 +124,7 @@ def sample_app(color: str, version: str) -> web.Application:
     return app
 
 
-async def _traffic(url: str) -> None:
+async def send_traffic(url: str) -> None:
     """A few users per second through zdproxy, each new (no cookie), until cancelled."""
     async with ClientSession(cookie_jar=DummyCookieJar()) as session:
         while True:
@@ -130,20 +134,20 @@ async def _traffic(url: str) -> None:
             await asyncio.sleep(1 / TRAFFIC_PER_SECOND)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-async def _start_app(app: web.Application, port: int) -> web.AppRunner:
+async def start_app(app: web.Application, port: int) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
 
 
-def _token(directory: Path) -> Path:
+def admin_token(directory: Path) -> Path:
     """The demo's admin token, made once and kept (mode 0600) so a CLI session survives
     a restart of the demo."""
     path = directory / "admin.token"
@@ -154,21 +158,37 @@ def _token(directory: Path) -> Path:
     return path
 
 
-def _write_config(directory: Path, port: int, admin_port: int, apps: dict[str, int]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "zdproxy.toml"
+def write_config(
+    config: Path, port: int, admin_port: int, apps: dict[str, int], state: Path, more: str = ""
+) -> Path:
+    """The demo's config at `config` (its directory holds the admin token); `more` is
+    TOML appended to it (a fleet member's [fleet])."""
+    config.parent.mkdir(parents=True, exist_ok=True)
     text = DEMO_CONFIG.format(
         port=port,
         admin=admin_port,
-        token_file=_token(directory).resolve(),
-        state=(directory / "state").resolve(),
+        token_file=admin_token(config.parent).resolve(),
+        state=state.resolve(),
         **apps,
     )
-    config.write_text(text)
+    config.write_text(text + more)
     return config
 
 
-def _fresh_state(state: Path) -> None:
+def check_free(listeners: dict[str, int]) -> None:
+    """CannotListen unless every port (by the setting that names it, e.g.
+    "proxy.listen") can be bound on 127.0.0.1. Checked before the last run's state is
+    removed: a second demo on the same ports stops here and leaves the running one's
+    journal alone."""
+    for setting, port in listeners.items():
+        address = Address.parse(f"127.0.0.1:{port}")
+        try:
+            bind(address, backlog=1).close()
+        except OSError as exc:
+            raise cannot_listen(setting, address, exc) from None
+
+
+def fresh_state(state: Path) -> None:
     """Forget the last run: its journal would otherwise win over the config file (a
     finished rollout leaves green live), and its events would fill `zdproxy events`."""
     if state.is_dir():
@@ -227,19 +247,20 @@ Ctrl-C stops everything; the next start is a fresh one again.
 
 
 async def _demo(port: int, admin_port: int, directory: Path, keep_state: bool) -> None:
+    check_free({"proxy.listen": port, "admin.listen": admin_port})
     kept = keep_state and (directory / "state").is_dir()
     if not keep_state:
-        _fresh_state(directory / "state")
-    apps = {"blue": _free_port(), "green": _free_port()}
+        fresh_state(directory / "state")
+    apps = {"blue": free_port(), "green": free_port()}
     runners = [
-        await _start_app(sample_app("blue", "v1"), apps["blue"]),
-        await _start_app(sample_app("green", "v2"), apps["green"]),
+        await start_app(sample_app("blue", "v1"), apps["blue"]),
+        await start_app(sample_app("green", "v2"), apps["green"]),
     ]
-    config = _write_config(directory, port, admin_port, apps)
+    config = write_config(directory / "zdproxy.toml", port, admin_port, apps, directory / "state")
     daemon = Daemon(load_settings(config), config)
     daemon.handle_signals()
     await daemon.start()
-    traffic = asyncio.ensure_future(_traffic(f"http://127.0.0.1:{port}/"))
+    traffic = asyncio.ensure_future(send_traffic(f"http://127.0.0.1:{port}/"))
     files = {"config": config, "token": directory / "admin.token"}
     print(_banner(daemon.control.settings, port, apps, files, kept), flush=True)
     await daemon.stop_requested.wait()
@@ -252,7 +273,7 @@ async def _demo(port: int, admin_port: int, directory: Path, keep_state: bool) -
 def run_demo(port: int, admin_port: int, directory: str, keep_state: bool = False) -> int:
     try:
         uvloop.run(_demo(port, admin_port, Path(directory), keep_state))
-    except OSError as exc:
+    except (CannotListen, OSError) as exc:
         log.error("cannot start the demo: %s", exc)
         return 1
     return 0
