@@ -287,3 +287,19 @@ async def test_the_leader_waits_for_every_members_candidate_and_names_those_not_
     assert record is not None and record.state is Phase.ABORTED
     assert record.reason.startswith("members b have fewer than 1 healthy green upstreams")
     await until(lambda: follower.control.rollouts.active is None)  # aborted everywhere
+
+
+async def test_a_member_that_sees_a_rollout_done_without_its_finish_drains_its_old_color(
+    fleet: Fleet,
+) -> None:
+    leader, follower = fleet.leader, fleet.follower
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()
+    await until(lambda: follower.control.rollouts.active is not None)
+    active = follower.control.rollouts.active
+    assert active is not None
+    # As if the watch brought the end only (the finishing's revision was missed).
+    done = active.record.model_copy(update={"state": Phase.DONE})
+    follower.control.rollouts.follow(done, "member a")
+    assert follower.control.rollouts.active is None
+    await until(lambda: follower.control.drained == set(follower.control.resolve("blue")))

@@ -356,10 +356,13 @@ class Rollout:
         self.emit(f"rollout_{state}", record.reason, "fleet", by=by, level=level, numbers=numbers)
 
     def _ended_elsewhere(self, was: Phase, by: str) -> None:
-        """The rollout ended on another member; unless frozen or done, the fleet's
-        split already sends everything to the old color: what the failed color holds
-        here moves too, and a drain of the old color begun here is lifted."""
+        """The rollout ended on another member. Done: the old color is drained here too
+        (if this member did not see it finish). Else, unless frozen, the fleet's split
+        already sends everything to the old color: what the failed color holds here
+        moves too, and a drain of the old color begun here is lifted."""
         record = self.record
+        if record.state is Phase.DONE and was is not Phase.FINISHING:
+            self._after(self._drain_old())  # its finishing never reached this member
         if record.state in (Phase.FROZEN, Phase.DONE) or was is Phase.PREFLIGHT:
             return
         moved = self.host.evacuate(record.candidate, EVACUATE_GRACE)
