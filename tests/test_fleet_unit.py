@@ -13,24 +13,27 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fakes import FakeClock, FakeDataPlane
-from tests.fakes_store import MemoryCluster
+from tests.fakes_store import MemoryCluster, MemoryStore
 from zdproxy.config.fleet import FleetSettings
 from zdproxy.config.loader import settings_from_mapping
-from zdproxy.config.settings import PoolMembers
+from zdproxy.config.overrides import PinSettings
+from zdproxy.config.settings import PoolMembers, Settings
 from zdproxy.control.desired import Refused
 from zdproxy.control.events import EventLog
 from zdproxy.control.journal import Journal
 from zdproxy.control.phases import HistoryEntry, Phase, RolloutRecord
 from zdproxy.control.plane import ControlPlane
 from zdproxy.control.shared import SharedView, checked, rebase
+from zdproxy.fleet.election import campaign
 from zdproxy.fleet.member import Member, encode
+from zdproxy.fleet.store import StoreUnavailable
 
 
 def _record(state: Phase, rollout: int = 4) -> dict[str, Any]:
@@ -48,7 +51,7 @@ RUNNING = {"split": {"live": "blue", "candidate_weight": 1000}, "rollout": _reco
 def test_a_rollback_of_the_rollout_the_other_write_runs_wins_the_race() -> None:
     rolled_back = {"split": {"live": "blue", "candidate_weight": 0}}
     ours = {**RUNNING, **rolled_back, "rollout": _record(Phase.ROLLED_BACK)}
-    theirs = {**RUNNING, "rules": [{"header": "x-tenant", "values": ["a"], "color": "blue"}]}
+    theirs = {**RUNNING, "rules": [{"header": "x-tenant", "values": ["a"], "to": "blue"}]}
     assert rebase(ours, theirs) == {**theirs, **rolled_back, "rollout": ours["rollout"]}
     aborted = {**ours, "rollout": _record(Phase.ABORTED)}
     assert rebase(aborted, RUNNING) == {**RUNNING, **rolled_back, "rollout": aborted["rollout"]}
@@ -79,11 +82,37 @@ def test_a_shared_value_that_does_not_fit_is_refused_naming_its_item() -> None:
     assert checked({"salt": "s", "pools.blue": "ignored"}) == {"salt": "s"}  # not shared
 
 
+class Gate:
+    """A member's store, passed through, but for what a test asks of its writes of
+    the fleet's state: wait at a gate, or be applied with the answer lost."""
+
+    def __init__(self, store: MemoryStore, state_key: str) -> None:
+        self.store = store
+        self.state_key = state_key
+        self.gate: asyncio.Event | None = None  # set: state writes wait until it opens
+        self.waiting = asyncio.Event()  # a state write waits at the gate
+        self.lose_answers = 0  # state writes applied whose answer is lost
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def put_if(self, key: str, value: bytes, expected: int, **options: Any) -> int | None:
+        if key == self.state_key and self.gate is not None:
+            self.waiting.set()
+            await self.gate.wait()
+        revision = await self.store.put_if(key, value, expected, **options)
+        if key == self.state_key and self.lose_answers and revision is not None:
+            self.lose_answers -= 1
+            raise StoreUnavailable("etcd: the answer was lost (test)")
+        return revision
+
+
 @dataclass
 class Node:
     control: ControlPlane
     member: Member
     events: EventLog
+    store: Gate
 
     def kinds(self, kind: str) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.events.history(kind=kind)]
@@ -93,8 +122,13 @@ class Node:
 class Fleet:
     cluster: MemoryCluster
     clock: FakeClock
-    nodes: list[Node]
-    settings: FleetSettings
+    config: Settings
+    root: Path
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def settings(self) -> FleetSettings:
+        return self.nodes[0].member.fleet
 
     @property
     def leader(self) -> Node:
@@ -104,6 +138,34 @@ class Fleet:
     @property
     def follower(self) -> Node:
         return next(node for node in self.nodes if not node.member.leads())
+
+    async def boot(self, name: str) -> Node:
+        """A member as the daemon starts one: its control plane restored from its
+        journal, then its fleet membership (with its cache) joined."""
+        settings = FleetSettings(endpoints=["http://127.0.0.1:1"], name=name, publish_interval=0.1)
+        events = EventLog(self.root / f"events-{name}.jsonl")
+        events.member = name
+        journal = Journal(self.root / f"state-{name}.json")
+        control = ControlPlane(
+            self.config, FakeDataPlane(), events, journal, self.clock, drive=False
+        )
+        control.restore()
+
+        def notify(kind: str, reason: str, **data: Any) -> None:
+            data.pop("level", None)
+            events.emit(kind, reason, by="fleet", **data)
+
+        store = Gate(self.cluster.store(), settings.key("state"))
+        cache = self.root / f"fleet-{name}.json"
+        member = Member(store, settings, SharedView(control), notify, self.clock, cache)  # type: ignore[arg-type]
+        control.join_fleet(member)
+        await member.start(within=1.0)
+        return Node(control, member, events, store)
+
+    async def stop(self, node: Node) -> None:
+        await node.member.close()
+        await node.control.close()
+        node.events.close()
 
 
 async def until(condition: Callable[[], bool], within: float = 2.0) -> None:
@@ -134,35 +196,13 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         }
     )
     clock = FakeClock()
-    cluster = MemoryCluster(clock)
-    nodes = []
+    running = Fleet(MemoryCluster(clock), clock, config, tmp_path)
     for name in ("a", "b"):
-        fleet_settings = FleetSettings(
-            endpoints=["http://127.0.0.1:1"], name=name, publish_interval=0.1
-        )
-        events = EventLog(tmp_path / f"events-{name}.jsonl")
-        events.member = name
-        control = ControlPlane(
-            config, FakeDataPlane(), events, Journal(tmp_path / f"state-{name}.json"), clock,
-            drive=False,
-        )  # fmt: skip
-        control.restore()
-
-        def notify(kind: str, reason: str, *, events: EventLog = events, **data: Any) -> None:
-            data.pop("level", None)
-            events.emit(kind, reason, by="fleet", **data)
-
-        member = Member(cluster.store(), fleet_settings, SharedView(control), notify, clock)
-        control.join_fleet(member)
-        await member.start(within=1.0)
-        nodes.append(Node(control, member, events))
-    running = Fleet(cluster, clock, nodes, fleet_settings)
-    await until(lambda: sum(n.member.leads() for n in nodes) == 1)
+        running.nodes.append(await running.boot(name))
+    await until(lambda: sum(n.member.leads() for n in running.nodes) == 1)
     yield running
-    for node in nodes:
-        await node.member.close()
-        await node.control.close()
-        node.events.close()
+    for node in running.nodes:
+        await running.stop(node)
     for sock in sockets:
         sock.close()
 
@@ -303,3 +343,69 @@ async def test_a_member_that_sees_a_rollout_done_without_its_finish_drains_its_o
     follower.control.rollouts.follow(done, "member a")
     assert follower.control.rollouts.active is None
     await until(lambda: follower.control.drained == set(follower.control.resolve("blue")))
+
+
+async def test_a_rollback_made_while_this_members_write_waits_wins_over_the_write_that_won(
+    fleet: Fleet,
+) -> None:
+    leader, follower = fleet.leader, fleet.follower
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()
+    await until(lambda: follower.control.rollouts.active is not None)
+    # The follower's change is on its way to etcd, held there; the leader writes first.
+    follower.store.gate = asyncio.Event()
+    follower.control.set_rules([PinSettings(header="x-tenant", values=["a"], to="blue")])
+    await until(follower.store.waiting.is_set)
+    leader.control.rollouts.pause("api")
+    await until(lambda: leader.member.applied > follower.member.applied)
+    follower.control.rollouts.abort("api")  # meanwhile, here: a rollout's end
+    follower.store.gate.set()
+    # The held write loses to the pause, but the abort made since wins over it.
+    await until(lambda: leader.control.rollouts.active is None)
+    record = leader.control.rollout_record()
+    assert record is not None and record.state is Phase.ABORTED
+    assert follower.control.rollouts.active is None
+    assert follower.control.routing.candidate_weight == 0
+
+
+async def test_a_write_applied_whose_answer_was_lost_is_not_a_conflict(fleet: Fleet) -> None:
+    a, b = fleet.nodes
+    a.store.lose_answers = 1
+    a.control.set_split(3000)
+    await a.control.settled()  # no Refused (409): the write is in etcd
+    await until(lambda: b.control.settings.split.candidate_weight == 3000)
+    assert not a.kinds("fleet_conflict")
+    await a.control.settled(changed=False)
+
+
+async def test_a_campaign_whose_write_landed_unanswered_finds_its_own_key(
+    fleet: Fleet,
+) -> None:
+    store = fleet.cluster.store()
+    lease = await store.lease(5)
+    key = fleet.settings.key("elsewhere")
+    revision = await store.put_if(key, b"me", 0, lease=lease)  # as if its answer was lost
+    leadership = await asyncio.wait_for(campaign(store, key, b"me", lease), 1.0)
+    assert leadership.revision == revision and leadership.lease is lease
+
+
+async def test_a_rollback_made_while_etcd_was_away_wins_after_a_restart_of_its_member(
+    fleet: Fleet,
+) -> None:
+    leader, follower = fleet.leader, fleet.follower
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()
+    await until(lambda: follower.control.rollouts.active is not None)
+    fleet.cluster.lose_quorum()
+    await until(lambda: not follower.member.available)
+    follower.control.rollouts.abort("api")  # journaled here; etcd has not seen it
+    await fleet.stop(follower)
+    fleet.cluster.regain_quorum()
+    # The journal holds the abort, the cache the fleet's state it came from: the
+    # restarted member tells its own change from a stale journal, and writes it.
+    restarted = await fleet.boot(follower.member.name)
+    fleet.nodes[fleet.nodes.index(follower)] = restarted
+    await until(lambda: leader.control.rollouts.active is None)
+    record = leader.control.rollout_record()
+    assert record is not None and record.state is Phase.ABORTED
+    assert restarted.control.routing.candidate_weight == 0

@@ -178,7 +178,7 @@ def _endpoint(
     tokens: Tokens,
     stopping: Callable[[], bool],
     body_timeout: float,
-    settled: Callable[[], Awaitable[None]],
+    settled: Callable[[bool], Awaitable[None]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def endpoint(request: web.Request) -> web.StreamResponse:
         try:
@@ -195,7 +195,7 @@ def _endpoint(
                 # route by the latest snapshot. A worker being replaced gets it at its start.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SETTLE_SECONDS):
-                        await settled()
+                        await settled(route.method != "GET")
         except ApiError as exc:
             answer = problem(exc.status, exc.detail, exc.errors)
             if exc.status == HTTPStatus.REQUEST_TIMEOUT:
@@ -234,7 +234,7 @@ def build_app(
     tokens: Tokens,
     stopping: Callable[[], bool],
     body_timeout: float,
-    settled: Callable[[], Awaitable[None]],
+    settled: Callable[[bool], Awaitable[None]],
 ) -> web.Application:
     app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
     for route in routes:

@@ -243,16 +243,16 @@ class ControlPlane:
         """The data-plane worker processes; empty when this process serves the traffic."""
         return self._dataplane.workers()
 
-    def settled(self) -> Awaitable[None]:
-        """Done once every data-plane worker routes by the latest snapshot and, in fleet
-        mode, the changes made here so far are in the fleet's state (not those made
-        while it waits); Refused (409) when one was dropped for another member's
-        change, made at the same time."""
-        return self._settled(self.fleet.committed())
+    def settled(self, changed: bool = True) -> Awaitable[None]:
+        """Done once every data-plane worker routes by the latest snapshot and, after a
+        call that `changed` something, in fleet mode, once the changes made here so far
+        are in the fleet's state (not those made while it waits); Refused (409) when
+        one was dropped for another member's change, made at the same time."""
+        return self._settled(self.fleet.committed() if changed else None)
 
-    async def _settled(self, committed: Awaitable[str | None]) -> None:
+    async def _settled(self, committed: Awaitable[str | None] | None) -> None:
         await self._dataplane.settled()
-        if (lost := await committed) is not None:
+        if committed is not None and (lost := await committed) is not None:
             raise Refused(
                 "fleet",
                 f"{lost}: this change was not made, and the fleet's state runs here; "

@@ -40,8 +40,11 @@ async def campaign(store: Store, key: str, value: bytes, lease: Lease) -> Leader
         revision = await store.put_if(key, value, ABSENT, lease=lease)
         if revision is not None:
             return Leadership(key, lease, revision)
-        held = await store.get(key)
-        if held.value is not None:
+        held = next((e for e in (await store.range(key)).entries if e.key == key), None)
+        if held is not None and held.lease == lease.id:
+            # Ours already: an earlier try was applied but its answer was lost.
+            return Leadership(key, lease, held.mod_revision)
+        if held is not None:
             await _until_deleted(store, key, held.mod_revision, lease)
     raise LeaseLost(f"lease {lease.id:x} was lost while campaigning for {key}")
 
@@ -52,17 +55,23 @@ async def resign(store: Store, leadership: Leadership) -> bool:
 
 
 async def _until_deleted(store: Store, key: str, revision: int, lease: Lease) -> None:
-    """Return once `key` is deleted after `revision` (or its history from there is
-    compacted: the caller looks again), or once `lease` is lost."""
+    """Return once `key` is deleted after `revision` (or is found gone after a
+    compaction), or once `lease` is lost."""
 
     async def deleted() -> None:
-        try:
-            async with aclosing(store.watch(key, revision + 1)) as changes:
-                async for change in changes:
-                    if change.key == key and change.value is None:
-                        return
-        except Compacted:
-            return
+        start = revision + 1
+        while True:
+            try:
+                async with aclosing(store.watch(key, start)) as changes:
+                    async for change in changes:
+                        if change.key == key and change.value is None:
+                            return
+            except Compacted as compacted:
+                # The history from `start` is gone: watch from the oldest kept (a delete
+                # in between would have taken the key, which the campaign then finds).
+                start = compacted.revision
+                if (await store.get(key)).value is None:
+                    return
 
     watching = asyncio.ensure_future(deleted())
     lost = asyncio.ensure_future(lease.lost.wait())

@@ -33,9 +33,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from zdproxy.config.fleet import FleetSettings
@@ -113,6 +115,16 @@ def decode(data: bytes, revision: int) -> Written:
     return Written(body["values"], str(body.get("by", "")), revision)
 
 
+async def _first(*events: asyncio.Event) -> None:
+    """Return when any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 def _object(data: bytes) -> dict[str, Any] | None:
     """A member's published state; None if it is not one (a member writes only its own
     key: another's is not this member's to judge)."""
@@ -134,8 +146,13 @@ class Member:
         host: SharedState,
         notify: Notify,
         clock: Callable[[], float] = time.monotonic,
+        cache: Path | None = None,
     ) -> None:
+        """`cache`: a file that keeps the fleet's state this member last applied (its
+        revision and values) across restarts: a change made here that the fleet has
+        not seen (a rollback while etcd was away, then a restart) is told from it."""
         self.store = store
+        self.cache = cache
         self.fleet = fleet
         self.name = fleet.name
         self.host = host
@@ -148,12 +165,17 @@ class Member:
         self.telemetry_prefix = fleet.key("telemetry") + "/"
         self.telemetry_key = self.telemetry_prefix + self.name
         # What this member runs of the fleet's state: the values of revision `applied`
-        # (0: none applied yet; `known` is then the journal's, from before the start).
+        # (0: none applied yet, and no cache: `known` is then the journal's).
         self.known: dict[str, Any] = host.shared()
         self.applied = 0
+        self._recall()
         self.latest: Written | None = None  # the newest P/state the watch brought
         self.leader = ""  # the leader's name, as last seen
         self.leadership: Leadership | None = None
+        # The leadership a change to push was made under: the write is fenced by it, so
+        # a move of a leader that lost its lease meanwhile is refused by etcd itself.
+        self._fence: Leadership | None = None
+        self._deposed = asyncio.Event()  # P/leader no longer names this member
         self.lease: Lease | None = None  # this member's: its key and its leadership live under it
         self.available = False
         self.reason = "not connected yet"
@@ -181,6 +203,7 @@ class Member:
         self._unechoed: tuple[int, float] | None = None
         self._echoed = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._nudges: set[asyncio.Future[None]] = set()
 
     # -- what the control plane calls ---------------------------------------------------
 
@@ -188,6 +211,8 @@ class Member:
         """The desired state changed here: the sync task writes what is shared, if it
         differs from the fleet's."""
         self._generation += 1
+        if self._fence is None and self.leads():
+            self._fence = self.leadership
         self._wake.set()
 
     def leads(self) -> bool:
@@ -283,8 +308,8 @@ class Member:
             try:
                 await self._join()
                 break
-            except StoreUnavailable as exc:
-                self._unavailable(exc.reason)
+            except Exception as exc:  # this task must live: see _trouble
+                self._trouble(exc)
                 await asyncio.sleep(RETRY_SECONDS)
         others = [self._lead_forever(), self._publish_forever(), self._telemetry_forever()]
         self._tasks += [asyncio.ensure_future(work) for work in others]
@@ -327,8 +352,8 @@ class Member:
             self._wake.clear()
             try:
                 await self._sync()
-            except StoreUnavailable as exc:
-                self._unavailable(exc.reason)
+            except Exception as exc:  # this task must live: see _trouble
+                self._trouble(exc)
                 await asyncio.sleep(RETRY_SECONDS)
                 self._wake.set()
 
@@ -343,30 +368,27 @@ class Member:
                 self._apply(self.latest)
             else:
                 break
+        self._fence = None  # nothing left to push under it
         await self._settle(self._generation)
 
     async def _push(self, ours: dict[str, Any], expected: int) -> None:
         covered = self._generation
-        leadership = self.leadership if self.leads() else None
-        fences = [leadership.fence] if leadership is not None else []
+        fence = self._fence
         body = encode(ours, self.name)
+        fences = [fence.fence] if fence is not None else []
         revision = await self.store.put_if(self.state_key, body, expected, fences=fences)
         self._up()
         self._count(body)
         if revision is not None:
-            self.applied, self.known = revision, ours
-            self._publish_now.set()
+            self._fence = None
+            self._ran(revision, ours)
             await self._settle(covered)
             return
         read = await self.store.get(self.state_key)
-        if read.mod_revision == expected:  # P/state as read: the leadership fence failed
-            self.leadership = None
-            self.notify(
-                "fleet_leadership_lost",
-                f"{self.name}'s leadership ended before its write landed; it no longer "
-                "drives the rollout",
-                level=logging.WARNING,
-            )
+        if read.mod_revision == expected and fence is not None:  # the fence failed
+            self._fence = None
+            if self.leadership is fence:
+                self._deposed.set()
         if read.value is None:  # deleted by hand: found it again
             self.applied, self.known = ABSENT, {}
             return
@@ -374,7 +396,12 @@ class Member:
         if theirs is None:  # not a state: ours replaces it
             self.applied, self.known = read.mod_revision, {}
             return
-        if not self._rebase(ours, theirs):
+        # What runs here now: the awaits above let this member change more (a rollback).
+        current = self.host.shared()
+        if theirs.values == current:  # our own write, applied after a lost answer
+            self._ran(theirs.revision, current)
+            await self._settle(covered)
+        elif not self._rebase(current, theirs):
             await self._settle(covered, f"{theirs.by or 'another member'} changed it first")
 
     def _rebase(self, ours: dict[str, Any], theirs: Written) -> bool:
@@ -394,7 +421,7 @@ class Member:
             self._apply(theirs)
             return False
         self._apply(theirs._replace(values=merged))
-        self.known = theirs.values  # so that the merge differs from it: it is written next
+        self._ran(theirs.revision, theirs.values)  # the merge differs: it is written next
         return True
 
     def _apply(self, state: Written) -> None:
@@ -412,8 +439,38 @@ class Member:
                     level=logging.ERROR,
                     revision=state.revision,
                 )
-        self.applied, self.known = state.revision, known
+        self._ran(state.revision, known)
+
+    def _ran(self, revision: int, values: dict[str, Any]) -> None:
+        """This member runs the fleet's `values` of `revision` (or has written them)."""
+        self.applied, self.known = revision, values
         self._publish_now.set()
+        self._remember()
+
+    def _recall(self) -> None:
+        """The fleet's state this member last ran, from the cache (if it is this
+        fleet's): what the journal holds beyond it was changed here unseen."""
+        if self.cache is None:
+            return
+        try:
+            cached = json.loads(self.cache.read_bytes())
+            if cached["prefix"] == self.fleet.prefix and isinstance(cached["values"], dict):
+                self.applied, self.known = int(cached["revision"]), cached["values"]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("fleet: ignoring the cache %s: %s", self.cache, exc)
+
+    def _remember(self) -> None:
+        if self.cache is None:
+            return
+        body = {"prefix": self.fleet.prefix, "revision": self.applied, "values": self.known}
+        temporary = self.cache.with_suffix(".tmp")
+        try:
+            temporary.write_text(json.dumps(body, sort_keys=True))
+            os.replace(temporary, self.cache)
+        except OSError as exc:  # the journal keeps the state; only a rollback's fate needs it
+            log.warning("fleet: cannot write the cache %s: %s", self.cache, exc.strerror)
 
     def _decoded(self, data: bytes, revision: int) -> Written | None:
         try:
@@ -478,15 +535,23 @@ class Member:
             except Compacted:
                 try:
                     await self._reread()
-                except StoreUnavailable as exc:
-                    self._unavailable(exc.reason)
+                except Exception as exc:  # this task must live: see _trouble
+                    self._trouble(exc)
                     await asyncio.sleep(RETRY_SECONDS)
+            except Exception as exc:  # this task must live: see _trouble
+                self._trouble(exc)
+                await asyncio.sleep(RETRY_SECONDS)
 
     async def _reread(self) -> None:
+        """The keys afresh after a compaction: the members and the leader as they are
+        (the changes between were lost); records not again (they were counted)."""
         listing = await self.store.range(self.fleet.prefix + "/")
         self._watch_from = listing.revision + 1
+        self.reports.clear()
+        self._seen(self.leader_key, None, listing.revision)
         for entry in listing.entries:
-            self._seen(entry.key, entry.value, entry.mod_revision)
+            if not entry.key.startswith(self.telemetry_prefix):
+                self._seen(entry.key, entry.value, entry.mod_revision)
 
     def _seen(self, key: str, value: bytes | None, revision: int) -> None:
         if key == self.member_key:
@@ -498,6 +563,8 @@ class Member:
                 self._wake.set()
         elif key == self.leader_key:
             self.leader = value.decode(errors="replace") if value is not None else ""
+            if self.leadership is not None and self.leader != self.name:
+                self._deposed.set()  # deleted (by hand) or taken: campaign again
         elif key.startswith(self.members_prefix):
             name = key.removeprefix(self.members_prefix)
             report = _object(value) if value is not None else None
@@ -514,32 +581,36 @@ class Member:
     # -- leadership and this member's own key ----------------------------------------------
 
     async def _lead_forever(self) -> None:
-        """Hold a lease (this member's key lives under it) and campaign with it; a lost
-        lease (etcd away for a TTL) takes a new one."""
+        """Hold a lease (this member's key lives under it) and campaign with it, until
+        the lease is lost (etcd away for a TTL: a new one then) or the election key no
+        longer names this member (campaign again)."""
         while True:
             try:
-                lease = await self.store.lease(self.fleet.lease_ttl)
-                self._up()
-                self._own.clear()  # the keys of a lost lease are gone with it
-                self.lease = lease
-                self._publish_now.set()
+                lease = self.lease
+                if lease is None or lease.lost.is_set():
+                    lease = await self.store.lease(self.fleet.lease_ttl)
+                    self._up()
+                    self._own.clear()  # the keys of a lost lease are gone with it
+                    self.lease = lease
+                    self._publish_now.set()
                 leadership = await campaign(self.store, self.leader_key, self.name.encode(), lease)
+                self._deposed.clear()
                 self.leadership, self.leader = leadership, self.name
                 self.notify("fleet_leader", f"{self.name} leads the fleet", leader=self.name)
-                await lease.lost.wait()
-            except StoreUnavailable as exc:
-                self._unavailable(exc.reason)
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
+                await _first(lease.lost, self._deposed)
             except LeaseLost:
                 pass
+            except Exception as exc:  # this task must live: see _trouble
+                self._trouble(exc)
+                await asyncio.sleep(RETRY_SECONDS)
             if self.leadership is not None:
+                self.leadership = None
                 self.notify(
                     "fleet_leadership_lost",
-                    f"{self.name}'s lease ended: it no longer drives the rollout",
+                    f"{self.name} no longer leads (its lease ended, or the election key was "
+                    "taken): it no longer drives the rollout",
                     level=logging.WARNING,
                 )
-            self.leadership = None
 
     async def _publish_forever(self) -> None:
         """This member's own state, under its lease: at each applied revision, and every
@@ -549,15 +620,18 @@ class Member:
                 async with asyncio.timeout(self.fleet.publish_interval):
                     await self._publish_now.wait()
             self._publish_now.clear()
-            report = {
-                "name": self.name,
-                "applied_revision": self.applied,
-                "leading": self.leads(),
-                "published": round(time.time(), 3),
-                **self.host.report(),
-            }
-            if (written := await self._put_own(self.member_key, report)) is not None:
-                self._check_watch(written)
+            try:
+                report = {
+                    "name": self.name,
+                    "applied_revision": self.applied,
+                    "leading": self.leads(),
+                    "published": round(time.time(), 3),
+                    **self.host.report(),
+                }
+                if (written := await self._put_own(self.member_key, report)) is not None:
+                    self._check_watch(written)
+            except Exception as exc:  # this task must live: see _trouble
+                self._trouble(exc)
 
     async def _telemetry_forever(self) -> None:
         """The records offered since the last write, every telemetry_interval (none
@@ -586,10 +660,10 @@ class Member:
                 self._own[key] = revision
             self._up()
             return revision
-        except StoreUnavailable as exc:
-            self._unavailable(exc.reason)
         except LeaseLost:
             pass  # the lead task takes a new lease
+        except Exception as exc:  # this task must live: see _trouble
+            self._trouble(exc)
         return None
 
     # -- etcd's reach ----------------------------------------------------------------------
@@ -606,11 +680,27 @@ class Member:
                 self.notify("fleet_store_available", "etcd answers again")
             self._wake.set()
 
+    def _trouble(self, exc: Exception) -> None:
+        """A call of one of this member's tasks failed: the task goes on after a pause.
+        Whatever etcd answered (unavailable, refused: a full database, a permission)
+        counts as etcd unavailable, with its reason; anything else is a bug, logged."""
+        if isinstance(exc, StoreUnavailable):
+            self._unavailable(exc.reason)
+        elif isinstance(exc, StoreError):
+            self._unavailable(f"etcd refused a call: {exc}")
+        else:
+            log.error("fleet: internal error", exc_info=exc)
+            self._unavailable(f"internal error: {exc!r}")
+
     def _unavailable(self, reason: str) -> None:
         self.store_errors += 1
         self.reason = reason
         if self.available:
             self.available, self.since = False, self.clock()
+            # A caller waiting for its change to reach etcd hears now that it will not.
+            nudge = asyncio.ensure_future(self._settle(self._settled))
+            self._nudges.add(nudge)
+            nudge.add_done_callback(self._nudges.discard)
         if not self._said_unavailable:
             self._said_unavailable = True
             self.notify(

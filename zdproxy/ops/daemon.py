@@ -192,7 +192,8 @@ class Daemon:
             self.events.emit(kind, reason, by="fleet", level=level, **data)
 
         store = EtcdStore.from_settings(fleet)  # its TLS files were checked with the config
-        self.member = Member(store, fleet, SharedView(self.control), notify)
+        view = SharedView(self.control)
+        self.member = Member(store, fleet, view, notify, cache=self.state_dir / "fleet.json")
         self.control.join_fleet(self.member)
         await self.member.start(within=fleet.timeout + FLEET_JOIN_GRACE)
 

@@ -184,7 +184,7 @@ class Rollouts:
         if record is None:
             return
         if not record.state.active:
-            self.recent[record.id] = record
+            self._remember(record)
             return
         plan = self.host.settings.plans.get(record.plan)
         rollout = Rollout(record, plan or _GONE, self.host, self.clock())
@@ -217,10 +217,19 @@ class Rollouts:
             self._settle(active)
             return
         if not record.state.active:
-            self.recent[record.id] = record
+            self._remember(record)
             return
-        plan = self.host.settings.plans.get(record.plan) or _GONE
-        rollout = Rollout(record, plan, self.host, self.clock())
+        plan = self.host.settings.plans.get(record.plan)
+        rollout = Rollout(record, plan or _GONE, self.host, self.clock())
+        if plan is None or record.step > len(plan.steps):
+            rollout.judging = False
+            log.warning(
+                "rollout %d: plan %r (step %d) is not in this member's config: it follows "
+                "the split and does not judge",
+                record.id,
+                record.plan,
+                record.step,
+            )
         self.active = rollout
         rollout.take(record, self.clock(), by, joined=True)
         self._launch(rollout)
@@ -257,8 +266,9 @@ class Rollouts:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, rollout: Rollout) -> None:
-        """The rollout's own task: it stops by itself once the rollout has ended."""
-        while not rollout.ended:
+        """The rollout's own task: it stops by itself once the rollout has ended (or
+        was dropped for another: see follow)."""
+        while not rollout.ended and self.active is rollout:
             await asyncio.sleep(rollout.plan.judge.tick)
             if self.active is rollout:
                 try:
@@ -276,9 +286,13 @@ class Rollouts:
             task.add_done_callback(self._tasks.discard)
         record = rollout.record
         self.counts[record.state] += 1
-        self.recent[record.id] = record
         if rollout.verdict is not None:
             self.verdicts[record.id] = rollout.verdict
+        self._remember(record)
+
+    def _remember(self, record: RolloutRecord) -> None:
+        """An ended rollout's record, among the RECENT kept."""
+        self.recent[record.id] = record
         while len(self.recent) > RECENT:
             gone, _ = self.recent.popitem(last=False)
             self.verdicts.pop(gone, None)

@@ -74,6 +74,9 @@ class Rollout:
         self.judge = self._judge(now)
         self.verdict: Verdict | None = None  # the last; None until the judge has records
         self.job: asyncio.Task[str | None] | None = None  # hooks or the drain; None: idle
+        # False on a fleet member whose config lacks the rollout's plan (or its step): it
+        # follows the split, and leaves the judging to the members that have the plan.
+        self.judging = True
         self.after: set[asyncio.Task[None]] = set()  # evacuation, on_rollback hooks: after the swap
 
     @property
@@ -111,7 +114,10 @@ class Rollout:
         slice, and roll back on a breach; the leader makes every other move."""
         state = self.record.state
         if not drive:
-            if state in (Phase.STEP, Phase.PAUSED, Phase.BAKING):
+            if self.job is not None:  # it led, and no longer does: the leader runs it now
+                self.job.cancel()
+                self.job = None
+            if self.judging and state in (Phase.STEP, Phase.PAUSED, Phase.BAKING):
                 self._judged(now)
             return
         if state is Phase.PREFLIGHT:
@@ -333,10 +339,16 @@ class Rollout:
         if self.job is not None and state is not old.state:  # the other member's move wins
             self.job.cancel()
             self.job = None
+        if state in (Phase.PREFLIGHT, Phase.STEP, Phase.PAUSED, Phase.BAKING) and (
+            joined or old.state is Phase.PREFLIGHT
+        ):
+            # A deploy wants traffic on the candidate: its drain marks go on every member
+            # (one that joins the rollout late too: its judge would find none routable).
+            self.host.undrain(color=record.candidate, actor="fleet")
         if not state.active:
             self._ended_elsewhere(old.state, by)
-        elif state is Phase.PREFLIGHT:  # a deploy wants traffic on the candidate later
-            self.host.undrain(color=record.candidate, actor="fleet")
+        elif state is Phase.PREFLIGHT:
+            pass
         elif state is Phase.STEP and old.state is Phase.PAUSED and not joined:
             self.held_from = now  # resumed: the step's hold starts again
         elif state is Phase.STEP:
