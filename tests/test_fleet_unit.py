@@ -218,6 +218,8 @@ async def test_a_change_on_one_member_is_applied_on_the_other(fleet: Fleet) -> N
     assert applied["actor"] == "fleet" and applied["by"] == "member b"
     assert applied["data"]["member"] == "a"
     assert a.member.applied == b.member.applied > 0
+    # Two judges share a rollout's false rollback rate (each member publishes itself).
+    await until(lambda: a.control.judges() == b.control.judges() == 2)
 
 
 async def test_of_two_changes_at_once_one_is_refused_and_both_members_agree(

@@ -279,6 +279,11 @@ class ControlPlane:
         others = {n: r for n, r in self.fleet.reports.items() if n != self.fleet.name}
         return short_of(others, color, need)
 
+    def judges(self) -> int:
+        """A rollout's judges: this process, and in a fleet every other member that
+        published its state (each judges its slice; the leader, the whole)."""
+        return 1 + sum(name != self.fleet.name for name in self.fleet.reports)
+
     def leads(self) -> bool:
         """This process drives rollouts: always, but in a fleet only its leader does."""
         return self.fleet.leads()

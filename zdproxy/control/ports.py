@@ -73,6 +73,10 @@ class ControlHost(Protocol):
         `color`, by name; [] without a fleet."""
         ...
 
+    def judges(self) -> int:
+        """How many judges a rollout has: 1, or in a fleet its members."""
+        ...
+
     def leads(self) -> bool:
         """This process drives rollouts (in a fleet, only its leader does; the others
         judge their own slice)."""

@@ -513,7 +513,9 @@ class Rollout:
             and 0 < step <= len(plan.steps)
             and plan.steps[step - 1].weight < 100
         )
-        alpha = plan.judge.false_rollback_rate / phases
+        # In a fleet, N judges (the leader's of the whole, each other member's of its
+        # own slice) share it too: any one of them rolls every member back.
+        alpha = plan.judge.false_rollback_rate / phases / self.host.judges()
         return Judge(plan.judge, alpha, self.reference, now, shared=shared)
 
     def _judged(self, now: float) -> Verdict | None:
