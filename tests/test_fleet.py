@@ -17,7 +17,7 @@ from typing import Any
 
 from tests.conftest import Upstream, ZdProxy, admin_api, wait_until
 from tests.etcd_cluster import EtcdCluster
-from tests.test_rollout import load, rollout_config, until_rollout
+from tests.test_rollout import COMPLETED, load, rollout_config, until_rollout
 
 StartProxy = Callable[..., ZdProxy]
 StartUpstream = Callable[..., Awaitable[Upstream]]
@@ -107,16 +107,7 @@ async def test_a_rollout_started_on_one_member_completes_on_every_member(
         ]
     assert [r["state"] for r in done] == ["done"] * 3, done
     assert one.failures == [] and three.failures == []
-    steps = [(e["state"], e["step"]) for e in done[0]["history"]]
-    assert steps == [
-        ("preflight", 0),
-        ("step", 1),
-        ("step", 2),
-        ("step", 3),
-        ("baking", 3),
-        ("finishing", 3),
-        ("done", 3),
-    ]
+    assert [(e["state"], e["step"]) for e in done[0]["history"]] == COMPLETED
     # Every member drained its own old color.
     statuses = await until_all(
         members,

@@ -207,6 +207,16 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         sock.close()
 
 
+async def rollout_at_step_one(fleet: Fleet) -> tuple[Node, Node]:
+    """A rollout of green deployed on the leader and at its first step on both members:
+    (leader, follower)."""
+    leader, follower = fleet.leader, fleet.follower
+    await leader.control.rollouts.deploy("green", "canary", "api")
+    leader.control.rollouts.tick()  # preflight passed: step 1
+    await until(lambda: follower.control.rollouts.active is not None)
+    return leader, follower
+
+
 async def test_a_change_on_one_member_is_applied_on_the_other(fleet: Fleet) -> None:
     a, b = fleet.nodes
     assert a.control.settings.split.salt == b.control.settings.split.salt  # one bucket per user
@@ -265,11 +275,8 @@ async def test_a_state_in_the_store_that_does_not_fit_is_refused_and_the_running
 async def test_without_etcd_changes_are_refused_and_a_rollback_made_meanwhile_wins_after(
     fleet: Fleet,
 ) -> None:
-    leader, follower = fleet.leader, fleet.follower
-    await leader.control.rollouts.deploy("green", "canary", "api")
-    leader.control.rollouts.tick()  # preflight passed: step 1
+    leader, follower = await rollout_at_step_one(fleet)
     await until(lambda: follower.control.settings.split.candidate_weight == 1000)
-    assert follower.control.rollouts.active is not None  # it runs there too
 
     fleet.cluster.lose_quorum()
     await until(lambda: not follower.member.available and not leader.member.available)
@@ -334,10 +341,7 @@ async def test_the_leader_waits_for_every_members_candidate_and_names_those_not_
 async def test_a_member_that_sees_a_rollout_done_without_its_finish_drains_its_old_color(
     fleet: Fleet,
 ) -> None:
-    leader, follower = fleet.leader, fleet.follower
-    await leader.control.rollouts.deploy("green", "canary", "api")
-    leader.control.rollouts.tick()
-    await until(lambda: follower.control.rollouts.active is not None)
+    _, follower = await rollout_at_step_one(fleet)
     active = follower.control.rollouts.active
     assert active is not None
     # As if the watch brought the end only (the finishing's revision was missed).
@@ -350,10 +354,7 @@ async def test_a_member_that_sees_a_rollout_done_without_its_finish_drains_its_o
 async def test_a_rollback_made_while_this_members_write_waits_wins_over_the_write_that_won(
     fleet: Fleet,
 ) -> None:
-    leader, follower = fleet.leader, fleet.follower
-    await leader.control.rollouts.deploy("green", "canary", "api")
-    leader.control.rollouts.tick()
-    await until(lambda: follower.control.rollouts.active is not None)
+    leader, follower = await rollout_at_step_one(fleet)
     # The follower's change is on its way to etcd, held there; the leader writes first.
     follower.store.gate = asyncio.Event()
     follower.control.set_rules([PinSettings(header="x-tenant", values=["a"], to="blue")])
@@ -394,10 +395,7 @@ async def test_a_campaign_whose_write_landed_unanswered_finds_its_own_key(
 async def test_a_rollback_made_while_etcd_was_away_wins_after_a_restart_of_its_member(
     fleet: Fleet,
 ) -> None:
-    leader, follower = fleet.leader, fleet.follower
-    await leader.control.rollouts.deploy("green", "canary", "api")
-    leader.control.rollouts.tick()
-    await until(lambda: follower.control.rollouts.active is not None)
+    leader, follower = await rollout_at_step_one(fleet)
     fleet.cluster.lose_quorum()
     await until(lambda: not follower.member.available)
     follower.control.rollouts.abort("api")  # journaled here; etcd has not seen it

@@ -43,6 +43,18 @@ FAST_JUDGE = {
 }
 
 
+# The history of a rollout of rollout_config's default plan that completed.
+COMPLETED = [
+    ("preflight", 0),
+    ("step", 1),
+    ("step", 2),
+    ("step", 3),
+    ("baking", 3),
+    ("finishing", 3),
+    ("done", 3),
+]
+
+
 def rollout_config(blue: Upstream, green: Upstream, tmp_path: Path, **plan: Any) -> dict[str, Any]:
     steps = plan.pop("steps", [{"weight": 10, "hold": "1s"}, {"weight": 50, "hold": "1s"}])
     hooks = plan.pop("hooks", {})
@@ -128,15 +140,7 @@ async def test_a_healthy_canary_completes_every_step_without_a_failed_request(
     assert done["state"] == "done", done
     assert running.failures == []
     states = [(entry["state"], entry["step"]) for entry in done["history"]]
-    assert states == [
-        ("preflight", 0),
-        ("step", 1),
-        ("step", 2),
-        ("step", 3),
-        ("baking", 3),
-        ("finishing", 3),
-        ("done", 3),
-    ]
+    assert states == COMPLETED
     status = await admin_api(proxy, "GET", "/v1/status")
     assert status["split"]["live"] == "green" and status["split"]["shares"]["green"] == 100
     assert all(u["drained"] for u in status["pools"]["blue"]["upstreams"])
