@@ -21,6 +21,7 @@ import pytest
 
 from tests.fakes import FakeClock, FakeDataPlane
 from tests.fakes_store import MemoryCluster, MemoryStore
+from tests.test_rollout_model import _record as traffic
 from zdproxy.config.fleet import FleetSettings
 from zdproxy.config.loader import settings_from_mapping
 from zdproxy.config.overrides import PinSettings
@@ -228,8 +229,9 @@ async def test_a_change_on_one_member_is_applied_on_the_other(fleet: Fleet) -> N
     assert applied["actor"] == "fleet" and applied["by"] == "member b"
     assert applied["data"]["member"] == "a"
     assert a.member.applied == b.member.applied > 0
-    # Two judges share a rollout's false rollback rate (each member publishes itself).
-    await until(lambda: a.control.judges() == b.control.judges() == 2)
+    # A rollout's judges share its false rollback rate: each member's of its own slice
+    # (each publishes itself) and the leader's of the whole.
+    await until(lambda: a.control.judges() == b.control.judges() == 3)
 
 
 async def test_of_two_changes_at_once_one_is_refused_and_both_members_agree(
@@ -409,3 +411,26 @@ async def test_a_rollback_made_while_etcd_was_away_wins_after_a_restart_of_its_m
     record = leader.control.rollout_record()
     assert record is not None and record.state is Phase.ABORTED
     assert restarted.control.routing.candidate_weight == 0
+
+
+async def test_the_leader_rolls_back_on_its_own_slice_even_when_the_whole_fleet_looks_fine(
+    fleet: Fleet,
+) -> None:
+    leader, follower = await rollout_at_step_one(fleet)
+    blue, green = (next(iter(leader.control.resolve(color))) for color in ("blue", "green"))
+    plane = leader.control._dataplane  # the fake: the test feeds its records
+    assert isinstance(plane, FakeDataPlane)
+    for _ in range(30):
+        # Here, half of green's answers fail; the other member's plenty of good green
+        # answers (as its records would arrive) keep the whole fleet's rate low.
+        plane.pending += [traffic(green, 10, 10), traffic(blue, 200, 0)]
+        leader.member._inbox += [traffic("green/10.0.0.2:80", 20_000, 0)]
+        fleet.clock.advance(0.1)
+        leader.control.tick(fleet.clock())
+        leader.control.rollouts.tick()
+        if leader.control.rollouts.active is None:
+            break
+    record = leader.control.rollout_record()
+    assert record is not None and record.state is Phase.ROLLED_BACK, record
+    assert "on this member:" in record.reason
+    await until(lambda: follower.control.rollouts.active is None)  # everywhere

@@ -280,9 +280,11 @@ class ControlPlane:
         return short_of(others, color, need)
 
     def judges(self) -> int:
-        """A rollout's judges: this process, and in a fleet every other member that
-        published its state (each judges its slice; the leader, the whole)."""
-        return 1 + sum(name != self.fleet.name for name in self.fleet.reports)
+        """A rollout's judges: this process's; in a fleet, each member's of its own
+        slice (those that published their state) and the leader's of the whole."""
+        if self.fleet_telemetry is None:
+            return 1
+        return 2 + sum(name != self.fleet.name for name in self.fleet.reports)
 
     def leads(self) -> bool:
         """This process drives rollouts: always, but in a fleet only its leader does."""

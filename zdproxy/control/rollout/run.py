@@ -35,6 +35,7 @@ from zdproxy.control.phases import (
     check_transition,
 )
 from zdproxy.control.ports import ControlHost
+from zdproxy.control.telemetry import Telemetry, WindowView
 from zdproxy.routing.preview import mint_token
 
 log = logging.getLogger("zdproxy.rollout")
@@ -71,6 +72,7 @@ class Rollout:
         self.held_from = now  # the step's hold; starts again on resume
         self.judged_from = now  # the phase's judge reads only slices that began after this
         self.reference = Reference()  # the old live color's traffic, until promotion
+        self.own_reference = Reference()  # the same on this member alone (a fleet's leader)
         self.judge = self._judge(now)
         self.verdict: Verdict | None = None  # the last; None until the judge has records
         self.job: asyncio.Task[str | None] | None = None  # hooks or the drain; None: idle
@@ -253,6 +255,7 @@ class Rollout:
         candidate = self.record.candidate
         baking = f"{reason}: {candidate} is live, baking"
         self.reference.frozen = True  # the bake compares with the old color before the switch
+        self.own_reference.frozen = True
         self._move(Phase.BAKING, baking, actor, split=(0, candidate))
         self.entered = self.judged_from = now
         self.judge = self._judge(now)
@@ -357,7 +360,7 @@ class Rollout:
         elif state is Phase.PAUSED:
             self.entered = now
         elif state is Phase.BAKING:
-            self.reference.frozen = True
+            self.reference.frozen = self.own_reference.frozen = True
             self.entered = self.judged_from = now
             self.judge = self._judge(now)
         elif state is Phase.FINISHING:  # each member drains its own old color
@@ -499,11 +502,14 @@ class Rollout:
         phases = len(plan.steps) + (1 if plan.bake else 0)
         self.seen = telemetry.latest or now  # records before this are not judged
         self.judged: Verdict | None = None  # this phase's last verdict (self.verdict: any)
-        if not self.reference.requests and not self.reference.frozen and self.seen:
-            # Live's traffic from before the first step is the reference too: a plan
-            # that starts at 100% leaves live no traffic to compare with afterwards.
-            before = telemetry.view(self.record.previous, self.seen, plan.judge.window)
-            self.reference.add(before)
+        for reference, records in (
+            (self.reference, telemetry),
+            (self.own_reference, self.host.telemetry),
+        ):
+            if not reference.requests and not reference.frozen and self.seen:
+                # Live's traffic from before the first step is the reference too: a plan
+                # that starts at 100% leaves live no traffic to compare with afterwards.
+                reference.add(records.view(self.record.previous, self.seen, plan.judge.window))
         # While live serves part of the traffic, errors can be compared by the color
         # they come from; at 100% and in the bake, only with the reference. (A step the
         # plan no longer has is a journaled record the restore fails at once.)
@@ -513,9 +519,11 @@ class Rollout:
             and 0 < step <= len(plan.steps)
             and plan.steps[step - 1].weight < 100
         )
-        # In a fleet, N judges (the leader's of the whole, each other member's of its
-        # own slice) share it too: any one of them rolls every member back.
+        # In a fleet, its judges (the leader's of the whole, each member's of its own
+        # slice) share it too: any one of them rolls every member back.
         alpha = plan.judge.false_rollback_rate / phases / self.host.judges()
+        # A fleet's leader judges the whole fleet (`judge`) and its own slice (`own`).
+        self.own = Judge(plan.judge, alpha, self.own_reference, now, shared=shared)
         return Judge(plan.judge, alpha, self.reference, now, shared=shared)
 
     def _judged(self, now: float) -> Verdict | None:
@@ -532,19 +540,30 @@ class Rollout:
         latest = telemetry.latest
         if latest is None or latest <= self.seen:  # this phase's last verdict stands
             return self.judged or Verdict("hold", "waiting for this phase's first records")
-        retain, window = telemetry.retain, self.plan.judge.window
-        fresh = telemetry.view(record.candidate, latest, retain, self.seen)
-        fresh_live = telemetry.view(record.previous, latest, retain, self.seen)
-        recent = telemetry.view(record.candidate, latest, window, self.judged_from)
-        recent_live = telemetry.view(record.previous, latest, window, self.judged_from)
+        verdict = self.judge.assess(latest, *self._views(telemetry, latest))
+        if telemetry is not host.telemetry and verdict.outcome != "fail":
+            # A fleet's leader: its own slice can fail the candidate too, as any member's.
+            own = self.own.assess(latest, *self._views(host.telemetry, latest))
+            if own.outcome == "fail":
+                verdict = Verdict("fail", f"on this member: {own.reason}", own.numbers)
         self.seen = latest
-        verdict = self.judge.assess(latest, fresh, fresh_live, recent, recent_live)
         verdict.numbers.update(self._progress(now))
         self.verdict = self.judged = verdict
         if verdict.outcome == "fail":
             self._fail(verdict)
             return None
         return verdict
+
+    def _views(self, telemetry: Telemetry, latest: float) -> tuple[WindowView, ...]:
+        """What the judge reads of one tick: each color's records since the last look,
+        and over the judge's window in this phase."""
+        record, window = self.record, self.plan.judge.window
+        return (
+            telemetry.view(record.candidate, latest, telemetry.retain, self.seen),
+            telemetry.view(record.previous, latest, telemetry.retain, self.seen),
+            telemetry.view(record.candidate, latest, window, self.judged_from),
+            telemetry.view(record.previous, latest, window, self.judged_from),
+        )
 
     def _progress(self, now: float) -> dict[str, Any]:
         """Where the phase stands in time, for the numbers."""
