@@ -548,7 +548,7 @@ class Member:
         listing = await self.store.range(self.fleet.prefix + "/")
         self._watch_from = listing.revision + 1
         self.reports.clear()
-        self._seen(self.leader_key, None, listing.revision)
+        self.leader = ""  # unless the listing has the key (a leader's own stays)
         for entry in listing.entries:
             if not entry.key.startswith(self.telemetry_prefix):
                 self._seen(entry.key, entry.value, entry.mod_revision)
@@ -563,8 +563,9 @@ class Member:
                 self._wake.set()
         elif key == self.leader_key:
             self.leader = value.decode(errors="replace") if value is not None else ""
-            if self.leadership is not None and self.leader != self.name:
-                self._deposed.set()  # deleted (by hand) or taken: campaign again
+            held = self.leadership
+            if held is not None and revision > held.revision and self.leader != self.name:
+                self._deposed.set()  # deleted (by hand) or taken since: campaign again
         elif key.startswith(self.members_prefix):
             name = key.removeprefix(self.members_prefix)
             report = _object(value) if value is not None else None
