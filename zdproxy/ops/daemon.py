@@ -103,6 +103,8 @@ class Daemon:
             file_max=state.events_file_max,
             files_kept=state.events_files_kept,
         )
+        if settings.fleet.enabled:  # every event of a fleet member says which member
+            self.events.member = settings.fleet.name
         # One process serves the listener, or proxy.workers processes do behind this one.
         limits = dataplane_limits(settings)
         count = settings.proxy.worker_count
@@ -186,7 +188,6 @@ class Daemon:
         fleet = self.settings.fleet
         if not fleet.enabled:
             return
-        self.events.member = fleet.name
 
         def notify(kind: str, reason: str, *, level: int = logging.INFO, **data: Any) -> None:
             self.events.emit(kind, reason, by="fleet", level=level, **data)
