@@ -192,7 +192,7 @@ class SharedView:
         """The shared items as they run here: the file's values overlaid with the
         runtime changes (the rollout's record only once there was a rollout)."""
         host = self.host
-        values = {key: state.file_value(host.settings, key) for key in SHARED[:-1]}
+        values = {key: state.file_value(host.settings, key) for key in ("split", "salt", "rules")}
         if (record := host.desired.items.get("rollout")) is not None:
             values["rollout"] = record.value
         return values

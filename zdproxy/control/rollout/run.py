@@ -350,8 +350,6 @@ class Rollout:
             self.host.undrain(color=record.candidate, actor="fleet")
         if not state.active:
             self._ended_elsewhere(old.state, by)
-        elif state is Phase.PREFLIGHT:
-            pass
         elif state is Phase.STEP and old.state is Phase.PAUSED and not joined:
             self.held_from = now  # resumed: the step's hold starts again
         elif state is Phase.STEP:
